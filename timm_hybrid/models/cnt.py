@@ -1,0 +1,811 @@
+""" Convolution-iN-Transformer (CNT)
+
+TNT ('Transformer in Transformer', https://arxiv.org/abs/2103.00112) keeps two streams: patch tokens (16x16 image
+patches) mixed by an outer transformer, and for each patch a 4x4 grid of "pixel" embeddings mixed by an inner
+transformer. CNT keeps the outer transformer (global attention between patches) and replaces the inner transformer by
+a ResNet block run on each patch's pixel grid, i.e. convolution locally, attention globally.
+
+    image (B, 3, H, W)
+      -> pixel_embed: per-patch 7x7/4 conv           pixel stream (B*N, C_in, 4, 4), stored as tokens (B*N, 16, C_in)
+      -> norm -> proj -> norm of the flattened grid   patch stream (B, prefix + N, D)
+      12 x Block:
+          pixel stream <- inner block                 ResNet basic / bottleneck block, or TNT's inner transformer
+          patch tokens += norm(proj(norm(pixel grid flattened)))
+          patch stream <- outer transformer block     timm's ViT block (fused attention)
+
+`inner_block='attn'` with TNT's dimensions is TNT itself: `checkpoint_filter_fn` maps timm's TNT weights onto it and
+the logits match timm's TNT. The same filter takes TNT or DeiT weights into any CNT for fine-tuning.
+
+The patch and pixel position encodings are switchable ('learned', 'sincos' or 'none') for the proposal's ablation.
+"""
+import logging
+import math
+import re
+from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import (
+    DropPath, _assert, build_sincos2d_pos_embed, calculate_drop_path_rates, get_act_layer, get_norm_layer,
+    resample_abs_pos_embed, to_2tuple, trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models.resnet import BasicBlock, Bottleneck
+from timm.models.vision_transformer import Block as TransformerBlock
+
+__all__ = ['CNT', 'CNTDistilled', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
+
+INNER_BLOCKS = ('basic', 'bottleneck', 'attn')
+POS_EMBED_TYPES = ('learned', 'sincos', 'none')
+
+
+class PixelEmbed(nn.Module):
+    """ Image -> per-patch grid of pixel embeddings (B*N, C_in, h, w).
+
+    As in TNT, each patch is convolved on its own (zero padding at the patch border), so a pixel embedding sees only
+    its own patch. The patches are cut with a reshape instead of nn.Unfold (same values, no im2col copy).
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: Union[int, Tuple[int, int]] = 16,
+            in_chans: int = 3,
+            inner_dim: int = 24,
+            stride: int = 4,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        if any(i % p for i, p in zip(self.img_size, self.patch_size)) or min(self.img_size) < max(self.patch_size):
+            raise ValueError(
+                f'img_size {self.img_size} must be a (non-zero) multiple of patch_size {self.patch_size}.')
+        self.in_chans = in_chans
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.pixel_grid = (math.ceil(self.patch_size[0] / stride), math.ceil(self.patch_size[1] / stride))
+        self.num_pixels = self.pixel_grid[0] * self.pixel_grid[1]
+        self.proj = nn.Conv2d(in_chans, inner_dim, kernel_size=7, padding=3, stride=stride, device=device, dtype=dtype)
+
+    def feat_ratio(self, as_scalar: bool = True) -> Union[Tuple[int, int], int]:
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}.')
+        B, C, H, W = x.shape
+        _assert(C == self.in_chans, f'Input has {C} channels, the model was built for in_chans={self.in_chans}.')
+        _assert(
+            H == self.img_size[0] and W == self.img_size[1],
+            f'Input image size ({H}x{W}) does not match the model ({self.img_size[0]}x{self.img_size[1]}); '
+            f'create the model with img_size=({H}, {W}) (any multiple of patch_size {self.patch_size}).')
+        gh, gw = self.grid_size
+        ph, pw = self.patch_size
+        x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C, ph, pw)
+        return self.proj(x)
+
+
+class InnerConv(nn.Module):
+    """ A ResNet block applied to each patch's pixel grid.
+
+    The pixel stream is kept as tokens (B*N, h*w, C). Viewed as (B*N, C, h, w) it is a channels-last map sharing the
+    same memory, so switching layouts costs no copy and the convolutions run on oneDNN's channels-last kernels.
+    """
+
+    def __init__(self, conv_block: nn.Module, pixel_grid: Tuple[int, int]):
+        super().__init__()
+        self.conv_block = conv_block
+        self.pixel_grid = pixel_grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        BN, P, C = x.shape
+        h, w = self.pixel_grid
+        x = self.conv_block(x.reshape(BN, h, w, C).permute(0, 3, 1, 2))  # (B*N, C, h, w), channels-last
+        return x.permute(0, 2, 3, 1).reshape(BN, P, C)
+
+
+def create_inner_block(
+        inner_block: str,
+        dim: int,
+        pixel_grid: Tuple[int, int],
+        num_heads: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        drop_path: float,
+        proj_drop: float,
+        attn_drop: float,
+        act_layer: Type[nn.Module],
+        norm_layer: Type[nn.Module],
+        conv_act_layer: Type[nn.Module],
+        conv_norm_layer: Type[nn.Module],
+        device=None,
+        dtype=None,
+) -> nn.Module:
+    """ The block that mixes the pixel embeddings inside each patch. """
+    dd = {'device': device, 'dtype': dtype}
+    conv_kwargs = dict(
+        act_layer=conv_act_layer, norm_layer=conv_norm_layer,
+        drop_path=DropPath(drop_path) if drop_path > 0. else None, **dd)
+    if inner_block == 'basic':
+        return InnerConv(BasicBlock(dim, dim, **conv_kwargs), pixel_grid)
+    if inner_block == 'bottleneck':
+        # ResNet's 4x channel expansion: 1x1 to dim/4, 3x3 at dim/4, 1x1 back to dim
+        if dim % Bottleneck.expansion:
+            raise ValueError(f"inner_block='bottleneck' needs inner_dim divisible by 4, got {dim}.")
+        return InnerConv(Bottleneck(dim, dim // Bottleneck.expansion, **conv_kwargs), pixel_grid)
+    if inner_block == 'attn':
+        # TNT's inner transformer; timm's ViT block has the same structure (qk and v fused into one qkv)
+        return TransformerBlock(
+            dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, **dd)
+    raise ValueError(f"Unknown inner_block '{inner_block}', expected one of {INNER_BLOCKS}.")
+
+
+class Block(nn.Module):
+    """ One CNT stage: inner block on the pixel grids, pixel -> patch projection, outer transformer block. """
+
+    def __init__(
+            self,
+            dim: int,
+            inner_dim: int,
+            pixel_grid: Tuple[int, int],
+            num_heads: int,
+            num_prefix_tokens: int = 1,
+            inner_block: str = 'basic',
+            inner_num_heads: int = 4,
+            inner_mlp_ratio: float = 4.,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            conv_act_layer: Type[nn.Module] = nn.ReLU,
+            conv_norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_pixels = pixel_grid[0] * pixel_grid[1]
+        self.num_prefix_tokens = num_prefix_tokens
+        self.inner = create_inner_block(
+            inner_block, inner_dim, pixel_grid, num_heads=inner_num_heads, mlp_ratio=inner_mlp_ratio,
+            qkv_bias=qkv_bias, drop_path=drop_path, proj_drop=proj_drop, attn_drop=attn_drop, act_layer=act_layer,
+            norm_layer=norm_layer, conv_act_layer=conv_act_layer, conv_norm_layer=conv_norm_layer, **dd)
+        self.norm1_proj = norm_layer(num_pixels * inner_dim, **dd)
+        self.proj = nn.Linear(num_pixels * inner_dim, dim, bias=False, **dd)
+        self.norm2_proj = norm_layer(dim, **dd)
+        self.outer = TransformerBlock(
+            dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, **dd)
+
+    def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        pixel_embed = self.inner(pixel_embed)
+        B, L, _ = patch_embed.shape
+        pixels_per_patch = pixel_embed.reshape(B, L - self.num_prefix_tokens, -1)  # (B, N, h*w*C_in)
+        pixel_to_patch = self.norm2_proj(self.proj(self.norm1_proj(pixels_per_patch)))
+        # Prefix tokens receive nothing: one zero-pad + add instead of TNT's slice, add and concatenate.
+        patch_embed = patch_embed + F.pad(pixel_to_patch, (0, 0, self.num_prefix_tokens, 0))
+        return pixel_embed, self.outer(patch_embed)
+
+
+def _fixed_or_learned(
+        kind: str,
+        name: str,
+        module: nn.Module,
+        shape: Tuple[int, ...],
+        sincos: Optional[torch.Tensor],
+        device=None,
+        dtype=None,
+) -> None:
+    """ Registers position encoding `name`: a learned parameter, a fixed (non-persistent) buffer, or None. """
+    if kind not in POS_EMBED_TYPES:
+        raise ValueError(f"Unknown {name} type '{kind}', expected one of {POS_EMBED_TYPES}.")
+    if kind == 'learned':
+        module.register_parameter(name, nn.Parameter(torch.zeros(shape, device=device, dtype=dtype)))
+    elif kind == 'sincos':
+        module.register_buffer(name, sincos.reshape(shape).to(device=device, dtype=dtype), persistent=False)
+    else:
+        setattr(module, name, None)
+
+
+class CNT(nn.Module):
+    """ Convolution-iN-Transformer.
+
+    TNT's outer transformer between patches, a ResNet block inside each patch. Dims of the registered sizes, chosen so
+    that fvcore GMACs at 224 (attention matmuls included) stay at or below TNT's and params within 5% of TNT's:
+
+    | model | embed / heads | inner_dim | TNT inner_dim | why |
+    | cnt_ti | 192 / 3 | 8  | 12 | a basic block costs 18*C^2 MACs per pixel vs 12*C^2 + 32*C for TNT's inner
+    |        |         |    |    | transformer, so C drops; a smaller C also shrinks every block's pixel->patch proj |
+    | cnt_s  | 384 / 6 | 20 | 24 | as above; 20 keeps C divisible by 4 (bottleneck width, 2D sin-cos) |
+    | cnt_b  | 640 / 10| 32 | 40 | as above |
+
+    The measured figures are in the README (benchmarks/cnt_speed.py, `timm-hybrid compare`).
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: Union[int, Tuple[int, int]] = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 384,
+            inner_dim: int = 20,
+            depth: int = 12,
+            num_heads: int = 6,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            inner_block: str = 'basic',
+            inner_num_heads: int = 4,
+            inner_mlp_ratio: float = 4.,
+            patch_pos_embed: str = 'learned',
+            pixel_pos_embed: str = 'learned',
+            first_stride: int = 4,
+            dist_token: bool = False,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            conv_norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            conv_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            zero_init_last: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            img_size: Input image size, a multiple of patch_size.
+            patch_size: Patch size of the outer (patch) tokens.
+            in_chans: Number of image channels.
+            num_classes: Number of classes of the head (0 for no head).
+            global_pool: 'token' (class token), 'avg' (mean of patch tokens) or '' (none).
+            embed_dim: Width of the patch tokens (outer transformer).
+            inner_dim: Channels of the pixel embeddings (inner block).
+            depth: Number of blocks.
+            num_heads: Heads of the outer attention.
+            mlp_ratio: Outer MLP hidden ratio.
+            qkv_bias: Bias on the qkv projections (TNT: False).
+            inner_block: 'basic' (ResNet basic block), 'bottleneck' (ResNet bottleneck) or 'attn' (TNT inner
+                transformer).
+            inner_num_heads: Heads of the inner attention (inner_block='attn' only).
+            inner_mlp_ratio: Inner MLP hidden ratio (inner_block='attn' only).
+            patch_pos_embed: Position encoding of the patch sequence: 'learned', 'sincos' (fixed 2D, zero on prefix
+                tokens) or 'none'.
+            pixel_pos_embed: Position encoding of the pixel grid: 'learned', 'sincos' or 'none'.
+            first_stride: Stride of the pixel embedding conv (patch_size / first_stride pixels per patch side).
+            dist_token: Add a DeiT distillation token (use CNTDistilled for the distillation head).
+            drop_rate: Head dropout rate.
+            pos_drop_rate: Dropout after the position embedding.
+            proj_drop_rate: Dropout in the attention / MLP projections.
+            attn_drop_rate: Attention dropout.
+            drop_path_rate: Stochastic depth rate (linearly increasing over blocks, inner and outer).
+            norm_layer: Token norm layer (default nn.LayerNorm, as TNT).
+            act_layer: Transformer MLP activation (default GELU).
+            conv_norm_layer: Norm of the inner conv block (default BatchNorm2d, as ResNet).
+            conv_act_layer: Activation of the inner conv block (default ReLU, as ResNet).
+            zero_init_last: Zero-init the last norm of each inner conv block (ResNet practice), so that each block
+                starts close to identity.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if global_pool not in ('', 'token', 'avg'):
+            raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
+        if inner_block not in INNER_BLOCKS:
+            raise ValueError(f"Unknown inner_block '{inner_block}', expected one of {INNER_BLOCKS}.")
+        norm_layer = get_norm_layer(norm_layer) or nn.LayerNorm
+        act_layer = get_act_layer(act_layer) or nn.GELU
+        conv_norm_layer = get_norm_layer(conv_norm_layer) or nn.BatchNorm2d
+        conv_act_layer = get_act_layer(conv_act_layer) or nn.ReLU
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.inner_dim = inner_dim
+        self.inner_block = inner_block
+        self.num_prefix_tokens = 2 if dist_token else 1
+        self.grad_checkpointing = False
+
+        self.pixel_embed = PixelEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, inner_dim=inner_dim, stride=first_stride,
+            **dd)
+        self.num_patches = num_patches = self.pixel_embed.num_patches
+        pixel_grid = self.pixel_embed.pixel_grid
+        num_pixels = self.pixel_embed.num_pixels
+
+        self.norm1_proj = norm_layer(num_pixels * inner_dim, **dd)
+        self.proj = nn.Linear(num_pixels * inner_dim, embed_dim, **dd)
+        self.norm2_proj = norm_layer(embed_dim, **dd)
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if dist_token else None
+
+        patch_sincos = None
+        if patch_pos_embed == 'sincos':
+            patch_sincos = F.pad(
+                build_sincos2d_pos_embed(list(self.pixel_embed.grid_size), embed_dim),
+                (0, 0, self.num_prefix_tokens, 0))
+        _fixed_or_learned(
+            patch_pos_embed, 'patch_pos', self, (1, self.num_prefix_tokens + num_patches, embed_dim), patch_sincos,
+            **dd)
+        pixel_sincos = None
+        if pixel_pos_embed == 'sincos':
+            pixel_sincos = build_sincos2d_pos_embed(list(pixel_grid), inner_dim).t()  # (C_in, h*w)
+        _fixed_or_learned(pixel_pos_embed, 'pixel_pos', self, (1, inner_dim, *pixel_grid), pixel_sincos, **dd)
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([
+            Block(
+                dim=embed_dim,
+                inner_dim=inner_dim,
+                pixel_grid=pixel_grid,
+                num_heads=num_heads,
+                num_prefix_tokens=self.num_prefix_tokens,
+                inner_block=inner_block,
+                inner_num_heads=inner_num_heads,
+                inner_mlp_ratio=inner_mlp_ratio,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                conv_act_layer=conv_act_layer,
+                conv_norm_layer=conv_norm_layer,
+                **dd,
+            )
+            for i in range(depth)])
+        reduction = self.pixel_embed.feat_ratio()
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+
+        self.norm = norm_layer(embed_dim, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+        self.init_weights(zero_init_last=zero_init_last)
+
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        for name in ('cls_token', 'dist_token', 'patch_pos', 'pixel_pos'):
+            param = getattr(self, name)
+            if isinstance(param, nn.Parameter):
+                trunc_normal_(param, std=.02)
+        self.apply(_init_weights)
+        for m in self.modules():
+            if isinstance(m, InnerConv):
+                # ResNet's init for the inner convs; the pixel embedding conv keeps PyTorch's default, as in TNT
+                for conv in m.modules():
+                    if isinstance(conv, nn.Conv2d):
+                        nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu')
+                if zero_init_last:
+                    m.conv_block.zero_init_last()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {'patch_pos', 'pixel_pos', 'cls_token', 'dist_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|^dist_token|^patch_pos|^pixel_pos|^pixel_embed|^norm[12]_proj|^proj',
+            blocks=[
+                (r'^blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('', 'token', 'avg'):
+                raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
+            self.global_pool = global_pool
+        dd = {'device': self.norm.weight.device, 'dtype': self.norm.weight.dtype}
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def _prefix_tokens(self, batch_size: int) -> torch.Tensor:
+        cls_token = self.cls_token.expand(batch_size, -1, -1)
+        if self.dist_token is None:
+            return cls_token
+        return torch.cat([cls_token, self.dist_token.expand(batch_size, -1, -1)], dim=1)
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ Image -> (pixel tokens (B*N, h*w, C_in), patch sequence (B, prefix + N, D)). """
+        B = x.shape[0]
+        pixel_embed = self.pixel_embed(x)
+        if self.pixel_pos is not None:
+            pixel_embed = pixel_embed + self.pixel_pos
+        pixel_embed = pixel_embed.flatten(2).transpose(1, 2).contiguous()
+        patch_embed = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, self.num_patches, -1))))
+        patch_embed = torch.cat([self._prefix_tokens(B), patch_embed], dim=1)
+        if self.patch_pos is not None:
+            patch_embed = patch_embed + self.patch_pos
+        return pixel_embed, self.pos_drop(patch_embed)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Forward features that returns intermediates (patch tokens after the selected blocks).
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n blocks if an int, if a sequence, select by matching indices.
+            return_prefix_tokens: Return both prefix and spatial intermediate tokens.
+            norm: Apply the final norm layer to all intermediates.
+            stop_early: Stop iterating over blocks when the last desired intermediate is reached.
+            output_fmt: Shape of intermediate feature outputs, 'NCHW' or 'NLC'.
+            intermediates_only: Only return intermediate features.
+        """
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        reshape = output_fmt == 'NCHW'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        B, _, height, width = x.shape
+        pixel_embed, patch_embed = self._embed(x)
+
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed)
+            else:
+                pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
+            if i in take_indices:
+                intermediates.append(self.norm(patch_embed) if norm else patch_embed)
+
+        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if reshape:
+            H, W = self.pixel_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            # return_prefix not supported in torchscript due to poor type handling
+            intermediates = list(zip(intermediates, prefix_tokens))
+
+        if intermediates_only:
+            return intermediates
+        return self.norm(patch_embed), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """ Prune layers not required for specified intermediates. """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        pixel_embed, patch_embed = self._embed(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed)
+            else:
+                pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
+        return self.norm(patch_embed)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool:
+            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == 'avg' else x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+class CNTDistilled(CNT):
+    """ CNT with a DeiT distillation token and head (https://arxiv.org/abs/2012.12877).
+
+    Follows timm's VisionTransformerDistilled contract, so timm's TokenDistillationTask trains it unchanged: after
+    `set_distilled_training(True)` the model returns `(cls_logits, dist_logits)` in training mode, otherwise the mean
+    of the two heads.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.pop('dist_token', None)
+        super().__init__(*args, dist_token=True, **kwargs)
+        dd = {'device': self.cls_token.device, 'dtype': self.cls_token.dtype}
+        self.head_dist = nn.Linear(self.embed_dim, self.num_classes, **dd) if self.num_classes > 0 else nn.Identity()
+        self.head_dist.apply(_init_weights)
+        self.distilled_training = False
+
+    @torch.jit.ignore
+    def get_classifier(self) -> Tuple[nn.Module, nn.Module]:
+        return self.head, self.head_dist
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        super().reset_classifier(num_classes, global_pool)
+        dd = {'device': self.norm.weight.device, 'dtype': self.norm.weight.dtype}
+        self.head_dist = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        self.distilled_training = enable
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x, x_dist = x[:, 0], x[:, 1]
+        if pre_logits:
+            return (x + x_dist) / 2
+        x = self.head(self.head_drop(x))
+        x_dist = self.head_dist(self.head_drop(x_dist))
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            # separate predictions only while training in distilled mode
+            return x, x_dist
+        return (x + x_dist) / 2
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# --- checkpoint conversion -------------------------------------------------------------------------------------------
+
+# timm TNT block keys -> CNT block keys (the inner / outer transformers are timm ViT blocks here)
+_TNT_BLOCK_RENAMES = (
+    ('.norm_in.', '.inner.norm1.'),
+    ('.attn_in.', '.inner.attn.'),
+    ('.norm_mlp_in.', '.inner.norm2.'),
+    ('.mlp_in.', '.inner.mlp.'),
+    ('.norm_out.', '.outer.norm1.'),
+    ('.attn_out.', '.outer.attn.'),
+    ('.norm_mlp.', '.outer.norm2.'),
+    ('.mlp.', '.outer.mlp.'),
+)
+# timm / DeiT ViT block keys -> CNT outer block keys
+_VIT_BLOCK_PARTS = ('norm1', 'attn', 'ls1', 'norm2', 'mlp', 'ls2')
+
+
+def _unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    return {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def _fuse_qk_v(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """ TNT's attention has separate qk and v projections; timm's ViT attention one qkv = [q; k; v]. """
+    out = {}
+    for k, v in state_dict.items():
+        if '.qk.' in k:
+            out[k.replace('.qk.', '.qkv.')] = torch.cat([v, state_dict[k.replace('.qk.', '.v.')]], dim=0)
+        elif '.v.' not in k:
+            out[k] = v
+    return out
+
+
+def _from_tnt(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in _fuse_qk_v(state_dict).items():
+        if k.startswith('blocks.'):
+            for old, new in _TNT_BLOCK_RENAMES:
+                if old in k:
+                    k = k.replace(old, new)
+                    break
+        out[k] = v
+    return out
+
+
+def _from_vit(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('blocks.') and k.split('.')[2] in _VIT_BLOCK_PARTS:
+            i, rest = k.split('.', 2)[1:]
+            k = f'blocks.{i}.outer.{rest}'
+        elif k == 'pos_embed':
+            k = 'patch_pos'
+        out[k] = v
+    return out
+
+
+def _adapt_patch_pos(pos: torch.Tensor, model: CNT, num_prefix_src: int) -> torch.Tensor:
+    """ Matches prefix tokens (class / distillation) and resamples the patch grid to the model's. """
+    num_prefix = model.num_prefix_tokens
+    if num_prefix_src != num_prefix:
+        prefix = pos[:, :num_prefix_src]
+        # a missing distillation token position starts from the class token's
+        prefix = prefix[:, :num_prefix] if num_prefix_src > num_prefix else torch.cat([prefix, prefix[:, :1]], 1)
+        pos = torch.cat([prefix, pos[:, num_prefix_src:]], dim=1)
+    if pos.shape[1] != model.patch_pos.shape[1]:
+        pos = resample_abs_pos_embed(pos, new_size=list(model.pixel_embed.grid_size), num_prefix_tokens=num_prefix)
+    return pos
+
+
+def _summarize_keys(lines: List[str]) -> List[str]:
+    """ Folds per-block lines ('blocks.3.x: ...') into one 'blocks.*.x: ... (x12)' line each. """
+    counts: Dict[str, int] = {}
+    for line in lines:
+        folded = re.sub(r'^blocks\.\d+\.', 'blocks.*.', line)
+        counts[folded] = counts.get(folded, 0) + 1
+    return [f'{line} (x{n})' if n > 1 else line for line, n in counts.items()]
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CNT) -> Dict[str, torch.Tensor]:
+    """ Converts a CNT, timm TNT or timm DeiT / ViT state dict for `model`.
+
+    CNT checkpoints pass through (patch position embedding resampled to the model's grid), and a strict load then names
+    any key that does not fit. TNT / DeiT checkpoints are for fine-tuning: every tensor that fits is taken (outer
+    blocks, embeddings, head; TNT's inner transformer when inner_block='attn'), the rest of the model keeps its fresh
+    initialisation, and what was skipped is logged with the reason.
+    """
+    state_dict = _unwrap_state_dict(state_dict)
+    if any('.outer.' in k for k in state_dict):
+        source = 'CNT'
+    elif any('.attn_out.' in k for k in state_dict):
+        source = 'TNT'
+        state_dict = _from_tnt(state_dict)
+    elif 'pos_embed' in state_dict and any(k.startswith('blocks.0.attn.') for k in state_dict):
+        source = 'ViT/DeiT'
+        num_prefix_src = 1 + int('dist_token' in state_dict)
+        state_dict = _from_vit(state_dict)
+    else:
+        sample = sorted(state_dict)[:8]
+        raise ValueError(
+            f'checkpoint_filter_fn: not a CNT, timm TNT or timm DeiT/ViT state dict for {type(model).__name__} '
+            f'(first keys: {sample}).')
+
+    patch_pos = getattr(model, 'patch_pos', None)
+    if 'patch_pos' in state_dict and isinstance(patch_pos, torch.Tensor):
+        num_prefix_src = model.num_prefix_tokens if source != 'ViT/DeiT' else num_prefix_src
+        state_dict['patch_pos'] = _adapt_patch_pos(state_dict['patch_pos'], model, num_prefix_src)
+    if source == 'CNT':
+        return state_dict
+
+    model_state = model.state_dict()
+    out, skipped = {}, []
+    for k, v in state_dict.items():
+        if k not in model_state:
+            skipped.append(f'{k}: no such tensor in this model')
+        elif model_state[k].shape != v.shape:
+            skipped.append(f'{k}: shape {tuple(v.shape)} != model {tuple(model_state[k].shape)}')
+        else:
+            out[k] = v
+    kept_init = [k for k in model_state if k not in out]
+    if skipped:
+        _logger.warning(
+            f'{source} -> {type(model).__name__} ({model.inner_block} inner block): skipped '
+            f'{len(skipped)} tensors:\n  ' + '\n  '.join(_summarize_keys(skipped)))
+    if kept_init:
+        _logger.warning(
+            f'{source} -> {type(model).__name__}: {len(kept_init)} tensors keep their fresh initialisation:\n  '
+            + '\n  '.join(_summarize_keys(kept_init)))
+    # fill what the source lacks from the model itself, so the (strict) load sees a complete state dict
+    out.update({k: model_state[k] for k in kept_init})
+    return out
+
+
+# --- pretrained configs and entry points -----------------------------------------------------------------------------
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_INCEPTION_MEAN, 'std': IMAGENET_INCEPTION_STD,
+        'first_conv': 'pixel_embed.proj', 'classifier': 'head',
+        'paper_ids': 'arXiv:2103.00112',
+        'paper_name': 'Transformer in Transformer',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'cnt_ti_patch16_224': _cfg(),
+    'cnt_s_patch16_224': _cfg(),
+    'cnt_b_patch16_224': _cfg(),
+    'cnt_ti_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
+    'cnt_s_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
+    'cnt_b_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
+})
+
+
+def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> CNT:
+    out_indices = kwargs.pop('out_indices', 3)
+    model = build_model_with_cfg(
+        CNTDistilled if distilled else CNT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+    return model
+
+
+_CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3)
+_CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=20, depth=12, num_heads=6)
+_CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10)
+
+
+@register_model
+def cnt_ti_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
+    """ CNT-Ti: TNT-Ti's outer transformer (192 wide, 3 heads), ResNet basic blocks on 8-channel pixel grids. """
+    return _create_cnt('cnt_ti_patch16_224', pretrained=pretrained, **dict(_CNT_TI, **kwargs))
+
+
+@register_model
+def cnt_s_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
+    """ CNT-S: TNT-S's outer transformer (384 wide, 6 heads), ResNet basic blocks on 20-channel pixel grids. """
+    return _create_cnt('cnt_s_patch16_224', pretrained=pretrained, **dict(_CNT_S, **kwargs))
+
+
+@register_model
+def cnt_b_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
+    """ CNT-B: TNT-B's outer transformer (640 wide, 10 heads), ResNet basic blocks on 32-channel pixel grids. """
+    return _create_cnt('cnt_b_patch16_224', pretrained=pretrained, **dict(_CNT_B, **kwargs))
+
+
+@register_model
+def cnt_ti_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
+    """ CNT-Ti with a DeiT distillation token. """
+    return _create_cnt(
+        'cnt_ti_distilled_patch16_224', pretrained=pretrained, distilled=True, **dict(_CNT_TI, **kwargs))
+
+
+@register_model
+def cnt_s_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
+    """ CNT-S with a DeiT distillation token. """
+    return _create_cnt(
+        'cnt_s_distilled_patch16_224', pretrained=pretrained, distilled=True, **dict(_CNT_S, **kwargs))
+
+
+@register_model
+def cnt_b_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
+    """ CNT-B with a DeiT distillation token. """
+    return _create_cnt(
+        'cnt_b_distilled_patch16_224', pretrained=pretrained, distilled=True, **dict(_CNT_B, **kwargs))
