@@ -33,10 +33,35 @@ def add_compare_parser(subparsers) -> None:
     p.set_defaults(func=_compare)
 
 
+def _data(args: argparse.Namespace) -> int:
+    from .data import FashionMNISTMissing, prepare_fashion_mnist
+    try:
+        counts = prepare_fashion_mnist(
+            args.root, source=args.source, train_fraction=args.train_fraction, seed=args.seed)
+    except FashionMNISTMissing as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'Fashion-MNIST laid out in {args.root} ({counts["train"]} train / {counts["test"]} test images); '
+          f'use: --dataset torch/fashion_mnist --data-dir {args.root} --val-split test')
+    return 0
+
+
+def add_data_parser(subparsers) -> None:
+    from .data import DEBIAN_FASHION_MNIST_DIR
+    p = subparsers.add_parser('data', help='lay out a data set for timm (offline)')
+    p.add_argument('dataset', choices=['fashion-mnist'])
+    p.add_argument('--root', required=True, help='folder to give timm as --data-dir')
+    p.add_argument('--source', default=str(DEBIAN_FASHION_MNIST_DIR), help='folder with the IDX(.gz) files')
+    p.add_argument('--train-fraction', type=float, default=None, help='keep a class-balanced fraction of train')
+    p.add_argument('--seed', type=int, default=0, help='seed of the train subset')
+    p.set_defaults(func=_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-hybrid', description=__doc__.strip().splitlines()[0])
     subparsers = parser.add_subparsers(dest='command', required=True)
     add_compare_parser(subparsers)
+    add_data_parser(subparsers)
     return parser
 
 

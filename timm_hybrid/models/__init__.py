@@ -1,2 +1,3 @@
 """Architectures of timm-hybrid; importing this package registers each family with timm."""
+from .baselines import *
 from .cnt import *

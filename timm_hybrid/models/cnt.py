@@ -37,6 +37,8 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
+from .baselines import nano_cfg
+
 __all__ = ['CNT', 'CNTDistilled', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
@@ -751,6 +753,8 @@ default_cfgs = generate_default_cfgs({
     'cnt_ti_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
     'cnt_s_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
     'cnt_b_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
+    'cnt_nano_patch7_28': nano_cfg(first_conv='pixel_embed.proj', classifier='head'),
+    'cnt_nano_distilled_patch7_28': nano_cfg(first_conv='pixel_embed.proj', classifier=('head', 'head_dist')),
 })
 
 
@@ -770,6 +774,9 @@ def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False,
 _CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3)
 _CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=20, depth=12, num_heads=6)
 _CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10)
+# 28x28 grayscale: 16 patches of 7x7 px, a 4x4 pixel grid each (stride-2 pixel embedding); cf. tnt_nano_patch7_28
+_CNT_NANO = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, inner_dim=8, depth=6,
+                 num_heads=2, first_stride=2)
 
 
 @register_model
@@ -809,3 +816,16 @@ def cnt_b_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistil
     """ CNT-B with a DeiT distillation token. """
     return _create_cnt(
         'cnt_b_distilled_patch16_224', pretrained=pretrained, distilled=True, **dict(_CNT_B, **kwargs))
+
+
+@register_model
+def cnt_nano_patch7_28(pretrained: bool = False, **kwargs) -> CNT:
+    """ CNT for 28x28 grayscale (Fashion-MNIST), matched in GMACs to tnt_nano_patch7_28 and deit_nano_patch7_28. """
+    return _create_cnt('cnt_nano_patch7_28', pretrained=pretrained, **dict(_CNT_NANO, **kwargs))
+
+
+@register_model
+def cnt_nano_distilled_patch7_28(pretrained: bool = False, **kwargs) -> CNTDistilled:
+    """ cnt_nano_patch7_28 with a DeiT distillation token. """
+    return _create_cnt(
+        'cnt_nano_distilled_patch7_28', pretrained=pretrained, distilled=True, **dict(_CNT_NANO, **kwargs))

@@ -1,0 +1,105 @@
+""" Baseline configs for the CNT comparison, built from timm's own TNT and VisionTransformer (DeiT) classes.
+
+Nothing here re-implements TNT or DeiT: each entry point is a config of timm's class, registered so that the
+comparison sizes timm lacks exist by name:
+
+* `tnt_ti_patch16_224`: TNT-Ti of the TNT paper (embed 192, inner 12, 3 heads), the compute reference of `cnt_ti`.
+* `*_nano_patch7_28`: 28x28 single-channel (Fashion-MNIST) variants of DeiT, TNT and CNT at matched fvcore GMACs.
+  A 28 px image is cut into 4x4 patches of 7x7 pixels (16 patch tokens); the pixel embedding conv has stride 2, so
+  each patch carries a 4x4 grid of pixel embeddings, the same grid as TNT-S at 224 (16x16 patches, stride 4).
+"""
+from typing import Any, Dict
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.tnt import TNT, checkpoint_filter_fn as tnt_checkpoint_filter_fn
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+__all__ = []
+
+# Fashion-MNIST train-set statistics of the [0, 1] pixel values
+FASHION_MNIST_MEAN = (0.2860,)
+FASHION_MNIST_STD = (0.3530,)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+def nano_cfg(**kwargs) -> Dict[str, Any]:
+    """ Pretrained cfg of the 28x28 Fashion-MNIST variants (shared with cnt.py). """
+    return _cfg(
+        num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+        label_names=('t-shirt/top', 'trouser', 'pullover', 'dress', 'coat', 'sandal', 'shirt', 'sneaker', 'bag',
+                     'ankle boot'),
+        **kwargs,
+    )
+
+
+_TNT_CFG = dict(first_conv='pixel_embed.proj', classifier='head', paper_ids='arXiv:2103.00112',
+                paper_name='Transformer in Transformer')
+_DEIT_CFG = dict(first_conv='patch_embed.proj', classifier='head', paper_ids='arXiv:2012.12877',
+                 paper_name='Training data-efficient image transformers & distillation through attention')
+
+default_cfgs = generate_default_cfgs({
+    'tnt_ti_patch16_224': _cfg(**_TNT_CFG),
+    'tnt_nano_patch7_28': nano_cfg(**_TNT_CFG),
+    'deit_nano_patch7_28': nano_cfg(**_DEIT_CFG),
+    'deit_nano_distilled_patch7_28': nano_cfg(**dict(_DEIT_CFG, classifier=('head', 'head_dist'))),
+})
+
+
+def _create_tnt(variant: str, pretrained: bool = False, **kwargs) -> TNT:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        TNT, variant, pretrained,
+        pretrained_filter_fn=tnt_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+def _create_deit(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> VisionTransformer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        VisionTransformerDistilled if distilled else VisionTransformer, variant, pretrained,
+        pretrained_filter_fn=vit_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+# 28 px nano sizes: depth 6, 16 patch tokens; widths matched in fvcore GMACs (see the README's table)
+_NANO_TNT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, inner_dim=8, depth=6,
+                 num_heads_outer=2, num_heads_inner=2, first_stride=2)
+_NANO_DEIT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=80, depth=6, num_heads=2)
+
+
+@register_model
+def tnt_ti_patch16_224(pretrained: bool = False, **kwargs) -> TNT:
+    """ TNT-Ti (TNT paper, Table 1): timm's TNT at embed 192, inner 12, 3 outer heads. """
+    model_cfg = dict(patch_size=16, embed_dim=192, inner_dim=12, depth=12, num_heads_outer=3, qkv_bias=False)
+    return _create_tnt('tnt_ti_patch16_224', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def tnt_nano_patch7_28(pretrained: bool = False, **kwargs) -> TNT:
+    """ TNT for 28x28 grayscale: 16 patches of 7x7 px, a 4x4 pixel grid each. """
+    return _create_tnt('tnt_nano_patch7_28', pretrained=pretrained, **dict(_NANO_TNT, **kwargs))
+
+
+@register_model
+def deit_nano_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ DeiT for 28x28 grayscale: 16 patches of 7x7 px. """
+    return _create_deit('deit_nano_patch7_28', pretrained=pretrained, **dict(_NANO_DEIT, **kwargs))
+
+
+@register_model
+def deit_nano_distilled_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
+    """ DeiT for 28x28 grayscale with a distillation token. """
+    return _create_deit(
+        'deit_nano_distilled_patch7_28', pretrained=pretrained, distilled=True, **dict(_NANO_DEIT, **kwargs))
