@@ -49,9 +49,12 @@ _DEIT_CFG = dict(first_conv='patch_embed.proj', classifier='head', paper_ids='ar
 
 default_cfgs = generate_default_cfgs({
     'tnt_ti_patch16_224': _cfg(**_TNT_CFG),
-    'tnt_nano_patch7_28': nano_cfg(**_TNT_CFG),
-    'deit_nano_patch7_28': nano_cfg(**_DEIT_CFG),
-    'deit_nano_distilled_patch7_28': nano_cfg(**dict(_DEIT_CFG, classifier=('head', 'head_dist'))),
+    # 28 px Fashion-MNIST weights: hub repos timm-hybrid/<arch>.<tag> (TNT-Ti at 224 has no weights, so no hub id)
+    'tnt_nano_patch7_28.fmnist': nano_cfg(hf_hub_id='timm-hybrid/tnt_nano_patch7_28.fmnist', **_TNT_CFG),
+    'deit_nano_patch7_28.fmnist': nano_cfg(hf_hub_id='timm-hybrid/deit_nano_patch7_28.fmnist', **_DEIT_CFG),
+    'deit_nano_distilled_patch7_28.fmnist': nano_cfg(
+        hf_hub_id='timm-hybrid/deit_nano_distilled_patch7_28.fmnist',
+        **dict(_DEIT_CFG, classifier=('head', 'head_dist'))),
 })
 
 

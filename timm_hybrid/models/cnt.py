@@ -753,8 +753,15 @@ default_cfgs = generate_default_cfgs({
     'cnt_ti_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
     'cnt_s_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
     'cnt_b_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
-    'cnt_nano_patch7_28': nano_cfg(first_conv='pixel_embed.proj', classifier='head'),
-    'cnt_nano_distilled_patch7_28': nano_cfg(first_conv='pixel_embed.proj', classifier=('head', 'head_dist')),
+    # 28 px Fashion-MNIST weights: hub repos timm-hybrid/<arch>.<tag> (the 224 sizes have no weights, so no hub id)
+    'cnt_nano_patch7_28.fmnist': nano_cfg(
+        hf_hub_id='timm-hybrid/cnt_nano_patch7_28.fmnist',
+        first_conv='pixel_embed.proj', classifier='head',
+        paper_ids='arXiv:2103.00112', paper_name='Transformer in Transformer'),
+    'cnt_nano_distilled_patch7_28.fmnist': nano_cfg(
+        hf_hub_id='timm-hybrid/cnt_nano_distilled_patch7_28.fmnist',
+        first_conv='pixel_embed.proj', classifier=('head', 'head_dist'),
+        paper_ids=('arXiv:2103.00112', 'arXiv:2012.12877'), paper_name='Transformer in Transformer'),
 })
 
 
