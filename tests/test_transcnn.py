@@ -1,0 +1,159 @@
+""" TransCNN / HAT-Net (models/transcnn.py): official parity, any input size, the timm API on small configs. """
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.models._features_fx import create_feature_extractor
+
+from timm_hybrid import count_flops  # importing timm_hybrid registers the models
+from timm_hybrid.models.transcnn import checkpoint_filter_fn, window_attention
+
+FIXTURES = Path(__file__).parent / 'fixtures'
+MODELS = timm.list_models(['transcnn_*', 'hatnet_*'])
+
+# Parameters of the official models (TransCNN.py at tag v1.0, HAT_Net.py at HEAD) and the part of them that HAT-Net
+# defines but never uses (attn.proj_norm), which ours leaves out.
+OFFICIAL_PARAMS = {
+    'transcnn_tiny': (13_315_976, 0),
+    'transcnn_small': (26_538_824, 0),
+    'transcnn_medium': (48_322_504, 0),
+    'transcnn_large': (80_033_352, 0),
+    'hatnet_tiny': (12_655_912, 5_760),
+    'hatnet_small': (25_747_784, 9_216),
+    'hatnet_medium': (42_942_472, 16_512),
+    'hatnet_large': (63_132_488, 23_552),
+}
+# fvcore on the official implementations at 256 / 224 px, attention matmuls included. HAT-Net's README figures
+# (2.0 / 4.3 / 8.3 / 11.5 G) are the same counts without the attention matmuls (1.99 / 4.32 / 8.35 / 11.51).
+OFFICIAL_GMACS = {'transcnn_tiny': 2.877, 'hatnet_tiny': 2.146}
+
+# each variant's own structure (norms, windows, FFN type, kernels) at a width and depth that runs in milliseconds
+SMALL = dict(embed_dims=(16, 24, 32, 48), head_dim=8, depths=(1, 1, 1, 1), num_classes=5)
+ODD_SIZE = (2, 3, 100, 76)  # neither a multiple of 128 nor of 224; stage maps 25x19, 13x10, 7x5, 4x3
+
+
+def _small(name: str, **kwargs) -> torch.nn.Module:
+    return timm.create_model(name, **dict(SMALL, **kwargs))
+
+
+def test_all_variants_registered_with_official_weights():
+    assert set(MODELS) == set(OFFICIAL_PARAMS)
+    for name in MODELS:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.url.startswith('https://github.com/yun-liu/')
+        assert cfg.paper_ids == 'arXiv:2106.03180' and cfg.paper_name and cfg.origin_url and cfg.license
+        assert cfg.input_size == ((3, 256, 256) if name.startswith('transcnn') else (3, 224, 224))
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_param_count_matches_official(name):
+    official, unused = OFFICIAL_PARAMS[name]
+    model = timm.create_model(name, device='meta')
+    assert sum(p.numel() for p in model.parameters()) == official - unused
+
+
+def _logits_and_grads(model: torch.nn.Module, x: torch.Tensor) -> tuple:
+    model.zero_grad()
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_backward_at_non_official_size_with_and_without_grad_checkpointing(name):
+    model = _small(name).train()
+    x = torch.randn(ODD_SIZE)
+    out, grads = _logits_and_grads(model, x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    assert [n for n, g in grads.items() if g is None] == []
+    model.set_grad_checkpointing(True)
+    out_ckpt, grads_ckpt = _logits_and_grads(model, x)
+    torch.testing.assert_close(out_ckpt, out)
+    torch.testing.assert_close(grads_ckpt, grads, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['transcnn_tiny', 'hatnet_tiny'])
+def test_features_only_at_non_official_size(name):
+    model = _small(name, features_only=True).eval()
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+    with torch.no_grad():
+        maps = model(torch.randn(ODD_SIZE))
+    H, W = ODD_SIZE[-2:]
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (c, -(-H // r), -(-W // r)) for c, r in zip(SMALL['embed_dims'], (4, 8, 16, 32))]
+
+
+@pytest.mark.parametrize('name', ['transcnn_tiny', 'hatnet_tiny'])
+def test_torchscript_and_fx_at_non_official_size(name):
+    model = _small(name).eval()
+    x = torch.randn(ODD_SIZE)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected)
+        fx_model = create_feature_extractor(model, return_nodes=['stages.1', 'head.fc'])
+        torch.testing.assert_close(fx_model(x)['head.fc'], expected)
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_padded_windows_attend_only_to_real_pixels(fused):
+    # 13x13 map, 8x8 windows: one whole window, three cut by the border
+    heads, C, ws = 2, 8, 8
+    qkv = torch.randn(1, 3 * C, 13, 13)
+    out = window_attention(qkv, heads, ws, fused)
+    torch.testing.assert_close(out[..., :8, :8], window_attention(qkv[..., :8, :8], heads, ws, fused))
+    # the bottom-right 5x5 cell is plain MHSA over its own 25 pixels
+    cell = qkv[..., 8:, 8:].reshape(1, 3, heads, C // heads, 25).transpose(-2, -1)
+    expected = F.scaled_dot_product_attention(cell[:, 0], cell[:, 1], cell[:, 2])
+    torch.testing.assert_close(out[..., 8:, 8:], expected.transpose(-2, -1).reshape(1, C, 5, 5))
+
+
+@pytest.mark.parametrize('family, variant', [('transcnn', 'transcnn_tiny'), ('hatnet', 'hatnet_tiny')])
+def test_official_checkpoint_parity(family, variant):
+    """ The official code (random weights, reduced widths, official window / pooling / kernel layout, at 128 px for
+    TransCNN and 224 px for HAT-Net) against ours loading its state dict through timm's pretrained path. """
+    weights = FIXTURES / f'{family}_official_state_dict.safetensors'
+    with safe_open(str(weights), 'pt') as f:
+        model_args = json.loads(f.metadata()['model_args'])
+    io = load_file(str(FIXTURES / f'{family}_official_io.safetensors'))
+    model = timm.create_model(
+        variant, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights), num_classes=10), **model_args).eval()
+    with torch.no_grad():
+        out = model(io['input'].float())
+    assert (out - io['output']).abs().max() < 1e-4
+
+
+def test_checkpoint_filter_unwraps_training_checkpoints():
+    official = load_file(str(FIXTURES / 'hatnet_official_state_dict.safetensors'))
+    with safe_open(str(FIXTURES / 'hatnet_official_state_dict.safetensors'), 'pt') as f:
+        model = timm.create_model('hatnet_tiny', **json.loads(f.metadata()['model_args']))
+    expected = checkpoint_filter_fn(official, model)
+    assert set(expected) == set(model.state_dict())  # proj_norm dropped, nothing missing
+    for wrapped in ({'model': official}, {'state_dict': {'module.' + k: v for k, v in official.items()}}):
+        converted = checkpoint_filter_fn(wrapped, model)
+        assert converted.keys() == expected.keys()
+    assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize('bad_input, message', [
+    (torch.randn(3, 64, 64), 'Expected a 4D image batch'),
+    (torch.randn(1, 1, 64, 64), 'Input has 1 channels, the model was built for in_chans=3'),
+])
+def test_bad_input_gives_a_clear_error(bad_input, message):
+    model = _small('hatnet_tiny').eval()
+    with pytest.raises(AssertionError, match=message):
+        model(bad_input)
+    with pytest.raises(AssertionError, match=message):
+        model.forward_intermediates(bad_input)
+
+
+@pytest.mark.parametrize('name', sorted(OFFICIAL_GMACS))
+def test_flops_fully_counted_and_equal_to_official(name):
+    size = timm.models.get_pretrained_cfg(name).input_size
+    result = count_flops(name, input_size=size)
+    assert not result.unsupported
+    assert result.gmacs == pytest.approx(OFFICIAL_GMACS[name], abs=1e-3)

@@ -1,0 +1,717 @@
+""" TransCNN and HAT-Net: hierarchical multi-head self-attention (H-MHSA) in a convolutional pyramid
+
+'Transformer in Convolutional Neural Networks' (TransCNN, arXiv:2106.03180 v1/v2) and its revision 'Vision Transformers
+with Hierarchical Attention' (HAT-Net, same arXiv id, v3+; Machine Intelligence Research 2024). Official code:
+https://github.com/yun-liu/TransCNN (tag v1.0: TransCNN; HEAD: HAT-Net), also served as yun-liu/HAT-Net.
+
+    image (B, 3, H, W)
+      -> stem: 3x3/2 conv (16 ch) + norm + act, 3x3/2 conv                       (B, C1, H/4, W/4)
+      4 stages (stage i > 0 starts with a stride-2 downsample), each a stack of:
+          x += H-MHSA(x)     window attention in GxG cells, then full-resolution queries over the map
+                             average-pooled by the stage's ratio (8, 4, 2); the last stage is plain global MHSA
+          x += FFN(x)        inverted residual: 1x1 expand, depthwise kxk, 1x1 project
+      -> global average pool -> dropout -> linear
+
+The attention cost at stage 1 is what the hierarchy buys: a 64x64 map (TransCNN at 256 px) attends over 4096 tokens
+per query with plain MHSA, over 64 (8x8 window) + 64 (pooled) tokens with H-MHSA.
+
+TransCNN (BatchNorm, post-norm FFN, downsample with a max-pool -> 1x1 conv shortcut, 256 px) and HAT-Net
+(GroupNorm(1, C) with eps 1e-6, pre-norm FFN, plain conv downsample, 224 px, window 7 in stages 2-3) are one class whose
+constructor switches select either. `checkpoint_filter_fn` converts the official checkpoints of both.
+
+Unlike the official code (multiples of 128 px for TransCNN, 224 px for HAT-Net), any input size works: a map that is
+not a whole number of windows is zero-padded to one and the padded keys are masked out of the window attention, the
+key/value pooling and the downsample's max-pool use ceil mode (partial cells average / max over their valid pixels).
+At the official sizes nothing is padded and the outputs are the official ones.
+"""
+import re
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.jit import Final
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import (
+    ClassifierHead, ConvNormAct, DropPath, _assert, calculate_drop_path_rates, create_act_layer, create_conv2d,
+    get_act_layer, get_norm_layer, register_notrace_function, trunc_normal_, use_fused_attn,
+)
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._efficientnet_blocks import InvertedResidual
+from timm.models._features import feature_take_indices
+from timm.models._helpers import clean_state_dict
+
+__all__ = ['TransCNN', 'checkpoint_filter_fn']
+
+
+def scaled_dot_product(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: Optional[torch.Tensor],
+        fused_attn: bool,
+) -> torch.Tensor:
+    """ softmax(q k^T / sqrt(d) + mask) v over the last two dims, fused (SDPA) or explicit. """
+    if fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        attn = attn + attn_mask
+    return attn.softmax(dim=-1) @ v
+
+
+def window_key_mask(
+        height: int,
+        width: int,
+        window_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+) -> torch.Tensor:
+    """ Additive mask (1, windows, 1, window_size**2) that hides the padding of a map padded to whole windows. """
+    pad_h, pad_w = (-height) % window_size, (-width) % window_size
+    mask = torch.zeros(height + pad_h, width + pad_w, dtype=dtype, device=device)
+    mask[height:, :] = float('-inf')
+    mask[:, width:] = float('-inf')
+    grid_h, grid_w = (height + pad_h) // window_size, (width + pad_w) // window_size
+    mask = mask.reshape(grid_h, window_size, grid_w, window_size).permute(0, 2, 1, 3)
+    return mask.reshape(1, grid_h * grid_w, 1, window_size * window_size)
+
+
+@register_notrace_function  # pads to whole windows only when needed: control flow on the map size
+def window_attention(qkv: torch.Tensor, num_heads: int, window_size: int, fused_attn: bool) -> torch.Tensor:
+    """ MHSA inside each non-overlapping window_size^2 cell of a q|k|v map (B, 3C, H, W) -> (B, C, H, W).
+
+    A map that does not split into whole windows is zero-padded at the bottom / right and the padded keys are masked;
+    every window keeps at least one real key, so no row of the softmax is empty.
+    """
+    B, C3, H, W = qkv.shape
+    C = C3 // 3
+    ws = window_size
+    pad_h, pad_w = (-H) % ws, (-W) % ws
+    attn_mask: Optional[torch.Tensor] = None
+    if pad_h > 0 or pad_w > 0:
+        qkv = F.pad(qkv, (0, pad_w, 0, pad_h))
+        attn_mask = window_key_mask(H, W, ws, qkv.dtype, qkv.device)
+    grid_h, grid_w = (H + pad_h) // ws, (W + pad_w) // ws
+    # channels are (q|k|v, head, head_dim): -> 3 x (B * heads, windows, ws * ws, head_dim)
+    qkv = qkv.reshape(B, 3, num_heads, C // num_heads, grid_h, ws, grid_w, ws).permute(1, 0, 2, 4, 6, 5, 7, 3)
+    q, k, v = qkv.reshape(3, B * num_heads, grid_h * grid_w, ws * ws, C // num_heads).unbind(0)
+    x = scaled_dot_product(q, k, v, attn_mask, fused_attn)
+    x = x.reshape(B, num_heads, grid_h, grid_w, ws, ws, C // num_heads).permute(0, 1, 6, 2, 4, 3, 5)
+    return x.reshape(B, C, grid_h * ws, grid_w * ws)[:, :, :H, :W]
+
+
+class HierarchicalAttention(nn.Module):
+    """ H-MHSA on an NCHW map (1x1 convs as the projections, the norms are the network's BatchNorm / GroupNorm).
+
+    With window_size > 1 (stages 1-3):
+        local  = norm(x + window MHSA(qkv(norm(x))))                 attention inside window_size^2 cells
+        global = MHSA(q(local), kv(norm(avg_pool(local, pool_ratio))))   every position over the pooled map
+        out    = proj(global + local)
+    The window q, k, v come from `qkv`, the global ones from separate `q` / `kv` convs, as in the paper's code.
+    With window_size == 1 (stage 4): out = proj(MHSA(qkv(norm(x)))) over all positions.
+    """
+    fused_attn: Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            head_dim: int = 64,
+            window_size: int = 8,
+            pool_ratio: int = 8,
+            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if dim % head_dim:
+            raise ValueError(f'dim {dim} must be a multiple of head_dim {head_dim}.')
+        self.num_heads = dim // head_dim
+        self.window_size = window_size
+        self.fused_attn = use_fused_attn()
+
+        self.norm = norm_layer(dim, **dd)
+        self.qkv = nn.Conv2d(dim, dim * 3, 1, **dd)
+        if window_size > 1:
+            self.local_norm = norm_layer(dim, **dd)
+            # ceil_mode: a partial cell at the border averages its valid pixels (same result at whole multiples)
+            self.pool = nn.AvgPool2d(pool_ratio, ceil_mode=True) if pool_ratio > 1 else nn.Identity()
+            self.pool_norm = norm_layer(dim, **dd)
+            self.q = nn.Conv2d(dim, dim, 1, **dd)
+            self.kv = nn.Conv2d(dim, dim * 2, 1, **dd)
+        else:
+            self.local_norm = self.pool = self.pool_norm = self.q = self.kv = None
+        self.proj = nn.Conv2d(dim, dim, 1, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        head_dim = C // self.num_heads
+        qkv = self.qkv(self.norm(x))
+        if self.q is None:
+            q, k, v = qkv.reshape(B, 3, self.num_heads, head_dim, H * W).transpose(-2, -1).unbind(1)
+            x = scaled_dot_product(q, k, v, None, self.fused_attn)  # (B, heads, H*W, head_dim)
+            return self.proj(x.transpose(-2, -1).reshape(B, C, H, W))
+
+        local = self.local_norm(x + window_attention(qkv, self.num_heads, self.window_size, self.fused_attn))
+        q = self.q(local).reshape(B, self.num_heads, head_dim, H * W).transpose(-2, -1)
+        kv = self.kv(self.pool_norm(self.pool(local)))  # (B, 2C, H / pool_ratio, W / pool_ratio)
+        k, v = kv.reshape(B, 2, self.num_heads, head_dim, -1).transpose(-2, -1).unbind(1)
+        x = scaled_dot_product(q, k, v, None, self.fused_attn)  # (B, heads, H*W, head_dim)
+        return self.proj(x.transpose(-2, -1).reshape(B, C, H, W) + local)
+
+
+class PreNormInvertedResidual(nn.Module):
+    """ HAT-Net's FFN: 1x1 expand -> act -> depthwise kxk -> act -> 1x1 project, with one norm before and one after.
+
+    TransCNN's FFN (a norm after every conv) is timm's MobileNetV2 `InvertedResidual`; HAT-Net moved the norms out.
+    The block's residual is outside, as in TransCNN.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            mlp_ratio: float = 4.,
+            kernel_size: int = 3,
+            act_layer: Type[nn.Module] = nn.SiLU,
+            norm_layer: Callable[..., nn.Module] = nn.GroupNorm,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        hidden_dim = int(dim * mlp_ratio)
+        self.norm = norm_layer(dim, **dd)
+        self.conv_pw = nn.Conv2d(dim, hidden_dim, 1, bias=False, **dd)
+        self.act1 = create_act_layer(act_layer, inplace=True)
+        self.conv_dw = create_conv2d(hidden_dim, hidden_dim, kernel_size, depthwise=True, **dd)
+        self.act2 = create_act_layer(act_layer, inplace=True)
+        self.conv_pwl = nn.Conv2d(hidden_dim, dim, 1, bias=False, **dd)
+        self.norm_out = norm_layer(dim, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.conv_pw(self.norm(x)))
+        x = self.act2(self.conv_dw(x))
+        return self.norm_out(self.conv_pwl(x))
+
+
+class Block(nn.Module):
+    """ x + H-MHSA(x), then x + FFN(x) (each branch normalises its own input). """
+
+    def __init__(
+            self,
+            dim: int,
+            head_dim: int = 64,
+            window_size: int = 8,
+            pool_ratio: int = 8,
+            mlp_ratio: float = 4.,
+            kernel_size: int = 3,
+            mlp_pre_norm: bool = False,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.SiLU,
+            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.attn = HierarchicalAttention(
+            dim, head_dim=head_dim, window_size=window_size, pool_ratio=pool_ratio, norm_layer=norm_layer, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        if mlp_pre_norm:
+            self.mlp = PreNormInvertedResidual(
+                dim, mlp_ratio=mlp_ratio, kernel_size=kernel_size, act_layer=act_layer, norm_layer=norm_layer, **dd)
+        else:
+            self.mlp = InvertedResidual(
+                dim, dim, dw_kernel_size=kernel_size, noskip=True, exp_ratio=mlp_ratio, act_layer=act_layer,
+                norm_layer=norm_layer, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(x))
+        x = x + self.drop_path2(self.mlp(x))
+        return x
+
+
+class Downsample(nn.Module):
+    """ Stride-2 3x3 conv + norm. TransCNN adds a shortcut (2x2 max-pool -> 1x1 conv + norm) and an act on the sum. """
+
+    def __init__(
+            self,
+            in_dim: int,
+            out_dim: int,
+            shortcut: bool = True,
+            act_layer: Type[nn.Module] = nn.SiLU,
+            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        conv_kwargs = dict(bias=True, apply_act=False, norm_layer=norm_layer, **dd)
+        self.conv = ConvNormAct(in_dim, out_dim, 3, stride=2, **conv_kwargs)
+        if shortcut:
+            # ceil_mode: ceil(H / 2) rows like the stride-2 conv at odd sizes (the same at even ones)
+            self.pool = nn.MaxPool2d(2, 2, ceil_mode=True)
+            self.shortcut = ConvNormAct(in_dim, out_dim, 1, **conv_kwargs)
+            self.act = create_act_layer(act_layer, inplace=True)
+        else:
+            self.pool = self.shortcut = self.act = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is None:
+            return self.conv(x)
+        return self.act(self.conv(x) + self.shortcut(self.pool(x)))
+
+
+class TransCNNStage(nn.Module):
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            downsample: bool = True,
+            downsample_shortcut: bool = True,
+            head_dim: int = 64,
+            window_size: int = 8,
+            pool_ratio: int = 8,
+            mlp_ratio: float = 4.,
+            kernel_size: int = 3,
+            mlp_pre_norm: bool = False,
+            drop_path: Union[float, List[float]] = 0.,
+            act_layer: Type[nn.Module] = nn.SiLU,
+            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.grad_checkpointing = False
+        if downsample:
+            self.downsample = Downsample(
+                in_dim, dim, shortcut=downsample_shortcut, act_layer=act_layer, norm_layer=norm_layer, **dd)
+        else:
+            self.downsample = nn.Identity()
+        drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.blocks = nn.Sequential(*[
+            Block(
+                dim, head_dim=head_dim, window_size=window_size, pool_ratio=pool_ratio, mlp_ratio=mlp_ratio,
+                kernel_size=kernel_size, mlp_pre_norm=mlp_pre_norm, drop_path=drop_path[i], act_layer=act_layer,
+                norm_layer=norm_layer, **dd)
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class TransCNN(nn.Module):
+    """ TransCNN / HAT-Net.
+
+    The two families differ in four switches (sizes are in the entry points):
+
+    | family   | norm_layer (eps)    | mlp_pre_norm | downsample_shortcut | window_sizes | input |
+    | TransCNN | batchnorm2d         | False        | True                | 8, 8, 8, 1   | 256   |
+    | HAT-Net  | groupnorm1 (1e-6)   | True         | False               | 8, 7, 7, 1   | 224   |
+
+    Keys / values are pooled by 8, 4, 2 in stages 1-3 of both, so every global attention sees an 8x8 (TransCNN at
+    256 px) or 7x7 (HAT-Net at 224 px) map.
+
+    Deviations from the official code, none of which changes a released model's outputs:
+      * any input size runs (see the module docstring);
+      * HAT-Net's attention has a GroupNorm `proj_norm` that its forward never uses: it is left out (2 * dim
+        parameters per block: 5,760 in HAT-Net-Tiny, 9,216 / 16,512 / 23,552 in Small / Medium / Large; every
+        parameter here gets a gradient) and `checkpoint_filter_fn` drops it;
+      * the blocks' Dropout2d (rate 0 in every released model and training recipe) is left out;
+      * the head dropout is timm's `drop_rate` (default 0 as in timm; the official classifier hard-codes 0.2).
+    """
+
+    def __init__(
+            self,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Tuple[int, ...] = (64, 128, 256, 512),
+            depths: Tuple[int, ...] = (3, 4, 8, 3),
+            head_dim: int = 64,
+            mlp_ratios: Tuple[float, ...] = (4., 4., 6., 6.),
+            kernel_sizes: Tuple[int, ...] = (5, 3, 5, 3),
+            window_sizes: Tuple[int, ...] = (8, 8, 8, 1),
+            pool_ratios: Tuple[int, ...] = (8, 4, 2, 1),
+            stem_chs: int = 16,
+            mlp_pre_norm: bool = False,
+            downsample_shortcut: bool = True,
+            norm_layer: Union[str, Callable[..., nn.Module]] = 'batchnorm2d',
+            norm_eps: Optional[float] = None,
+            act_layer: Union[str, Type[nn.Module]] = 'silu',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            img_size: Accepted for timm's API; the network is fully convolutional and runs at any size.
+            in_chans: Number of image channels.
+            num_classes: Number of classes of the head (0 for no head).
+            global_pool: Head pooling type ('avg', as the paper; any timm SelectAdaptivePool2d type or '').
+            embed_dims: Channels of the 4 stages.
+            depths: Blocks per stage.
+            head_dim: Channels per attention head.
+            mlp_ratios: FFN expansion per stage.
+            kernel_sizes: Depthwise kernel of the FFN per stage.
+            window_sizes: Window of the local attention per stage; 1 = plain global MHSA.
+            pool_ratios: Average-pooling ratio of the global keys / values per stage.
+            stem_chs: Channels of the first stem conv.
+            mlp_pre_norm: HAT-Net FFN (norm before and after) instead of TransCNN's (norm after each conv).
+            downsample_shortcut: TransCNN's max-pool -> 1x1 conv shortcut in the downsampling layers.
+            norm_layer: Norm of every layer ('batchnorm2d' for TransCNN, 'groupnorm1' for HAT-Net).
+            norm_eps: Epsilon of the norm layers (None: the layer's default; HAT-Net uses 1e-6).
+            act_layer: Activation (SiLU in both).
+            drop_rate: Dropout before the classifier (the official models train with 0.2).
+            drop_path_rate: Stochastic depth rate (linearly increasing over all blocks).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(embed_dims)
+        if not all(len(a) == num_stages for a in (depths, mlp_ratios, kernel_sizes, window_sizes, pool_ratios)):
+            raise ValueError('embed_dims, depths, mlp_ratios, kernel_sizes, window_sizes and pool_ratios need one '
+                             'value per stage.')
+        norm_layer = get_norm_layer(norm_layer)
+        if norm_eps is not None:
+            norm_layer = partial(norm_layer, eps=norm_eps)
+        act_layer = get_act_layer(act_layer)
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+
+        self.stem = nn.Sequential(
+            ConvNormAct(
+                in_chans, stem_chs, 3, stride=2, bias=True, norm_layer=norm_layer, act_layer=act_layer, **dd),
+            nn.Conv2d(stem_chs, embed_dims[0], 3, stride=2, padding=1, **dd),
+        )
+
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=False)
+        stages = []
+        self.feature_info = []
+        in_dim, reduction, first_block = embed_dims[0], 4, 0
+        for i in range(num_stages):
+            reduction *= 1 if i == 0 else 2
+            stages.append(TransCNNStage(
+                in_dim,
+                embed_dims[i],
+                depths[i],
+                downsample=i > 0,
+                downsample_shortcut=downsample_shortcut,
+                head_dim=head_dim,
+                window_size=window_sizes[i],
+                pool_ratio=pool_ratios[i],
+                mlp_ratio=mlp_ratios[i],
+                kernel_size=kernel_sizes[i],
+                mlp_pre_norm=mlp_pre_norm,
+                drop_path=dpr[first_block:first_block + depths[i]],
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                **dd,
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
+            in_dim, first_block = embed_dims[i], first_block + depths[i]
+        self.stages = nn.Sequential(*stages)
+
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # Norm scales and biases: what the official recipe (PVT's, timm's optimizer factory) leaves undecayed. The
+        # model has no position embeddings or tokens.
+        return {n for n, p in self.named_parameters() if p.ndim <= 1}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
+        _assert(
+            x.shape[1] == self.in_chans,
+            f'Input has {x.shape[1]} channels, the model was built for in_chans={self.in_chans}.')
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Stage outputs (NCHW) selected by `indices` (last n if an int), as timm's hierarchical models; `norm` is
+        accepted for the API but there is no final norm. """
+        assert output_fmt == 'NCHW', 'Output format must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+
+        self._check_input(x)
+        x = self.stem(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice stages in torchscript
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """ Prune layers not required for specified intermediates. """
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.stem(x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _init_weights(m: nn.Module) -> None:
+    # the official init: truncated normal (std .02) for every conv and linear weight, zero biases; norms keep
+    # PyTorch's unit scale / zero shift
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+# --- checkpoint conversion -------------------------------------------------------------------------------------------
+
+# official block keys (after 'blocks.{stage}.{block}.') -> ours; the FFN is nn.Sequential's in the official code
+_ATTN_RENAMES = (('attn.grid_norm.', 'attn.local_norm.'), ('attn.ds_norm.', 'attn.pool_norm.'))
+_TRANSCNN_FFN = {
+    'conv1.0': 'conv_pw', 'conv1.1': 'bn1', 'conv2.0': 'conv_dw', 'conv2.1': 'bn2', 'conv3.0': 'conv_pwl',
+    'conv3.1': 'bn3',
+}
+_HATNET_FFN = {'conv1.0': 'norm', 'conv1.1': 'conv_pw', 'conv2.0': 'conv_dw', 'conv3.0': 'conv_pwl',
+               'conv3.1': 'norm_out'}
+_DOWNSAMPLE = {'conv': 'conv.conv', 'norm1': 'conv.bn', 'norm': 'conv.bn', 'residual': 'shortcut.conv',
+               'norm2': 'shortcut.bn'}
+_STEM = {'0': 'stem.0.conv', '1': 'stem.0.bn', '3': 'stem.1'}
+
+
+def _rename_official(key: str, ffn: Dict[str, str]) -> Optional[str]:
+    """ One official TransCNN / HAT-Net key -> ours (None: a tensor the model does not have). """
+    m = re.match(r'blocks\.(\d+)\.(\d+)\.(.*)', key)
+    if m:
+        stage, block, rest = m.groups()
+        if rest.startswith('attn.proj_norm.'):
+            return None  # HAT-Net: defined, never used in forward
+        for old, new in _ATTN_RENAMES:
+            rest = rest.replace(old, new)
+        ffn_layer = re.match(r'conv\.(conv\d\.\d)\.(.*)', rest)
+        if ffn_layer:
+            rest = f'mlp.{ffn[ffn_layer.group(1)]}.{ffn_layer.group(2)}'
+        return f'stages.{stage}.blocks.{block}.{rest}'
+    m = re.match(r'ds(\d)\.(\w+)\.(.*)', key)
+    if m:
+        n, layer, rest = m.groups()
+        return f'stages.{int(n) - 1}.downsample.{_DOWNSAMPLE[layer]}.{rest}'
+    m = re.match(r'patch_embed\.(\d)\.(.*)', key)
+    if m:
+        return f'{_STEM[m.group(1)]}.{m.group(2)}'
+    return key.replace('classifier.1.', 'head.fc.')
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: TransCNN) -> Dict[str, torch.Tensor]:
+    """ Converts an official TransCNN (v1.0) or HAT-Net checkpoint for `model`; our own state dicts pass through.
+
+    Accepts the raw state dict or the training checkpoint ({'model': ...}, 'state_dict', 'module.' prefixes). The
+    official layouts are the same tensors under other names (1x1 convs stay convs), except HAT-Net's unused
+    `attn.proj_norm`, which is dropped.
+    """
+    for wrapper in ('model', 'state_dict'):
+        state_dict = state_dict.get(wrapper, state_dict)
+    state_dict = clean_state_dict(state_dict)  # timm's: strips DDP's 'module.' and torch.compile's prefixes
+    if not any(k.startswith('patch_embed.') for k in state_dict):
+        return state_dict
+    ffn = _HATNET_FFN if any(k.startswith('ds2.norm.') for k in state_dict) else _TRANSCNN_FFN
+    out = {}
+    for k, v in state_dict.items():
+        new_key = _rename_official(k, ffn)
+        if new_key is not None:
+            out[new_key] = v
+    return out
+
+
+# --- pretrained configs and entry points -----------------------------------------------------------------------------
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        # PVT's evaluation transform, which both papers follow: resize to 256/224 of the crop, bicubic
+        'crop_pct': .875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0.conv', 'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2106.03180',
+        # the official repository has no LICENSE file
+        'license': 'unknown',
+        **kwargs,
+    }
+
+
+def _transcnn_cfg(file: str) -> Dict[str, Any]:
+    return _cfg(
+        url=f'https://github.com/yun-liu/TransCNN/releases/download/v1.0/{file}',
+        input_size=(3, 256, 256), pool_size=(8, 8),
+        paper_name='Transformer in Convolutional Neural Networks',
+        origin_url='https://github.com/yun-liu/TransCNN',
+    )
+
+
+def _hatnet_cfg(file: str) -> Dict[str, Any]:
+    return _cfg(
+        url=f'https://github.com/yun-liu/HAT-Net/releases/download/v2.0/{file}',
+        paper_name='Vision Transformers with Hierarchical Attention',
+        origin_url='https://github.com/yun-liu/HAT-Net',
+    )
+
+
+default_cfgs = generate_default_cfgs({
+    'transcnn_tiny.in1k': _transcnn_cfg('TransCNN-Tiny.pth'),
+    'transcnn_small.in1k': _transcnn_cfg('TransCNN-Small.pth'),
+    'transcnn_medium.in1k': _transcnn_cfg('TransCNN-Medium.pth'),
+    'transcnn_large.in1k': _transcnn_cfg('TransCNN-Large.pth'),
+    'hatnet_tiny.in1k': _hatnet_cfg('HAT-Net_Tiny.pth'),
+    'hatnet_small.in1k': _hatnet_cfg('HAT-Net_Small.pth'),
+    'hatnet_medium.in1k': _hatnet_cfg('HAT-Net_Medium.pth'),
+    'hatnet_large.in1k': _hatnet_cfg('HAT-Net_Large.pth'),
+})
+
+
+def _create_transcnn(variant: str, pretrained: bool = False, **kwargs) -> TransCNN:
+    return build_model_with_cfg(
+        TransCNN,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+# what every TransCNN / HAT-Net shares; the entry points hold the sizes
+_TRANSCNN = dict(head_dim=64, kernel_sizes=(5, 3, 5, 3), window_sizes=(8, 8, 8, 1), pool_ratios=(8, 4, 2, 1))
+_HATNET = dict(
+    mlp_ratios=(8, 8, 4, 4), window_sizes=(8, 7, 7, 1), pool_ratios=(8, 4, 2, 1), mlp_pre_norm=True,
+    downsample_shortcut=False, norm_layer='groupnorm1', norm_eps=1e-6)
+
+
+@register_model
+def transcnn_tiny(pretrained: bool = False, **kwargs) -> TransCNN:
+    """ TransCNN-Tiny, 256 px: 13.32M params. """
+    model_cfg = dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 4, 2), mlp_ratios=(4, 4, 4, 4), **_TRANSCNN)
+    return _create_transcnn('transcnn_tiny', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def transcnn_small(pretrained: bool = False, **kwargs) -> TransCNN:
+    """ TransCNN-Small, 256 px: 26.54M params. """
+    model_cfg = dict(embed_dims=(64, 128, 256, 512), depths=(3, 4, 8, 3), mlp_ratios=(4, 4, 6, 6), **_TRANSCNN)
+    return _create_transcnn('transcnn_small', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def transcnn_medium(pretrained: bool = False, **kwargs) -> TransCNN:
+    """ TransCNN-Medium, 256 px: 48.32M params. """
+    model_cfg = dict(embed_dims=(64, 128, 320, 640), depths=(3, 4, 12, 3), mlp_ratios=(4, 4, 6, 6), **_TRANSCNN)
+    return _create_transcnn('transcnn_medium', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def transcnn_large(pretrained: bool = False, **kwargs) -> TransCNN:
+    """ TransCNN-Large, 256 px: 80.03M params. """
+    model_cfg = dict(embed_dims=(64, 128, 384, 768), depths=(3, 4, 16, 3), mlp_ratios=(4, 4, 6, 6), **_TRANSCNN)
+    return _create_transcnn('transcnn_large', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def hatnet_tiny(pretrained: bool = False, **kwargs) -> TransCNN:
+    """ HAT-Net-Tiny, 224 px: 12.65M params (official 12.66M with the unused proj_norm). """
+    model_cfg = dict(
+        embed_dims=(48, 96, 240, 384), depths=(2, 2, 6, 3), head_dim=48, kernel_sizes=(3, 3, 3, 3), **_HATNET)
+    return _create_transcnn('hatnet_tiny', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def hatnet_small(pretrained: bool = False, **kwargs) -> TransCNN:
+    """ HAT-Net-Small, 224 px: 25.74M params (official 25.75M with the unused proj_norm). """
+    model_cfg = dict(
+        embed_dims=(64, 128, 320, 512), depths=(2, 3, 8, 3), head_dim=64, kernel_sizes=(3, 3, 3, 3), **_HATNET)
+    return _create_transcnn('hatnet_small', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def hatnet_medium(pretrained: bool = False, **kwargs) -> TransCNN:
+    """ HAT-Net-Medium, 224 px: 42.93M params (official 42.94M with the unused proj_norm). """
+    model_cfg = dict(
+        embed_dims=(64, 128, 320, 512), depths=(3, 6, 18, 3), head_dim=64, kernel_sizes=(5, 3, 5, 3), **_HATNET)
+    return _create_transcnn('hatnet_medium', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def hatnet_large(pretrained: bool = False, **kwargs) -> TransCNN:
+    """ HAT-Net-Large, 224 px: 63.11M params (official 63.13M with the unused proj_norm). """
+    model_cfg = dict(
+        embed_dims=(64, 128, 320, 640), depths=(3, 8, 27, 3), head_dim=64, kernel_sizes=(3, 3, 3, 3), **_HATNET)
+    return _create_transcnn('hatnet_large', pretrained=pretrained, **dict(model_cfg, **kwargs))
