@@ -1,3 +1,4 @@
 """Architectures of timm-hybrid; importing this package registers each family with timm."""
 from .baselines import *
 from .cnt import *
+from .transcnn import *
