@@ -57,11 +57,112 @@ def add_data_parser(subparsers) -> None:
     p.set_defaults(func=_data)
 
 
+def _usage_error(error) -> int:
+    """ What the user can fix (a wrong name, a missing file or token): one line on stderr, exit code 2. """
+    print(f'error: {error}', file=sys.stderr)
+    return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .hub import ExportError, export
+    card_data = dict(accuracy=args.accuracy, train_command=args.train_command, compare=args.compare or ())
+    if args.model_name:
+        card_data['model_name'] = args.model_name
+    if args.dataset:
+        card_data['dataset'] = args.dataset
+    try:
+        folder = export(args.model, args.checkpoint, args.output, num_classes=args.num_classes,
+                        in_chans=args.in_chans, model_args=args.model_kwargs, card_data=card_data,
+                        use_ema=args.use_ema)
+    except ExportError as e:
+        return _usage_error(e)
+    print(f'{args.model} exported to {folder} ({", ".join(sorted(p.name for p in folder.iterdir()))}); '
+          f"load it with timm.create_model('local-dir:{folder}', pretrained=True)")
+    return 0
+
+
+def add_export_parser(subparsers) -> None:
+    from timm.utils import ParseKwargs
+    p = subparsers.add_parser(
+        'export', help='timm training checkpoint -> hub folder (config.json, model.safetensors, README.md card)')
+    p.add_argument('model', help="timm model name the checkpoint was trained as (e.g. cnt_nano_patch7_28.fmnist)")
+    p.add_argument('--checkpoint', required=True, help='model_best.pth.tar / last.pth.tar / .safetensors')
+    p.add_argument('--output', required=True, help='folder to write, by convention named <arch>.<tag>')
+    p.add_argument('--num-classes', type=int, default=None, help='classes of the trained head, if not the default')
+    p.add_argument('--in-chans', type=int, default=None, help='input channels, if not the default')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='further create_model kwargs the model was trained with, e.g. img_size=56')
+    p.add_argument('--use-ema', action='store_true', help="export the checkpoint's EMA weights (--model-ema)")
+    p.add_argument('--accuracy', nargs='*', default={}, action=ParseKwargs, metavar='METRIC=VALUE',
+                   help='measured accuracy for the model card, e.g. top1=88.1 top5=99.7 (validate.py, in %%)')
+    p.add_argument('--train-command', default=None, help='the command that trained the weights, for the card')
+    p.add_argument('--dataset', default=None, help='data set name for the card (default from the tag)')
+    p.add_argument('--compare', nargs='*', default=None, metavar='MODEL',
+                   help='other models for the card comparison table (params, GMACs)')
+    p.add_argument('--model-name', default=None, help='repo name in the card (default <arch>.<tag>)')
+    p.set_defaults(func=_export)
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import HubTokenMissing, push
+    try:
+        commit = push(args.folder, args.repo_id, token=args.token, private=args.private,
+                      commit_message=args.commit_message)
+    except (HubTokenMissing, FileNotFoundError) as e:
+        return _usage_error(e)
+    print(f'pushed {args.folder} to {args.repo_id}: {getattr(commit, "commit_url", commit)}')
+    return 0
+
+
+def add_push_parser(subparsers) -> None:
+    p = subparsers.add_parser('push', help='upload an exported folder to a Hugging Face Hub repo')
+    p.add_argument('folder', help='folder written by `timm-hybrid export`')
+    p.add_argument('--repo-id', required=True, help='ORG/NAME, e.g. timm-hybrid/cnt_nano_patch7_28.fmnist')
+    p.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN or `hf auth login`)')
+    p.add_argument('--private', action='store_true', help='create the repo private')
+    p.add_argument('--commit-message', default='Add model', help='commit message of the upload')
+    p.set_defaults(func=_push)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    # this module's package, timm_hybrid, is imported by now: every family is registered before the script runs
+    script = Path(args.script).resolve()
+    if not script.is_file():
+        return _usage_error(f'no script {args.script}')
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [str(script), *args.script_args]
+    sys.path.insert(0, str(script.parent))  # as `python SCRIPT` does, for the script's own imports
+    try:
+        runpy.run_path(str(script), run_name='__main__')
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return 0
+
+
+def add_run_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        'run', help="run a script (timm's validate.py, benchmark.py, inference.py) with our models registered")
+    p.add_argument('script', help='python script, run as __main__')
+    p.add_argument('script_args', nargs=argparse.REMAINDER, help="the script's own arguments")
+    p.set_defaults(func=_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-hybrid', description=__doc__.strip().splitlines()[0])
     subparsers = parser.add_subparsers(dest='command', required=True)
     add_compare_parser(subparsers)
     add_data_parser(subparsers)
+    add_export_parser(subparsers)
+    add_push_parser(subparsers)
+    add_run_parser(subparsers)
     return parser
 
 

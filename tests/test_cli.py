@@ -1,0 +1,66 @@
+""" The `timm-hybrid` console script: export / push / run sub-commands (compare and data are tested with their
+modules). """
+import json
+import subprocess
+import sys
+
+import huggingface_hub
+import pytest
+import timm
+import torch
+
+from timm_hybrid.cli import main
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = timm.create_model('cnt_nano_patch7_28')
+    path = tmp_path / 'last.pth.tar'
+    torch.save({'epoch': 1, 'state_dict': model.state_dict()}, path)
+    return path
+
+
+def test_export_and_push_exit_codes(checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / 'cnt_nano_patch7_28.fmnist'
+    assert main(['export', 'cnt_nano_patch7_28', '--checkpoint', str(checkpoint), '--output', str(out),
+                 '--accuracy', 'top1=71.5', 'top5=98.25', '--train-command', 'train.py --epochs 1']) == 0
+    assert f"local-dir:{out}" in capsys.readouterr().out
+    assert json.loads((out / 'config.json').read_text())['architecture'] == 'cnt_nano_patch7_28'
+    card = (out / 'README.md').read_text()
+    assert 'top1 (test split): 71.50 %' in card and 'top5 (test split): 98.25 %' in card
+
+    assert main(['export', 'cnt_nano_patch7_28', '--checkpoint', str(checkpoint), '--output', str(tmp_path / 'x'),
+                 '--num-classes', '3']) == 2
+    assert 'shape mismatch: head.weight' in capsys.readouterr().err
+
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.delenv('HUGGING_FACE_HUB_TOKEN', raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_TOKEN_PATH', str(tmp_path / 'no_token'))
+    assert main(['push', str(out), '--repo-id', 'timm-hybrid/cnt_nano_patch7_28.fmnist']) == 2
+    assert 'No Hugging Face token' in capsys.readouterr().err
+
+
+def test_run_executes_script_as_main_with_models_registered(tmp_path):
+    """ In a fresh interpreter: the script never imports timm_hybrid, yet creates a CNT by name. """
+    script = tmp_path / 'tool.py'
+    (tmp_path / 'tool_helper.py').write_text('VALUE = 7\n')  # importable from the script's folder
+    script.write_text(
+        'import sys, timm, tool_helper\n'
+        'if __name__ == "__main__":\n'
+        '    model = timm.create_model("cnt_nano_patch7_28")\n'
+        '    print(type(model).__name__, tool_helper.VALUE, sys.argv[1:])\n'
+        '    sys.exit(int(sys.argv[-1]))\n')
+    proc = subprocess.run([sys.executable, '-m', 'timm_hybrid.cli', 'run', str(script), '--model', 'x', '3'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.strip() == "CNT 7 ['--model', 'x', '3']"
+
+
+def test_run_restores_argv_and_missing_script_is_an_error(tmp_path, capsys):
+    script = tmp_path / 'ok.py'
+    script.write_text('import sys\nassert sys.argv[1:] == ["--flag"]\n')
+    argv = list(sys.argv)
+    assert main(['run', str(script), '--flag']) == 0
+    assert sys.argv == argv
+    assert main(['run', str(tmp_path / 'absent.py')]) == 2
+    assert 'no script' in capsys.readouterr().err

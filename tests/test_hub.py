@@ -1,0 +1,207 @@
+""" timm_hybrid.hub: export a training checkpoint, load it back offline through timm's own loaders, push, card. """
+import argparse
+import hashlib
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub.file_download import repo_folder_name
+
+from timm_hybrid import count_flops, hub
+
+ARCH = 'cnt_nano_patch7_28'
+REPO_ID = f'timm-hybrid/{ARCH}.fmnist'
+
+
+def save_train_checkpoint(model: torch.nn.Module, path: Path, ema: bool = False) -> Path:
+    """ The layout timm's train.py (CheckpointSaver) writes: DDP `module.` keys, args Namespace, optimizer. """
+    state_dict = {f'module.{k}': v for k, v in model.state_dict().items()}
+    checkpoint = {'epoch': 0, 'arch': type(model).__name__, 'state_dict': state_dict, 'version': 2,
+                  'args': argparse.Namespace(model=ARCH, lr=1e-3), 'optimizer': {'state': {}, 'param_groups': []}}
+    if ema:
+        checkpoint['state_dict_ema'] = {k: v + 1 for k, v in model.state_dict().items()}
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """ A random-weight nano CNT (BN running stats moved off their init) and its timm training checkpoint. """
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH).train()
+    with torch.no_grad():
+        model(torch.randn(8, 1, 28, 28))  # BN running stats become non-trivial buffers worth round-tripping
+    model.eval()
+    return model, save_train_checkpoint(model, tmp_path_factory.mktemp('train') / 'model_best.pth.tar')
+
+
+@pytest.fixture(scope='module')
+def exported(trained, tmp_path_factory):
+    model, checkpoint = trained
+    folder = hub.export(ARCH, checkpoint, tmp_path_factory.mktemp('export') / f'{ARCH}.fmnist',
+                        card_data=dict(accuracy={'top1': 85.25}, train_command='python train.py --model ' + ARCH))
+    return model, folder
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """ Any attempt to open a connection fails the test. """
+    def refuse(*args, **kwargs):
+        raise AssertionError(f'network access attempted: {args}')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+
+
+def install_in_hub_cache(folder: Path, repo_id: str, cache_dir: Path) -> Path:
+    """ Lays out `folder` as huggingface_hub's cache holds a downloaded repo: content-addressed blobs, a snapshot of
+    relative symlinks per commit, refs/main naming the commit. """
+    repo_dir = cache_dir / repo_folder_name(repo_id=repo_id, repo_type='model')
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo_dir / 'snapshots' / commit
+    (repo_dir / 'blobs').mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in folder.iterdir():
+        blob = hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, repo_dir / 'blobs' / blob)
+        (snapshot / file.name).symlink_to(Path('..', '..', 'blobs', blob))
+    (repo_dir / 'refs').mkdir()
+    (repo_dir / 'refs' / 'main').write_text(commit)
+    return snapshot
+
+
+def test_export_writes_timm_hub_folder(exported):
+    model, folder = exported
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == ARCH and config['num_classes'] == 10
+    assert config['label_names'][0] == 't-shirt/top' and len(config['label_names']) == 10
+    cfg = config['pretrained_cfg']
+    assert cfg['input_size'] == [1, 28, 28] and cfg['mean'] == [0.286] and cfg['std'] == [0.353]
+    assert cfg['crop_pct'] == 1.0 and cfg['license'] == 'apache-2.0' and cfg['paper_ids'] == 'arXiv:2103.00112'
+    assert config['model_args']['in_chans'] == 1
+    weights = safetensors.torch.load_file(folder / 'model.safetensors')
+    reference = model.state_dict()
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_model_card_layout(exported):
+    _, folder = exported
+    card = (folder / 'README.md').read_text()
+    assert card.startswith('---\ntags:\n- image-classification\n- timm\n')
+    assert '$' not in card.split('## Citation')[0], 'unfilled template field'
+    for section in ('## Model Details', '### Image Classification', '### Feature Map Extraction',
+                    '### Image Embeddings', '## Training', '## Model Comparison', '## Citation'):
+        assert section in card
+    assert f"timm.create_model('hf-hub:{REPO_ID}', pretrained=True)" in card
+    assert '- zalando-datasets/fashion_mnist' in card and 'Fashion-MNIST' in card
+    assert 'top1 (test split): 85.25 %' in card and 'python train.py --model cnt_nano_patch7_28' in card
+    for paper in ('2103.00112', '2012.12877', '1708.07747'):
+        assert paper in card.split('## Citation')[1]
+    flops = count_flops(ARCH, input_size=(1, 28, 28))
+    assert f'| **{ARCH}.fmnist** (this model) | 85.25 |  | {flops.mparams:.3f} | {flops.gmacs:.4f} |' in card
+
+
+def test_offline_hub_cache_tag_and_local_dir_load_bit_identical(exported, tmp_path, monkeypatch, no_network):
+    model, folder = exported
+    cache_dir = tmp_path / 'hub_cache'
+    install_in_hub_cache(folder, REPO_ID, cache_dir)
+    # huggingface_hub reads these at import time: set the environment for child processes and the constants here
+    monkeypatch.setenv('HF_HUB_CACHE', str(cache_dir))
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(cache_dir))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        expected = model(x)
+        for name in (f'hf-hub:{REPO_ID}', f'{ARCH}.fmnist', f'local-dir:{folder}'):
+            loaded = timm.create_model(name, pretrained=True).eval()
+            assert type(loaded) is type(model)
+            assert torch.equal(loaded(x), expected), name
+    assert loaded.pretrained_cfg['label_names'][-1] == 'ankle boot'
+
+
+def test_export_takes_ema_weights_on_request(trained, tmp_path):
+    model, _ = trained
+    checkpoint = save_train_checkpoint(model, tmp_path / 'ema.pth.tar', ema=True)
+    folder = hub.export(ARCH, checkpoint, tmp_path / 'ema', use_ema=True)
+    weights = safetensors.torch.load_file(folder / 'model.safetensors')
+    assert torch.equal(weights['head.weight'], model.head.weight + 1)
+
+
+def test_export_reads_safetensors(trained, tmp_path):
+    model, _ = trained
+    path = tmp_path / 'weights.safetensors'
+    safetensors.torch.save_file(model.state_dict(), path)
+    folder = hub.export(ARCH, path, tmp_path / 'out')
+    assert torch.equal(safetensors.torch.load_file(folder / 'model.safetensors')['head.bias'], model.head.bias)
+
+
+def test_export_mismatch_names_the_keys(trained, tmp_path):
+    _, checkpoint = trained
+    with pytest.raises(hub.ExportError) as e:
+        hub.export('tnt_nano_patch7_28', checkpoint, tmp_path / 'out')
+    assert 'missing keys: ' in str(e.value) and 'unexpected keys: ' in str(e.value)
+    assert 'blocks.*.outer.attn.qkv.weight (x6)' in str(e.value) and 'blocks.*.attn_in.qk.weight (x6)' in str(e.value)
+    with pytest.raises(hub.ExportError, match=r'shape mismatch: head.weight \(10, 64\) \(model \(5, 64\)\)'):
+        hub.export(ARCH, checkpoint, tmp_path / 'out', num_classes=5)
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('suffix', ['.pth.tar', '.safetensors'])
+def test_export_truncated_file_is_a_clear_error(trained, tmp_path, suffix):
+    model, checkpoint = trained
+    path = tmp_path / f'broken{suffix}'
+    if suffix == '.safetensors':
+        safetensors.torch.save_file(model.state_dict(), path)
+    else:
+        shutil.copyfile(checkpoint, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(hub.ExportError, match='truncated or corrupted'):
+        hub.export(ARCH, path, tmp_path / 'out')
+    with pytest.raises(hub.ExportError, match='does not exist'):
+        hub.export(ARCH, tmp_path / 'absent.pth', tmp_path / 'out')
+
+
+@pytest.fixture
+def no_hf_token(monkeypatch, tmp_path):
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.delenv('HUGGING_FACE_HUB_TOKEN', raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_TOKEN_PATH', str(tmp_path / 'no_token'))
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_STORED_TOKENS_PATH', str(tmp_path / 'no_tokens'))
+
+
+def test_push_without_token_says_how_to_get_one(exported, no_hf_token, no_network):
+    _, folder = exported
+    with pytest.raises(hub.HubTokenMissing, match='HF_TOKEN'):
+        hub.push(folder, REPO_ID)
+
+
+def test_push_uploads_the_folder_with_huggingface_hub(exported, monkeypatch, no_hf_token, no_network):
+    _, folder = exported
+    calls = []
+
+    class RepoUrl(str):
+        repo_id = REPO_ID
+
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo',
+                        lambda self, repo_id, **kw: calls.append(('create_repo', repo_id, kw)) or RepoUrl())
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder',
+                        lambda self, **kw: calls.append(('upload_folder', self.token, kw)) or 'commit')
+    monkeypatch.setenv('HF_TOKEN', 'hf_test')
+    assert hub.push(folder, REPO_ID, private=True) == 'commit'
+    assert calls[0] == ('create_repo', REPO_ID, {'private': True, 'exist_ok': True})
+    assert calls[1][:2] == ('upload_folder', 'hf_test') and calls[1][2]['folder_path'] == str(folder)
+
+
+def test_push_refuses_a_folder_that_is_not_an_export(tmp_path):
+    with pytest.raises(FileNotFoundError, match='timm-hybrid export'):
+        hub.push(tmp_path, REPO_ID, token='hf_test')

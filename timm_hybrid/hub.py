@@ -1,0 +1,375 @@
+""" Weights as Hugging Face Hub repos: export a timm training checkpoint, push the folder, write its model card.
+
+Nothing here downloads, uploads or trains on its own. A checkpoint is read with timm's `load_state_dict`
+(`state_dict` / `state_dict_ema` / plain dict, `module.` prefixes, `torch.load(weights_only=True)` or safetensors),
+the folder is written by timm's `save_for_hf` (config.json + model.safetensors) and uploaded with huggingface_hub.
+Loading it back is timm's business:
+
+    timm.create_model('hf-hub:timm-hybrid/cnt_nano_patch7_28.fmnist', pretrained=True)  # hub (or its local cache)
+    timm.create_model('cnt_nano_patch7_28.fmnist', pretrained=True)                     # via the cfg's hf_hub_id
+    timm.create_model('local-dir:weights/cnt_nano_patch7_28.fmnist', pretrained=True)   # the exported folder
+
+The model card is `model_cards/template.md` (one `string.Template`) filled from the model, its pretrained cfg and
+`card_data`.
+"""
+import os
+from pathlib import Path
+from string import Template
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+import timm
+from timm.data import resolve_model_data_config
+from timm.models import load_state_dict, save_for_hf
+
+from .flops import count_flops
+from .models.cnt import _summarize_keys
+
+__all__ = ['ExportError', 'HubTokenMissing', 'export', 'push', 'read_checkpoint', 'render_model_card']
+
+HUB_ORG = 'timm-hybrid'
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / 'model_cards' / 'template.md'
+_HUB_FILES = ('config.json', 'model.safetensors')
+
+# Data sets a pretrained tag stands for: (name in the card, Hugging Face dataset id, paper id)
+_TAG_DATASETS = {
+    'fmnist': ('Fashion-MNIST', 'zalando-datasets/fashion_mnist', 'arXiv:1708.07747'),
+}
+# Every card cites TNT (whose outer / inner structure CNT keeps) and DeiT (training recipe, distillation token)
+_ALWAYS_CITED = ('arXiv:2103.00112', 'arXiv:2012.12877')
+CITATIONS = {
+    'arXiv:2103.00112': """@inproceedings{han2021transformer,
+  title={Transformer in Transformer},
+  author={Han, Kai and Xiao, An and Wu, Enhua and Guo, Jianyuan and Xu, Chunjing and Wang, Yunhe},
+  booktitle={Advances in Neural Information Processing Systems},
+  year={2021},
+  eprint={2103.00112},
+  archivePrefix={arXiv}
+}""",
+    'arXiv:2012.12877': """@inproceedings{touvron2021training,
+  title={Training data-efficient image transformers \\& distillation through attention},
+  author={Touvron, Hugo and Cord, Matthieu and Douze, Matthijs and Massa, Francisco and Sablayrolles, Alexandre
+          and J{\\'e}gou, Herv{\\'e}},
+  booktitle={International Conference on Machine Learning},
+  pages={10347--10357},
+  year={2021},
+  eprint={2012.12877},
+  archivePrefix={arXiv}
+}""",
+    'arXiv:1708.07747': """@article{xiao2017fashion,
+  title={Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms},
+  author={Xiao, Han and Rasul, Kashif and Vollgraf, Roland},
+  journal={arXiv preprint arXiv:1708.07747},
+  year={2017}
+}""",
+    'timm': """@misc{rw2019timm,
+  author={Ross Wightman},
+  title={PyTorch Image Models},
+  year={2019},
+  publisher={GitHub},
+  journal={GitHub repository},
+  doi={10.5281/zenodo.4414861},
+  howpublished={\\url{https://github.com/huggingface/pytorch-image-models}}
+}""",
+}
+
+
+class ExportError(ValueError):
+    """ A checkpoint that cannot be read, or whose tensors do not fit the model it is exported as. """
+
+
+class HubTokenMissing(RuntimeError):
+    """ No Hugging Face token (argument, HF_TOKEN or `hf auth login`) to push with. """
+
+
+def read_checkpoint(checkpoint: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """ The model state dict of a timm training checkpoint (.pth / .pth.tar / .bin / .safetensors).
+
+    Args:
+        checkpoint: File written by timm's train.py (or any state dict file).
+        use_ema: Take `state_dict_ema` when the checkpoint has one (timm's `--model-ema`), else `state_dict`.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ExportError(f'Checkpoint {path} does not exist (or is not a file).')
+    try:
+        state_dict = load_state_dict(str(path), use_ema=use_ema, weights_only=True)
+    except Exception as e:
+        raise ExportError(
+            f'Could not read checkpoint {path} ({path.stat().st_size} bytes): {type(e).__name__}: {e}\n'
+            f'The file is truncated or corrupted, or is not a PyTorch / safetensors checkpoint; copy it again, or '
+            f'export another one (timm keeps last.pth.tar next to model_best.pth.tar).') from e
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ExportError(f'Checkpoint {path} holds no tensors (keys: {sorted(state_dict)[:8]}).')
+    return tensors
+
+
+def _names(keys: Sequence[str], most: int = 16) -> str:
+    folded = _summarize_keys(list(keys))  # 'blocks.*.x (x12)' instead of twelve lines
+    return ', '.join(folded[:most]) + (f', ... ({len(folded) - most} more)' if len(folded) > most else '')
+
+
+def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """ `load_state_dict(strict=True)`, failing with every missing / unexpected / mis-shaped key named at once. """
+    model_state = model.state_dict()
+    missing = [k for k in model_state if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_state]
+    mismatched = [
+        f'{k} {tuple(v.shape)} (model {tuple(model_state[k].shape)})'
+        for k, v in state_dict.items() if k in model_state and v.shape != model_state[k].shape]
+    if missing or unexpected or mismatched:
+        lines = [f'{source} does not fit {model.pretrained_cfg["architecture"]}:']
+        if missing:
+            lines.append(f'  missing keys: {_names(missing)}')
+        if unexpected:
+            lines.append(f'  unexpected keys: {_names(unexpected)}')
+        if mismatched:
+            lines.append(f'  shape mismatch: {_names(mismatched)}')
+        lines.append('Export it as the model it was trained as: same model name and the same num_classes / in_chans / '
+                     'model_args (e.g. img_size) that were passed to train.py.')
+        raise ExportError('\n'.join(lines))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def export(
+        model_name: str,
+        checkpoint: Union[str, os.PathLike],
+        output_dir: Union[str, os.PathLike],
+        num_classes: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        card_data: Optional[Dict[str, Any]] = None,
+        use_ema: bool = False,
+) -> Path:
+    """ Writes a hub-ready folder (config.json, model.safetensors, README.md) for a trained checkpoint.
+
+    Args:
+        model_name: timm model name the checkpoint was trained as, optionally with its tag
+            ('cnt_nano_patch7_28.fmnist'); the tag's pretrained cfg (mean / std, labels, license, papers) goes into
+            config.json.
+        checkpoint: timm training checkpoint or state dict file.
+        output_dir: Folder to write; by convention `<arch>.<tag>`, which is also the default hub repo name.
+        num_classes: Classes of the trained head, if not the cfg's.
+        in_chans: Input channels of the trained model, if not the cfg's.
+        model_args: Further `timm.create_model` kwargs the model was trained with (e.g. img_size, drop_path_rate).
+        card_data: Model card data, see `render_model_card`.
+        use_ema: Export the EMA weights of the checkpoint (timm's `--model-ema`).
+
+    Returns:
+        The output folder.
+    """
+    state_dict = read_checkpoint(checkpoint, use_ema=use_ema)
+    kwargs = dict(model_args or {})
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    if in_chans is not None:
+        kwargs['in_chans'] = in_chans
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    _load_strict(model, state_dict, f'Checkpoint {checkpoint}')
+    model.eval()
+
+    output_dir = Path(output_dir)
+    model_config = {}
+    label_names = model.pretrained_cfg.get('label_names')
+    if label_names and len(label_names) == model.num_classes:
+        model_config['label_names'] = list(label_names)
+    save_for_hf(model, output_dir, model_config=model_config, safe_serialization=True)
+    (output_dir / 'README.md').write_text(render_model_card(model, card_data), encoding='utf-8')
+    return output_dir
+
+
+def push(
+        folder: Union[str, os.PathLike],
+        repo_id: str,
+        token: Optional[str] = None,
+        private: bool = False,
+        commit_message: str = 'Add model',
+        revision: Optional[str] = None,
+):
+    """ Uploads an exported folder to the hub repo `repo_id` (created if needed) with huggingface_hub.
+
+    timm's `push_to_hf_hub` re-serialises a model object and writes timm's generic card; an exported folder already
+    holds the weights, config and our card, so this is its upload half: `HfApi.create_repo` + `upload_folder`, as the
+    `timm` library (hub download statistics).
+
+    Args:
+        folder: Folder written by `export`.
+        repo_id: 'org/name', e.g. 'timm-hybrid/cnt_nano_patch7_28.fmnist'.
+        token: Hugging Face token; by default HF_TOKEN or the cached `hf auth login` token.
+        private: Create the repo private.
+
+    Returns:
+        huggingface_hub's CommitInfo of the upload.
+    """
+    from huggingface_hub import HfApi, get_token
+
+    folder = Path(folder)
+    absent = [name for name in _HUB_FILES if not (folder / name).is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f'{folder} is not an exported model folder (no {", ".join(absent)}); write one with '
+            f'`timm-hybrid export MODEL --checkpoint PATH --output {folder}`.')
+    token = token or get_token()
+    if not token:
+        raise HubTokenMissing(
+            f'No Hugging Face token to push {folder} to {repo_id}: set HF_TOKEN, run `hf auth login`, or pass a '
+            f'token (--token). Nothing was uploaded; the folder loads offline as-is with '
+            f"timm.create_model('local-dir:{folder}', pretrained=True).")
+    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message)
+
+
+# --- model card ------------------------------------------------------------------------------------------------------
+
+def _paper_ids(pretrained_cfg: Mapping[str, Any]) -> List[str]:
+    ids = pretrained_cfg.get('paper_ids') or ()
+    return [ids] if isinstance(ids, str) else list(ids)
+
+
+def _bullets(items: Mapping[str, Any]) -> str:
+    """ timm's card layout: `- **Key:** value`, nested lists / dicts as indented items. """
+    lines = []
+    for key, value in items.items():
+        if isinstance(value, Mapping):
+            lines.append(f'- **{key}:**')
+            lines.extend(f'  - {k}: {v}' for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            lines.append(f'- **{key}:**')
+            lines.extend(f'  - {v}' for v in value)
+        else:
+            lines.append(f'- **{key}:** {value}')
+    return '\n'.join(lines)
+
+
+def _size_text(input_size: Sequence[int]) -> str:
+    c, h, w = input_size
+    return f'{h} x {w}, {c} channel{"s" if c > 1 else ""}'
+
+
+def _stats_row(name: str, model_or_name: Union[str, torch.nn.Module], accuracy: Mapping[str, Any]) -> Dict[str, Any]:
+    model = timm.create_model(model_or_name) if isinstance(model_or_name, str) else model_or_name
+    input_size = tuple(resolve_model_data_config(model)['input_size'])
+    flops = count_flops(model, input_size=input_size)
+    return dict(model=name, top1=accuracy.get('top1'), top5=accuracy.get('top5'), params=flops.mparams,
+                gmacs=flops.gmacs, input_size=input_size)
+
+
+def _comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    def number(value, fmt):
+        return '' if value is None else format(value, fmt)
+    lines = ['| model | top-1 (%) | top-5 (%) | params (M) | GMACs | image size |', '|---|---|---|---|---|---|']
+    for r in rows:
+        lines.append(f'| {r["model"]} | {number(r.get("top1"), ".2f")} | {number(r.get("top5"), ".2f")} | '
+                     f'{number(r.get("params"), ".3f")} | {number(r.get("gmacs"), ".4f")} | '
+                     f'{_size_text(r["input_size"]) if r.get("input_size") else ""} |')
+    return '\n'.join(lines)
+
+
+def _output_shapes(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[str, str]:
+    """ Shapes quoted in the usage snippets, measured on one zero image. """
+    x = torch.zeros(1, *input_size)
+    with torch.no_grad():
+        unpooled = tuple(model.forward_features(x).shape)
+        try:
+            features = [tuple(f.shape) for f in model.forward_intermediates(x, indices=3, intermediates_only=True)]
+        except (AttributeError, TypeError, NotImplementedError):
+            features = []
+    return dict(
+        unpooled_shape=str(unpooled),
+        feature_shape=', '.join(f'torch.Size({list(s)})' for s in features) or 'torch.Size([1, C, H, W])')
+
+
+def render_model_card(
+        model: torch.nn.Module,
+        card_data: Optional[Mapping[str, Any]] = None,
+        template: Union[str, os.PathLike] = MODEL_CARD_TEMPLATE,
+) -> str:
+    """ The README.md of a hub repo, from the one template and data.
+
+    Args:
+        model: The exported model (params and fvcore GMACs are counted on it, at its cfg's input size).
+        card_data: Optional entries:
+            model_name: repo name (default `<arch>.<tag>`); repo_id: default `timm-hybrid/<model_name>`;
+            description: a paragraph; accuracy: {'top1': .., 'top5': ..} in %, measured on `eval_split`
+            (default 'test'); dataset: data set name (default from the tag, 'fmnist' -> Fashion-MNIST);
+            train_command: the command that trained the weights; compare: other timm model names (params and
+            GMACs counted) or rows {'model': .., 'top1': .., ...} for the comparison table; license.
+        template: `string.Template` file with the card layout.
+    """
+    card_data = dict(card_data or {})
+    cfg = model.pretrained_cfg
+    architecture = cfg['architecture']
+    tag = cfg.get('tag')
+    model_name = card_data.get('model_name') or (f'{architecture}.{tag}' if tag else architecture)
+    repo_id = card_data.get('repo_id') or f'{HUB_ORG}/{model_name}'
+    dataset_name, dataset_id, dataset_paper = _TAG_DATASETS.get(tag, (None, None, None))
+    dataset_name = card_data.get('dataset', dataset_name)
+    accuracy = dict(card_data.get('accuracy') or {})
+    license_id = card_data.get('license') or cfg.get('license') or 'apache-2.0'
+
+    this = _stats_row(f'**{model_name}** (this model)', model, accuracy)
+    input_size = this['input_size']
+    rows = [this]
+    for other in card_data.get('compare', ()):
+        if isinstance(other, str):
+            rows.append(_stats_row(other, other, {}))
+        else:
+            rows.append(dict(other))
+
+    paper_ids = _paper_ids(cfg)
+    papers = [f'{cfg["paper_name"]}: https://arxiv.org/abs/{paper_ids[0].split(":")[-1]}'] if (
+        paper_ids and cfg.get('paper_name')) else []
+    papers += [f'https://arxiv.org/abs/{p.split(":")[-1]}' for p in paper_ids[1 if papers else 0:]]
+    details = {
+        'Model Type': 'Image classification / feature backbone',
+        'Model Stats': {
+            'Params (M)': f'{this["params"]:.3f}',
+            'GMACs': f'{this["gmacs"]:.4f} (fvcore, attention matmuls included)',
+            'Image size': _size_text(input_size),
+        },
+    }
+    if accuracy:
+        split = card_data.get('eval_split', 'test')
+        details['Accuracy'] = {f'{k} ({split} split)': f'{v:.2f} %' for k, v in accuracy.items()}
+    if papers:
+        details['Papers'] = papers
+    details['Dataset'] = dataset_name or 'not recorded'
+    if cfg.get('label_names') and len(cfg['label_names']) == model.num_classes:
+        details['Classes'] = ', '.join(cfg['label_names'])
+    details['License'] = license_id
+    details['Original'] = 'https://github.com/huggingface/pytorch-image-models (timm), with timm-hybrid'
+
+    train_command = card_data.get('train_command')
+    training = (f'Trained with timm\'s train.py on {dataset_name or "an unrecorded data set"}:\n\n'
+                f'```bash\n{train_command}\n```' if train_command else 'The training command was not recorded.')
+
+    cited = list(dict.fromkeys(paper_ids + list(_ALWAYS_CITED) + ([dataset_paper] if dataset_paper else []) +
+                               ['timm']))
+    citations = '\n'.join(
+        f'```bibtex\n{CITATIONS[p]}\n```' if p in CITATIONS else f'- {p}: https://arxiv.org/abs/{p.split(":")[-1]}'
+        for p in cited)
+
+    in_chans = input_size[0]
+    description = card_data.get('description') or (
+        f'A {architecture} image classification model{f" trained on {dataset_name}" if dataset_name else ""}, '
+        f'built with timm and the timm-hybrid plugin (`import timm_hybrid` registers it with timm).')
+    return Template(Path(template).read_text(encoding='utf-8')).substitute(
+        license=license_id,
+        datasets_yaml=f'datasets:\n- {card_data.get("dataset_id", dataset_id)}\n' if (
+            card_data.get('dataset_id', dataset_id)) else '',
+        model_name=model_name,
+        repo_id=repo_id,
+        architecture=architecture,
+        description=description,
+        details=_bullets(details),
+        pil_mode='L' if in_chans == 1 else 'RGB',
+        top_k=min(5, model.num_classes) if model.num_classes else 5,
+        training=training,
+        comparison=_comparison_table(rows),
+        citations=citations,
+        **_output_shapes(model, input_size),
+    )
