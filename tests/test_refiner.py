@@ -1,0 +1,236 @@
+""" Refiner-ViT: registration, sizes, API, checkpoint conversion and parity with the released implementation. """
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+
+import timm_hybrid
+from timm_hybrid.models.refiner import RefinerViT, checkpoint_filter_fn
+
+torch.set_num_threads(1)
+
+FIXTURES = Path(__file__).parent / 'fixtures'
+OFFICIAL_STATE_DICT = FIXTURES / 'refiner_official_tiny_state_dict.safetensors'
+OFFICIAL_IO = FIXTURES / 'refiner_official_tiny_io.safetensors'
+
+# parameters of the released models built with their registered configs (released code @ b3e8cb0), the first three
+# without the token-labelling aux head, the 448 model with it (its released weights were trained with it)
+PARAM_COUNTS = {
+    'refiner_vit_small_patch16_224': 25_023_656,
+    'refiner_vit_medium_patch16_224': 55_029_932,
+    'refiner_vit_large_patch16_224': 80_637_192,
+    'refiner_vit_large_patch16_448': 81_451_248,
+}
+MODEL_NAMES = sorted(PARAM_COUNTS)
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=4, num_heads=4, num_classes=10)
+
+
+def _tiny(**kwargs) -> RefinerViT:
+    torch.manual_seed(0)
+    return timm.create_model('refiner_vit_small_patch16_224', **dict(TINY, **kwargs))
+
+
+def _official():
+    """ The official reference's state dict (official key layout), its config, input, logits and features. """
+    with safe_open(str(OFFICIAL_IO), 'pt') as f:
+        cfg = json.loads(f.metadata()['config'])
+    return load_file(str(OFFICIAL_STATE_DICT)), cfg, load_file(str(OFFICIAL_IO))
+
+
+def test_registered():
+    assert sorted(timm.list_models('refiner_vit_*')) == MODEL_NAMES
+    for name in MODEL_NAMES:
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.paper_ids == 'arXiv:2106.03714' and cfg.license and cfg.origin_url
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_param_count_matches_official(name):
+    model = timm.create_model(name, device='meta')
+    assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[name]
+
+
+def test_aux_head_param_count():
+    # the published 25M / 55M / 81M include the aux head: 25,408,656 for S
+    model = timm.create_model('refiner_vit_small_patch16_224', aux_head=True, device='meta')
+    assert sum(p.numel() for p in model.parameters()) == 25_408_656
+
+
+@pytest.mark.parametrize('aux_head', [False, True])
+def test_forward_backward_reaches_every_parameter(aux_head):
+    model = _tiny(aux_head=aux_head).train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_blocks_alternate_and_refiner_has_no_qk():
+    model = _tiny()
+    assert model.refiner_blocks == [False, True, False, True]
+    assert hasattr(model.blocks[0].attn, 'qkv') and not hasattr(model.blocks[1].attn, 'qkv')
+    assert model.blocks[1].attn.v.weight.shape == (32, 32)
+    with pytest.raises(ValueError, match='first block'):
+        _tiny(refiner_blocks=[True, False, True, False])
+
+
+def test_features_only():
+    model = timm.create_model('refiner_vit_small_patch16_224', features_only=True, out_indices=(1, 3), **TINY)
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert [f.shape for f in feats] == [(2, 32, 8, 8)] * 2
+    assert model.feature_info.reduction() == [4, 4]
+
+
+def test_forward_intermediates_match_forward_features():
+    model = _tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    final, intermediates = model.forward_intermediates(x, indices=[1, 3], output_fmt='NLC', norm=True)
+    torch.testing.assert_close(final, model.forward_features(x))
+    torch.testing.assert_close(intermediates[-1], final[:, 1:])
+
+
+def test_grad_checkpointing_same_outputs_grads_and_bn_stats():
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    for enable in (False, True):
+        model = _tiny().train()
+        model.set_grad_checkpointing(enable)
+        out = model(x)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        results.append((out.detach(), grads, buffers))
+    (out0, grads0, buf0), (out1, grads1, buf1) = results
+    torch.testing.assert_close(out1, out0)
+    torch.testing.assert_close(grads1, grads0)
+    # the backward re-run of checkpointed blocks must not update BatchNorm running stats a second time
+    torch.testing.assert_close(buf1, buf0)
+
+
+def test_batchnorm_eval_independent_of_batch():
+    model = _tiny().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:1]), model(x)[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript():
+    model = _tiny().eval()
+    x = torch.randn(1, 3, 32, 32)
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_fx_trace():
+    from timm.models import create_feature_extractor
+    model = _tiny().eval()
+    x = torch.randn(1, 3, 32, 32)
+    extractor = create_feature_extractor(model, return_nodes=['blocks.1', 'norm'])
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)['norm'], model.forward_features(x))
+
+
+def test_count_flops_counts_every_op():
+    result = timm_hybrid.count_flops('refiner_vit_small_patch16_224', input_size=(3, 32, 32), **TINY)
+    assert not result.unsupported
+    # the refiner's convs on the attention maps and the map @ value products are counted
+    assert result.by_operator.get('conv', 0) > 0 and result.by_operator.get('matmul', 0) > 0
+
+
+def test_official_parity():
+    state_dict, cfg, io = _official()
+    model = timm.create_model('refiner_vit_small_patch16_224', aux_head=True, **cfg).eval()
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+    with torch.no_grad():
+        assert (model(io['input']) - io['logits']).abs().max() < 1e-4
+        assert (model.forward_features(io['input']) - io['features']).abs().max() < 1e-4
+
+
+def test_official_checkpoint_through_timm_pretrained_loading():
+    _, cfg, io = _official()
+    model = timm.create_model(
+        'refiner_vit_small_patch16_224', pretrained=True, aux_head=True,
+        pretrained_cfg_overlay=dict(file=str(OFFICIAL_STATE_DICT), num_classes=cfg['num_classes']), **cfg).eval()
+    with torch.no_grad():
+        assert (model(io['input']) - io['logits']).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize('wrap', ['bare', 'module', 'state_dict', 'model', 'state_dict_ema'])
+def test_filter_unwraps_checkpoints(wrap):
+    state_dict, cfg, _ = _official()
+    if wrap == 'module':
+        state_dict = {f'module.{k}': v for k, v in state_dict.items()}
+    elif wrap != 'bare':
+        state_dict = {wrap: {f'module.{k}': v for k, v in state_dict.items()}, 'epoch': 3}
+    model = timm.create_model('refiner_vit_small_patch16_224', aux_head=True, **cfg)
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+
+
+def test_filter_drops_aux_head_for_model_without_it(caplog):
+    state_dict, cfg, io = _official()
+    model = timm.create_model('refiner_vit_small_patch16_224', **cfg).eval()
+    with caplog.at_level(logging.WARNING):
+        model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+    assert 'aux_head=True' in caplog.text
+    with torch.no_grad():
+        assert (model.forward_features(io['input']) - io['features']).abs().max() < 1e-4
+
+
+def test_filter_passes_own_checkpoints_through():
+    model = _tiny()
+    other = _tiny()
+    torch.nn.init.normal_(other.blocks[1].attn.v.weight)
+    model.load_state_dict(checkpoint_filter_fn(other.state_dict(), model))
+    torch.testing.assert_close(model.blocks[1].attn.v.weight, other.blocks[1].attn.v.weight)
+
+
+def test_filter_resamples_position_embedding():
+    state_dict, cfg, _ = _official()  # 32 x 32 input, 8 x 8 grid
+    model = timm.create_model('refiner_vit_small_patch16_224', aux_head=True, **dict(cfg, img_size=(48, 64))).eval()
+    converted = checkpoint_filter_fn(state_dict, model)
+    expected = resample_abs_pos_embed(state_dict['pos_embed'], new_size=[12, 16], num_prefix_tokens=1)
+    torch.testing.assert_close(converted['pos_embed'], expected)
+    model.load_state_dict(converted)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 48, 64)).shape == (1, cfg['num_classes'])
+
+
+@pytest.mark.parametrize('img_size', [48, (32, 80)])
+def test_any_multiple_of_patch_size(img_size):
+    model = _tiny(img_size=img_size).eval()
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, h, w)).shape == (1, 10)
+
+
+@pytest.mark.parametrize('bad_input, message', [
+    (torch.randn(3, 32, 32), '4D image batch'),
+    (torch.randn(1, 1, 32, 32), 'in_chans=3'),
+    (torch.randn(1, 3, 48, 32), r'img_size=\(48, 32\)'),
+])
+def test_bad_input_gives_clear_error(bad_input, message):
+    with pytest.raises(AssertionError, match=message):
+        _tiny()(bad_input)
+
+
+def test_bad_img_size_gives_clear_error():
+    with pytest.raises(ValueError, match='multiple of patch_size'):
+        _tiny(img_size=34)
+
+
+def test_reset_classifier_and_pre_logits():
+    model = _tiny(aux_head=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (1, model.num_features)
+    model.reset_classifier(5)
+    assert model(x).shape == (1, 5) and model.aux_head.out_features == 5
+    model.reset_classifier(0, 'avg')
+    assert model(x).shape == (1, 32) and model.aux_head is None

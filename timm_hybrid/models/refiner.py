@@ -1,0 +1,734 @@
+""" Refiner-ViT
+
+'Refiner: Refining Self-attention for Vision Transformers' (Zhou et al., https://arxiv.org/abs/2106.03714). A ViT
+whose attention maps are refined by convolutions: the H maps (B, H, N, N) of a block are treated as an H-channel
+image over the (query, key) plane, expanded to more channels, convolved depthwise and reduced back.
+
+As released (https://github.com/zhoudaquan/Refiner_ViT, models/refined_transformer.py @ b3e8cb0):
+
+    image (B, 3, H, W)
+      -> conv stem 7x7/2 (32) -> 3x3 (64) -> 3x3 (128), BN + ReLU each; (p/2)x(p/2) patchify conv to D
+      -> [cls] + patch tokens + learned position embedding            tokens (B, 1 + N, D)
+      depth x Block, alternating:
+          even blocks  Attention         softmax(q k^T / sqrt(d)) (+ previous map / sqrt(d)) -> used on V, passed on
+          odd blocks   RefinerAttention  previous map -> expand H -> 3H (1x1) -> depthwise 3x3 -> reduce 3H -> H (1x1)
+                                         + previous map -> BN -> / sqrt(d) -> used on this block's V (no Q, K);
+                                         the unrefined previous map is passed on
+          MLP (ratio 3) with a per-channel scale (LayerScale, init 1e-5)
+      -> LayerNorm -> class-token head (+ optional token-labelling aux head)
+
+Where the released code differs from (or says more than) the paper's text:
+- The paper describes refining the self-attention maps of the ViT's blocks (expand, convolve, reduce, then aggregate
+  values with the refined maps). The released S / M / L refine only every other block, and there the map is the
+  previous block's: odd blocks compute no query / key at all (a V-only projection), so their attention costs one
+  (N x N) @ (N x d) product instead of two.
+- The map handed on by a plain block is its softmax map plus 1/sqrt(d) times the map it received, so the maps of
+  all earlier plain blocks feed every later one.
+- The refined map is used as it comes out of BatchNorm and the 1/sqrt(d) scale, without a softmax: rows need not sum
+  to one and entries may be negative.
+- The refinement is a MobileNetV2-style inverted residual (1x1 + BN + ReLU6, depthwise 3x3 + BN + ReLU6, 1x1 + BN,
+  identity shortcut) with expansion 3 for every size; the `head_expand=6` of the released S config reaches no layer.
+- The convolutions run over the whole (1 + N) x (1 + N) map, class-token row and column included, with tokens in
+  raster order: a 3x3 window spans neighbouring tokens of one image row (wrapping at row ends) and the class token,
+  not a 2D spatial neighbourhood.
+- Blocks normalise x / 2 and add twice the branch output (`adjust_ratio = 0.5` in the release): a residual gain of 2,
+  kept here as `branch_gain`.
+- The published parameter counts (25M / 55M / 81M) include the token-labelling aux head (a second 1000-way linear
+  head on the patch tokens); without it the models have 25.0M / 55.0M / 80.6M.
+
+Deviations here: MixToken and the token-labelling loss (training-time tricks in the released forward) are not
+ported; the aux head is, so token-labelled checkpoints load and give the released eval logits (class head + 0.5 *
+max over patch tokens of the aux head). Dropout follows timm's split (head / position / projection / attention)
+instead of one `drop_rate` everywhere; all default to 0 as in the released configs.
+
+`checkpoint_filter_fn` converts the released checkpoints (module and key names of the official code) and resamples
+the position embedding to the model's grid.
+"""
+import logging
+import re
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import (
+    ConvNormAct, DropPath, LayerScale, Mlp, _assert, calculate_drop_path_rates, get_act_layer, get_norm_layer,
+    resample_abs_pos_embed, to_2tuple, trunc_normal_,
+)
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._helpers import clean_state_dict
+
+__all__ = ['RefinerViT', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
+
+
+class ConvPatchEmbed(nn.Module):
+    """ Image -> patch tokens (B, N, D) through a three-conv stem at stride 2 and a (p/2)x(p/2) patchify conv.
+
+    The stem is LV-ViT's (itself after T2T-ViT): the 7x7 conv and two 3x3 convs see pixels across patch borders
+    before the patches are cut.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: Union[int, Tuple[int, int]] = 16,
+            in_chans: int = 3,
+            embed_dim: int = 384,
+            stem_chs: Sequence[int] = (32, 64, 128),
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
+        if any(p % 2 for p in self.patch_size):
+            raise ValueError(f'patch_size {self.patch_size} must be even (the stem runs at stride 2).')
+        if any(i % p for i, p in zip(self.img_size, self.patch_size)) or min(self.img_size) < max(self.patch_size):
+            raise ValueError(
+                f'img_size {self.img_size} must be a (non-zero) multiple of patch_size {self.patch_size}.')
+        self.in_chans = in_chans
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        conv_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, **dd)
+        self.conv1 = ConvNormAct(in_chans, stem_chs[0], 7, stride=2, **conv_kwargs)
+        self.conv2 = ConvNormAct(stem_chs[0], stem_chs[1], 3, **conv_kwargs)
+        self.conv3 = ConvNormAct(stem_chs[1], stem_chs[2], 3, **conv_kwargs)
+        half_patch = (self.patch_size[0] // 2, self.patch_size[1] // 2)
+        self.proj = nn.Conv2d(stem_chs[2], embed_dim, kernel_size=half_patch, stride=half_patch, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
+        B, C, H, W = x.shape
+        _assert(C == self.in_chans, f'Input has {C} channels, the model was built for in_chans={self.in_chans}.')
+        # two asserts, not one with `and`: FX cannot branch on a traced comparison
+        size_msg = (
+            f'Input image size ({H}x{W}) does not match the model ({self.img_size[0]}x{self.img_size[1]}); '
+            f'create the model with img_size=({H}, {W}) (any multiple of patch_size {self.patch_size}).')
+        _assert(H == self.img_size[0], size_msg)
+        _assert(W == self.img_size[1], size_msg)
+        x = self.proj(self.conv3(self.conv2(self.conv1(x))))  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)
+
+
+class _MapAttention(nn.Module):
+    """ Head layout and output projection shared by the two attentions, which both return (tokens, map). """
+
+    def __init__(self, dim: int, num_heads: int, proj_drop: float = 0., device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}.')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _aggregate(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, _, N, _ = v.shape
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, H, N, d) -> (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Attention(_MapAttention):
+    """ Multi-head self-attention that hands its map (B, H, N, N) on to the next block.
+
+    The map is softmax(q k^T / sqrt(d)), plus the received map scaled by 1/sqrt(d) when there is one (released code).
+    It is materialised because the next block needs it, so fused SDPA cannot be used.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(dim, num_heads, proj_drop=proj_drop, device=device, dtype=dtype)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, device=device, dtype=dtype)
+        self.attn_drop = nn.Dropout(attn_drop)
+
+    def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+        if prev_attn is not None:
+            attn = attn + prev_attn * self.scale
+        attn = self.attn_drop(attn)
+        return self._aggregate(attn, v), attn
+
+
+class AttentionRefiner(nn.Module):
+    """ Refines attention maps (B, H, N, N) as an H-channel image over the (query, key) plane.
+
+    Expansion to more maps than heads is the paper's 'attention expansion' (more diverse maps); the depthwise conv
+    is its 'distributed local attention'. Layout of a MobileNetV2 inverted residual, as released.
+    """
+
+    def __init__(
+            self,
+            num_heads: int,
+            expand_ratio: int = 3,
+            kernel_size: int = 3,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: Type[nn.Module] = nn.ReLU6,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        hidden = num_heads * expand_ratio
+        conv_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, device=device, dtype=dtype)
+        self.expand = ConvNormAct(num_heads, hidden, 1, **conv_kwargs)
+        self.conv_dw = ConvNormAct(hidden, hidden, kernel_size, groups=hidden, **conv_kwargs)
+        self.reduce = ConvNormAct(hidden, num_heads, 1, apply_act=False, **conv_kwargs)
+
+    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+        return attn + self.reduce(self.conv_dw(self.expand(attn)))  # (B, H, N, N) -> (B, eH, N, N) -> (B, H, N, N)
+
+
+class RefinerAttention(_MapAttention):
+    """ Attention with the previous block's map, refined: no query / key projection, only values. """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = True,
+            expand_ratio: int = 3,
+            kernel_size: int = 3,
+            proj_drop: float = 0.,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: Type[nn.Module] = nn.ReLU6,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(dim, num_heads, proj_drop=proj_drop, device=device, dtype=dtype)
+        dd = {'device': device, 'dtype': dtype}
+        self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.refine = AttentionRefiner(
+            num_heads, expand_ratio=expand_ratio, kernel_size=kernel_size, norm_layer=norm_layer,
+            act_layer=act_layer, **dd)
+        self.norm = norm_layer(num_heads, **dd)
+
+    def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        assert prev_attn is not None, 'A refiner block needs the attention map of a block before it.'
+        B, N, C = x.shape
+        v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
+        attn = self.norm(self.refine(prev_attn)) * self.scale  # (B, H, N, N), used without softmax as released
+        return self._aggregate(attn, v), prev_attn
+
+
+class Block(nn.Module):
+    """ Pre-norm transformer block carrying an attention map: (tokens, map) -> (tokens, map). """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            refine: bool = False,
+            mlp_ratio: float = 3.,
+            qkv_bias: bool = True,
+            refine_expand: int = 3,
+            refine_kernel_size: int = 3,
+            init_values: float = 1e-5,
+            branch_gain: float = 2.,
+            proj_drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            act_layer: Type[nn.Module] = nn.GELU,
+            norm_layer: Type[nn.Module] = nn.LayerNorm,
+            refine_norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            refine_act_layer: Type[nn.Module] = nn.ReLU6,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        # the release normalises x * 0.5 and adds branch / 0.5; kept as a gain so released weights give its outputs
+        self.branch_gain = branch_gain
+        self.norm1 = norm_layer(dim, **dd)
+        if refine:
+            self.attn = RefinerAttention(
+                dim, num_heads=num_heads, qkv_bias=qkv_bias, expand_ratio=refine_expand,
+                kernel_size=refine_kernel_size, proj_drop=proj_drop, norm_layer=refine_norm_layer,
+                act_layer=refine_act_layer, **dd)
+        else:
+            self.attn = Attention(
+                dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
+        # per-channel scale on the MLP branch only (released `scale_channel`); the attention branch has none
+        self.ls2 = LayerScale(dim, init_values=init_values, **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        gain = self.branch_gain
+        y, attn = self.attn(self.norm1(x / gain), attn)
+        x = x + self.drop_path1(y) * gain
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x / gain)))) * gain
+        return x, attn
+
+
+@contextmanager
+def _batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
+    """ Restores the BatchNorm running stats of `module` on exit.
+
+    Gradient checkpointing re-runs a block in backward; in training mode its BatchNorms would update their running
+    stats a second time (momentum applied twice per step), so eval outputs would depend on whether checkpointing
+    was on. Wrapping the re-run in this keeps the stats exactly as the first forward left them.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+class RefinerViT(nn.Module):
+    """ Refiner-ViT (https://arxiv.org/abs/2106.03714), the released architecture; see the module docstring.
+
+    | model    | embed / heads | depth | params (no aux head) | params with aux head (published) |
+    | refiner_s | 384 / 12     | 16    | 25.0M                | 25.4M (25M)                      |
+    | refiner_m | 420 / 12     | 32    | 55.0M                | 55.5M (55M)                      |
+    | refiner_l | 512 / 16     | 32    | 80.6M                | 81.2M (81M)                      |
+
+    Training memory grows with N^2 x 3H: the expanded maps of every refiner block are kept for backward. Measured on
+    CPU (fp32) for the L dims at 448 (N = 785): about 0.95 GB per plain + refiner block pair per image, i.e. ~15 GB
+    per image for refiner_vit_large_patch16_448 forward + backward; at 224 the maps are 16x smaller.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: Union[int, Tuple[int, int]] = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 384,
+            depth: int = 16,
+            num_heads: int = 12,
+            mlp_ratio: float = 3.,
+            qkv_bias: bool = True,
+            refiner_blocks: Optional[Sequence[bool]] = None,
+            refine_expand: int = 3,
+            refine_kernel_size: int = 3,
+            init_values: float = 1e-5,
+            branch_gain: float = 2.,
+            stem_chs: Sequence[int] = (32, 64, 128),
+            aux_head: bool = False,
+            drop_rate: float = 0.,
+            pos_drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            conv_norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            conv_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            refine_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            img_size: Input image size, a multiple of patch_size.
+            patch_size: Patch size (even: the conv stem runs at stride 2, the patchify conv at patch_size / 2).
+            in_chans: Number of image channels.
+            num_classes: Number of classes of the head (0 for no head).
+            global_pool: 'token' (class token), 'avg' (mean of patch tokens) or '' (none).
+            embed_dim: Token width.
+            depth: Number of blocks.
+            num_heads: Attention heads (also the channels of the attention maps the refiner convolves).
+            mlp_ratio: MLP hidden ratio (released: 3).
+            qkv_bias: Bias on the q / k / v projections (released: True).
+            refiner_blocks: Per block, whether it is a refiner block; default alternates plain / refiner as
+                released. The first block must be plain (a refiner block refines the map of the block before).
+            refine_expand: Attention maps per head after the refiner's expansion (released: 3).
+            refine_kernel_size: Kernel of the refiner's depthwise conv on the attention maps.
+            init_values: Initial per-channel scale of the MLP branch.
+            branch_gain: Blocks normalise x / gain and add gain * branch (released: 2).
+            stem_chs: Channels of the three stem convs.
+            aux_head: Add the token-labelling aux head; logits become head(cls) + 0.5 * max over patch tokens of
+                aux_head(tokens), the released eval rule.
+            drop_rate: Head dropout rate.
+            pos_drop_rate: Dropout after the position embedding.
+            proj_drop_rate: Dropout in the attention / MLP projections.
+            attn_drop_rate: Attention-map dropout (plain blocks, as released).
+            drop_path_rate: Stochastic depth rate (linearly increasing over blocks).
+            norm_layer: Token norm layer (default LayerNorm, eps 1e-6).
+            act_layer: MLP activation (default GELU).
+            conv_norm_layer: Norm of the stem and the refiner convs (default BatchNorm2d).
+            conv_act_layer: Stem activation (default ReLU).
+            refine_act_layer: Refiner activation (default ReLU6).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if global_pool not in ('', 'token', 'avg'):
+            raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
+        if refiner_blocks is None:
+            refiner_blocks = [i % 2 == 1 for i in range(depth)]
+        refiner_blocks = [bool(r) for r in refiner_blocks]
+        if len(refiner_blocks) != depth:
+            raise ValueError(f'refiner_blocks has {len(refiner_blocks)} entries for depth {depth}.')
+        if depth and refiner_blocks[0]:
+            raise ValueError('The first block cannot be a refiner block: there is no attention map to refine yet.')
+        norm_layer = get_norm_layer(norm_layer) or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = get_act_layer(act_layer) or nn.GELU
+        conv_norm_layer = get_norm_layer(conv_norm_layer) or nn.BatchNorm2d
+        conv_act_layer = get_act_layer(conv_act_layer) or nn.ReLU
+        refine_act_layer = get_act_layer(refine_act_layer) or nn.ReLU6
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1
+        self.refiner_blocks = refiner_blocks
+        self.use_aux_head = aux_head
+        self.grad_checkpointing = False
+
+        self.patch_embed = ConvPatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, stem_chs=stem_chs,
+            norm_layer=conv_norm_layer, act_layer=conv_act_layer, **dd)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim, **dd))
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
+
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList([
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                refine=refiner_blocks[i],
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                refine_expand=refine_expand,
+                refine_kernel_size=refine_kernel_size,
+                init_values=init_values,
+                branch_gain=branch_gain,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+                act_layer=act_layer,
+                norm_layer=norm_layer,
+                refine_norm_layer=conv_norm_layer,
+                refine_act_layer=refine_act_layer,
+                **dd,
+            )
+            for i in range(depth)])
+        reduction = max(self.patch_embed.patch_size)
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+
+        self.norm = norm_layer(embed_dim, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.aux_head = nn.Linear(embed_dim, num_classes, **dd) if aux_head and num_classes > 0 else None
+
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        # as released: trunc-normal(.02) linears and embeddings; convs and norms keep PyTorch's defaults
+        trunc_normal_(self.pos_embed, std=.02)
+        trunc_normal_(self.cls_token, std=.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        return {'pos_embed', 'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|^pos_embed|^patch_embed',
+            blocks=[
+                (r'^blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('', 'token', 'avg'):
+                raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
+            self.global_pool = global_pool
+        dd = {'device': self.cls_token.device, 'dtype': self.cls_token.dtype}
+        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        has_aux = self.use_aux_head and num_classes > 0
+        self.aux_head = nn.Linear(self.embed_dim, num_classes, **dd) if has_aux else None
+
+    @torch.jit.ignore
+    def _checkpointed_block(
+            self, block: nn.Module, x: torch.Tensor, attn: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        # non-reentrant checkpointing: the only kind that takes a context for the backward re-run
+        return checkpoint(
+            block, x, attn, use_reentrant=False,
+            context_fn=lambda: (nullcontext(), _batchnorm_stats_kept(block)))
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Forward features that returns intermediates (patch tokens after the selected blocks).
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n blocks if an int, if a sequence, select by matching indices.
+            return_prefix_tokens: Return both prefix and spatial intermediate tokens.
+            norm: Apply the final norm layer to all intermediates.
+            stop_early: Stop iterating over blocks when the last desired intermediate is reached.
+            output_fmt: Shape of intermediate feature outputs, 'NCHW' or 'NLC'.
+            intermediates_only: Only return intermediate features.
+        """
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        reshape = output_fmt == 'NCHW'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        B = x.shape[0]
+        x = self._embed(x)
+        attn: Optional[torch.Tensor] = None
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, attn = self._checkpointed_block(blk, x, attn)
+            else:
+                x, attn = blk(x, attn)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
+        if reshape:
+            H, W = self.patch_embed.grid_size
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            # return_prefix not supported in torchscript due to poor type handling
+            intermediates = list(zip(intermediates, prefix_tokens))
+
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """ Prune layers not required for specified intermediates. """
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
+        attn: Optional[torch.Tensor] = None
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, attn = self._checkpointed_block(blk, x, attn)
+            else:
+                x, attn = blk(x, attn)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        tokens = x
+        if self.global_pool:
+            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == 'avg' else x[:, 0]
+        x = self.head_drop(x)
+        if pre_logits:
+            return x
+        x = self.head(x)
+        if self.aux_head is not None and self.global_pool:
+            # token labelling (LV-ViT): each patch token predicts the class; the released eval adds half the max
+            x = x + 0.5 * self.aux_head(tokens[:, self.num_prefix_tokens:]).amax(dim=1)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+# --- checkpoint conversion -------------------------------------------------------------------------------------------
+
+# released (official) key fragments -> ours
+_OFFICIAL_RENAMES = (
+    (r'^patch_embed\.conv(\d)\.weight$', r'patch_embed.conv\1.conv.weight'),
+    (r'^patch_embed\.bn(\d)\.', r'patch_embed.conv\1.bn.'),
+    (r'\.attn\.DLA\.conv_exp\.', '.attn.refine.expand.conv.'),
+    (r'\.attn\.DLA\.bn1\.', '.attn.refine.expand.bn.'),
+    (r'\.attn\.DLA\.depth_sep_conv\.', '.attn.refine.conv_dw.conv.'),
+    (r'\.attn\.DLA\.bn2\.', '.attn.refine.conv_dw.bn.'),
+    (r'\.attn\.DLA\.conv_pro\.', '.attn.refine.reduce.conv.'),
+    (r'\.attn\.DLA\.bn3\.', '.attn.refine.reduce.bn.'),
+    (r'\.attn\.adapt_bn\.', '.attn.norm.'),
+    (r'\.mlp\.scale_channel$', '.ls2.gamma'),
+)
+
+
+def _from_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    # in refiner blocks the released `qkv` projects values only
+    refiner_ids = {k.split('.')[1] for k in state_dict if k.startswith('blocks.') and '.attn.DLA.' in k}
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in _OFFICIAL_RENAMES:
+            k = re.sub(pattern, repl, k)
+        if k.startswith('blocks.') and k.split('.')[1] in refiner_ids:
+            k = k.replace('.attn.qkv.', '.attn.v.')
+        out[k] = v
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RefinerViT) -> Dict[str, torch.Tensor]:
+    """ Converts a released Refiner-ViT checkpoint (or one of these models) for `model`.
+
+    Accepts a bare state dict or one wrapped in 'state_dict' / 'model' (EMA weights first, as timm's loader), with or
+    without DataParallel's 'module.' prefix. Resamples the position embedding to the model's patch grid, and drops
+    (or, if the checkpoint lacks it, keeps freshly initialised) the token-labelling aux head to match the model.
+    """
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    state_dict = clean_state_dict(state_dict)
+    if any('.attn.DLA.' in k or k.endswith('.mlp.scale_channel') for k in state_dict):
+        state_dict = _from_official(state_dict)
+
+    pos_embed = state_dict.get('pos_embed')
+    if pos_embed is not None and pos_embed.shape[1] != model.pos_embed.shape[1]:
+        state_dict['pos_embed'] = resample_abs_pos_embed(
+            pos_embed, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens)
+
+    aux_keys = [k for k in state_dict if k.startswith('aux_head.')]
+    if model.aux_head is None and aux_keys:
+        _logger.warning(
+            'Dropping the checkpoint\'s token-labelling aux head; create the model with aux_head=True to get the '
+            'released eval logits (class head + 0.5 * max of the aux head over patch tokens).')
+        for k in aux_keys:
+            del state_dict[k]
+    elif model.aux_head is not None and not aux_keys:
+        _logger.warning('The checkpoint has no aux head; the model\'s aux_head keeps its fresh initialisation.')
+        state_dict.update({f'aux_head.{k}': v for k, v in model.aux_head.state_dict().items()})
+    return state_dict
+
+
+# --- pretrained configs and entry points -----------------------------------------------------------------------------
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_INCEPTION_MEAN, 'std': IMAGENET_INCEPTION_STD,
+        'first_conv': 'patch_embed.conv1.conv', 'classifier': 'head',
+        'paper_ids': 'arXiv:2106.03714',
+        'paper_name': 'Refiner: Refining Self-attention for Vision Transformers',
+        'origin_url': 'https://github.com/zhoudaquan/Refiner_ViT',
+        # the official repository carries no LICENSE file
+        'license': 'unknown',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    # crop_pct as in the released default_cfgs; no released weights for these three
+    'refiner_vit_small_patch16_224': _cfg(),
+    'refiner_vit_medium_patch16_224': _cfg(crop_pct=1.0),
+    'refiner_vit_large_patch16_224': _cfg(crop_pct=1.13),
+    # Google Drive only (not downloadable by timm): fetch it, then pass pretrained_cfg_overlay=dict(file=<path>)
+    'refiner_vit_large_patch16_448': _cfg(
+        input_size=(3, 448, 448), crop_pct=1.0, classifier=('head', 'aux_head'),
+        origin_url='https://drive.google.com/file/d/12v1WbxG6_mZQ0FYnXIhKiqbtg5bI4pGL/view?usp=sharing',
+        notes=('Released ImageNet-1k top-1 86.0 (token labelling).',)),
+})
+
+
+def _create_refiner(variant: str, pretrained: bool = False, **kwargs) -> RefinerViT:
+    out_indices = kwargs.pop('out_indices', 3)
+    model = build_model_with_cfg(
+        RefinerViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+    return model
+
+
+@register_model
+def refiner_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """ Refiner-ViT-S: 16 blocks (8 refiner), 384 wide, 12 heads. """
+    model_cfg = dict(patch_size=16, embed_dim=384, depth=16, num_heads=12)
+    return _create_refiner('refiner_vit_small_patch16_224', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def refiner_vit_medium_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """ Refiner-ViT-M: 32 blocks (16 refiner), 420 wide, 12 heads. """
+    model_cfg = dict(patch_size=16, embed_dim=420, depth=32, num_heads=12)
+    return _create_refiner('refiner_vit_medium_patch16_224', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def refiner_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """ Refiner-ViT-L: 32 blocks (16 refiner), 512 wide, 16 heads. """
+    model_cfg = dict(patch_size=16, embed_dim=512, depth=32, num_heads=16)
+    return _create_refiner('refiner_vit_large_patch16_224', pretrained=pretrained, **dict(model_cfg, **kwargs))
+
+
+@register_model
+def refiner_vit_large_patch16_448(pretrained: bool = False, **kwargs) -> RefinerViT:
+    """ Refiner-ViT-L at 448, with the token-labelling aux head its released weights were trained with. """
+    model_cfg = dict(img_size=448, patch_size=16, embed_dim=512, depth=32, num_heads=16, aux_head=True)
+    return _create_refiner('refiner_vit_large_patch16_448', pretrained=pretrained, **dict(model_cfg, **kwargs))
