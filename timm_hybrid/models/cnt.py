@@ -84,13 +84,18 @@ class PixelEmbed(nn.Module):
         return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a tensor of shape {tuple(x.shape)}.')
+        _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
         B, C, H, W = x.shape
         _assert(C == self.in_chans, f'Input has {C} channels, the model was built for in_chans={self.in_chans}.')
+        # one check per side: FX tracing cannot take `and` of two traced conditions
         _assert(
-            H == self.img_size[0] and W == self.img_size[1],
-            f'Input image size ({H}x{W}) does not match the model ({self.img_size[0]}x{self.img_size[1]}); '
-            f'create the model with img_size=({H}, {W}) (any multiple of patch_size {self.patch_size}).')
+            H == self.img_size[0],
+            f'Input height {H} does not match the model ({self.img_size[0]}); create the model with the image '
+            f'size as img_size (any multiple of the patch size {self.patch_size[0]}).')
+        _assert(
+            W == self.img_size[1],
+            f'Input width {W} does not match the model ({self.img_size[1]}); create the model with the image '
+            f'size as img_size (any multiple of the patch size {self.patch_size[1]}).')
         gh, gw = self.grid_size
         ph, pw = self.patch_size
         x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C, ph, pw)
@@ -428,7 +433,7 @@ class CNT(nn.Module):
             if global_pool not in ('', 'token', 'avg'):
                 raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
             self.global_pool = global_pool
-        dd = {'device': self.norm.weight.device, 'dtype': self.norm.weight.dtype}
+        dd = {'device': self.cls_token.device, 'dtype': self.cls_token.dtype}
         self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     def _prefix_tokens(self, batch_size: int) -> torch.Tensor:
@@ -562,7 +567,7 @@ class CNTDistilled(CNT):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         super().reset_classifier(num_classes, global_pool)
-        dd = {'device': self.norm.weight.device, 'dtype': self.norm.weight.dtype}
+        dd = {'device': self.cls_token.device, 'dtype': self.cls_token.dtype}
         self.head_dist = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
     @torch.jit.ignore

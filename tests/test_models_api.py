@@ -1,0 +1,131 @@
+""" The timm model API, checked the same way for every model timm_hybrid registers. """
+import pytest
+import timm
+import torch
+from timm.models import group_parameters
+from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+
+from conftest import hybrid_model_names
+
+MODELS = hybrid_model_names()
+
+
+# 64 px keeps every model's structure (all blocks, stages and heads) at a fraction of the 224 px cost
+SMALL_SIZE = 64
+
+
+def _create(name: str, **kwargs) -> torch.nn.Module:
+    """ The model at a small input size where its default is larger. """
+    default_size = timm.models.get_pretrained_cfg(name).input_size[-1]
+    if default_size > SMALL_SIZE:
+        kwargs.setdefault('img_size', SMALL_SIZE)
+    return timm.create_model(name, **kwargs)
+
+
+def _image(model: torch.nn.Module, batch_size: int = 1) -> torch.Tensor:
+    in_chans = model.pretrained_cfg['input_size'][0]
+    size = min(model.pretrained_cfg['input_size'][-1], SMALL_SIZE)
+    return torch.randn(batch_size, in_chans, size, size)
+
+
+def test_every_family_registered():
+    families = {timm.models.model_entrypoint(n).__module__.rsplit('.', 1)[-1] for n in MODELS}
+    assert {'cnt', 'baselines'} <= families
+    assert set(timm.list_models('cnt*')) >= {
+        'cnt_ti_patch16_224', 'cnt_s_patch16_224', 'cnt_b_patch16_224',
+        'cnt_ti_distilled_patch16_224', 'cnt_s_distilled_patch16_224', 'cnt_b_distilled_patch16_224'}
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_backward_every_param_gets_grad(name):
+    model = _create(name).train()
+    out = model(_image(model, 2))
+    assert out.shape == (2, model.num_classes)
+    out.square().mean().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not no_grad, f'parameters without gradient: {no_grad}'
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_head_api(name):
+    model = _create(name).eval()
+    x = _image(model)
+    with torch.no_grad():
+        logits = model(x)
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), logits)
+        pre_logits = model.forward_head(features, pre_logits=True)
+        assert pre_logits.shape == (1, model.head_hidden_size)
+        assert model.get_classifier() is not None
+        model.reset_classifier(7)
+        assert model(x).shape == (1, 7)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.num_features)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_param_groups_cover_every_parameter(name):
+    model = _create(name)
+    groups = group_parameters(model, model.group_matcher())
+    grouped = [p for names in groups.values() for p in names]
+    assert sorted(grouped) == sorted(n for n, _ in model.named_parameters())
+    params = {n for n, _ in model.named_parameters()}
+    no_decay = model.no_weight_decay()
+    assert no_decay and any(n in params for n in no_decay), f'no_weight_decay() names no parameter: {no_decay}'
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_intermediates_and_features_only(name):
+    model = _create(name).eval()
+    x = _image(model)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x, indices=2)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert len(intermediates) == 2 and all(t.ndim == 4 and t.shape[0] == 1 for t in intermediates)
+
+        features = _create(name, features_only=True).eval()
+        features.load_state_dict(model.state_dict(), strict=False)
+        maps = features(x)
+        assert [m.shape[1] for m in maps] == features.feature_info.channels()
+        H, W = x.shape[-2:]
+        assert [(m.shape[2], m.shape[3]) for m in maps] == [
+            (H // r, W // r) for r in features.feature_info.reduction()]
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_grad_checkpointing_same_outputs_and_grads(name):
+    model = _create(name).train()
+    x = _image(model, 2)
+    results = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for n, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][n], g, atol=1e-6, rtol=1e-4, msg=lambda m: f'{n}: {m}')
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_torchscript_and_fx_match_eager(name):
+    model = _create(name).eval()
+    x = _image(model)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, atol=1e-4, rtol=1e-4)
+        _, eval_nodes = get_graph_node_names(model)
+        fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
+        torch.testing.assert_close(next(iter(fx_model(x).values())), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_eval_is_independent_of_batch_composition(name):
+    model = _create(name).eval()
+    x = _image(model, 3)
+    with torch.no_grad():
+        alone = model(x[:1])
+        together = model(x)
+    torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-4)
