@@ -15,9 +15,11 @@ DEFAULT_COMPARE_MODELS = (
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare_models
+    from .compare import compare_models, resolution_sweep
     compare_models(args.models or list(DEFAULT_COMPARE_MODELS), output_dir=args.output, quick=not args.full,
                    speed=not args.no_speed, threads=args.threads, batch_size=args.batch_size)
+    if args.full and not args.no_speed:
+        resolution_sweep(output_dir=args.output, threads=args.threads)
     return 0
 
 
