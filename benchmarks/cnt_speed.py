@@ -1,0 +1,126 @@
+""" CNT-S vs TNT-S vs DeiT-S CPU inference speed, and where each model's time goes.
+
+    python benchmarks/cnt_speed.py [--batch-size 32 --threads 2 --repeats 7]
+
+1. Speed: the three models timed interleaved in one run (timm_hybrid.compare.time_interleaved), medians with spread,
+   as ratios to TNT-S.
+2. Where the time goes: wall time per component (forward hooks; CPU ops are synchronous), same batch and threads:
+   embedding, inner block (CNT's ResNet block / TNT's inner transformer), per-block pixel->patch projection, outer
+   attention, outer MLP, outer norms, rest (head, concatenations, reshapes).
+
+Writes benchmarks/results/cnt_speed/{speed,components}.{csv,md,json} and components.png.
+"""
+import argparse
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict
+
+import timm
+import torch
+import torch.nn as nn
+
+import timm_hybrid  # noqa: F401
+from timm_hybrid.compare import _markdown, time_interleaved
+
+MODELS = ('tnt_s_patch16_224', 'cnt_s_patch16_224', 'deit_small_patch16_224')
+OUT = Path(__file__).resolve().parent / 'results' / 'cnt_speed'
+
+# module-name patterns -> component, for timm's TNT, our CNT and timm's ViT/DeiT
+COMPONENTS = (
+    ('embedding', r'^(pixel_embed|patch_embed|norm1_proj|proj|norm2_proj)$'),
+    ('inner block', r'^blocks\.\d+\.(inner|norm_in|attn_in|norm_mlp_in|mlp_in)$'),
+    ('pixel->patch proj', r'^blocks\.\d+\.(norm1_proj|proj|norm2_proj)$'),
+    ('outer attention', r'^blocks\.\d+\.(outer\.attn|attn_out|attn)$'),
+    ('outer MLP', r'^blocks\.\d+\.(outer\.mlp|mlp)$'),
+    ('outer norms', r'^blocks\.\d+\.(outer\.norm[12]|norm_out|norm_mlp|norm[12])$'),
+)
+
+
+def component_times(model: nn.Module, x: torch.Tensor, repeats: int) -> Dict[str, float]:
+    """ Median seconds per forward spent in each component; 'rest' is the total minus the components. """
+    spans = defaultdict(float)
+    starts = {}
+    handles = []
+    for name, module in model.named_modules():
+        component = next((c for c, pattern in COMPONENTS if re.match(pattern, name)), None)
+        if component is None:
+            continue
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, key=name: starts.__setitem__(key, time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda m, args, out, key=name, c=component: spans.__setitem__(
+                c, spans[c] + time.perf_counter() - starts[key])))
+    runs = []
+    with torch.inference_mode():
+        model(x)
+        for _ in range(repeats):
+            spans.clear()
+            start = time.perf_counter()
+            model(x)
+            total = time.perf_counter() - start
+            runs.append(dict(spans, total=total, rest=total - sum(spans.values())))
+    for h in handles:
+        h.remove()
+    keys = [c for c, _ in COMPONENTS] + ['rest', 'total']
+    return {k: sorted(r.get(k, 0.) for r in runs)[len(runs) // 2] for k in keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+
+    models = {n: timm.create_model(n).eval() for n in MODELS}
+    timing = time_interleaved(models, {n: (3, 224, 224) for n in MODELS}, args.batch_size, args.repeats)
+    ref = timing['tnt_s_patch16_224'].median
+    speed = [dict(model=n, img_s=round(args.batch_size / t.median, 1), spread=f'±{t.spread:.1%}',
+                  x_tnt_s=round(ref / t.median, 3), x_deit_s=round(timing['deit_small_patch16_224'].median / t.median, 3))
+             for n, t in timing.items()]
+
+    x = torch.randn(args.batch_size, 3, 224, 224)
+    components = []
+    for n, model in models.items():
+        times = component_times(model, x, max(3, args.repeats // 2))
+        components.append(dict(model=n, **{k: round(v * 1000, 1) for k, v in times.items()}))
+
+    settings = f'batch {args.batch_size}, {args.threads} threads, {args.repeats} interleaved rounds, torch {torch.__version__}'
+    text = (f'# CNT-S vs TNT-S vs DeiT-S inference on this CPU\n\nCommand: `python benchmarks/cnt_speed.py '
+            f'--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}` ({settings})\n\n'
+            f'## Speed (interleaved, median, ± half the inter-quartile range)\n\n{_markdown(speed)}\n\n'
+            f'## Where the time goes (ms per batch, median of forward-hook spans)\n\n{_markdown(components)}\n')
+    (OUT / 'README.md').write_text(text)
+    for stem, rows in (('speed', speed), ('components', components)):
+        (OUT / f'{stem}.json').write_text(__import__('json').dumps(dict(settings=settings, rows=rows), indent=1))
+        with open(OUT / f'{stem}.csv', 'w') as f:
+            f.write(','.join(rows[0]) + '\n' + '\n'.join(','.join(str(v) for v in r.values()) for r in rows) + '\n')
+    print(text)
+    _plot(components)
+
+
+def _plot(components) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    keys = [c for c, _ in COMPONENTS] + ['rest']
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    left = [0.] * len(components)
+    for k in keys:
+        values = [r[k] for r in components]
+        ax.barh([r['model'] for r in components], values, left=left, label=k)
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlabel('ms per batch (inference)')
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, ncol=4, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(OUT / 'components.png', dpi=110)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    main()
