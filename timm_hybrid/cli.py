@@ -11,6 +11,7 @@ DEFAULT_COMPARE_MODELS = (
     'deit_tiny_patch16_224', 'tnt_ti_patch16_224', 'cnt_ti_patch16_224',
     'deit_small_patch16_224', 'tnt_s_patch16_224', 'cnt_s_patch16_224',
     'deit_base_patch16_224', 'tnt_b_patch16_224', 'cnt_b_patch16_224',
+    'transcnn_small', 'hatnet_small', 'refiner_vit_small_patch16_224',
 )
 
 
@@ -26,7 +27,7 @@ def _compare(args: argparse.Namespace) -> int:
 def add_compare_parser(subparsers) -> None:
     p = subparsers.add_parser(
         'compare', help='params, fvcore GMACs and CPU speed of CNT vs TNT vs DeiT (table, CSV, Markdown, PNG)')
-    p.add_argument('--models', nargs='+', help='timm model names (default: the CNT / TNT / DeiT Ti, S and B sizes)')
+    p.add_argument('--models', nargs='+', help='timm model names (default: CNT / TNT / DeiT Ti, S, B and the small TransCNN, HAT-Net, Refiner)')
     p.add_argument('--output', default='benchmarks/results/compare', help='output folder')
     p.add_argument('--full', action='store_true', help='full timing (more repeats, train step, resolution sweep)')
     p.add_argument('--no-speed', action='store_true', help='params and GMACs only')
