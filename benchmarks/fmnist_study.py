@@ -16,6 +16,7 @@ runs.csv is skipped, so the study can span sessions. Each finished run appends i
     python benchmarks/fmnist_study.py run --timm-scripts PATH/TO/pytorch-image-models [--parallel 2] [--commit]
     python benchmarks/fmnist_study.py report
     python benchmarks/fmnist_study.py list
+    python benchmarks/fmnist_study.py publish   # best main run per family -> weights/<arch>.fmnist, verified
 """
 import argparse
 import csv
@@ -231,6 +232,49 @@ def run_study(args: argparse.Namespace) -> None:
                 git_commit(f'fmnist study: {a.run.name} top1 {row["top1_last"]}')
 
 
+# --- weights ---------------------------------------------------------------------------------------------------------
+
+def publish() -> None:
+    """ Exports the best main run of each family (by final-epoch test top-1) as weights/<arch>.fmnist with
+    `timm_hybrid.hub.export`, then re-loads the folder as a user would (`local-dir:`, timm's data config and eval
+    transforms) and checks it reproduces the accuracy train.py recorded. """
+    import json
+    import timm
+    from timm_hybrid.data import evaluate_fashion_mnist
+    from timm_hybrid.hub import export
+    main_rows = [r for r in recorded_runs().values() if r['group'] == 'main']
+    best = {}
+    for family in FAMILIES:
+        mine = [r for r in main_rows if r['model'] == f'{family}_nano_patch7_28']
+        if mine:
+            best[family] = max(mine, key=lambda r: float(r['top1_last']))
+    test_root = data_root('full')  # the test split is the same in every layout
+    for family, row in best.items():
+        model_name, out = row['model'], REPO / 'weights' / f'{row["model"]}.fmnist'
+        compare = [dict(model=f'{b["model"]} (best run)', top1=float(b['top1_last']), params=float(b['params_m']),
+                        gmacs=float(b['gmacs']), input_size=(1, 28, 28)) for f, b in best.items() if f != family]
+        data_text = '60k-image training set' if row['data'] == 'full' else 'fixed class-balanced 10% (6k images)'
+        card = dict(
+            accuracy={'top1': float(row['top1_last'])},
+            train_command=f'timm-hybrid data fashion-mnist --root data/fm  # {data_text}\n{row["command"]}',
+            compare=compare,
+            description=f'{model_name} trained from scratch on Fashion-MNIST ({data_text}, {row["epochs"]} epochs, '
+                        f'seed {row["seed"]}) with timm\'s train.py, run `{row["run"]}` of the study in '
+                        f'benchmarks/fmnist_study.py. Accuracy: test split, final epoch (no checkpoint selection).')
+        export(f'{model_name}.fmnist', WORK / row['run'] / 'last.pth.tar', out, card_data=card)
+        model = timm.create_model(f'local-dir:{out}', pretrained=True)
+        measured = evaluate_fashion_mnist(model, test_root)
+        if abs(measured['top1'] - float(row['top1_last'])) > 0.02:
+            raise RuntimeError(f'{out}: re-evaluated top-1 {measured["top1"]:.2f} != recorded {row["top1_last"]}')
+        (out / 'eval_results.json').write_text(json.dumps(dict(
+            dataset='fashion_mnist', split='test', run=row['run'], **{k: round(v, 2) for k, v in measured.items()},
+            command=f'python -c "import timm, timm_hybrid; from timm_hybrid.data import evaluate_fashion_mnist; '
+                    f'print(evaluate_fashion_mnist(timm.create_model(\'local-dir:weights/{out.name}\', '
+                    f'pretrained=True), \'data/fm\'))"'), indent=1) + '\n')
+        print(f'{out.relative_to(REPO)}: run {row["run"]}, top-1 {measured["top1"]:.2f} (recorded '
+              f'{row["top1_last"]}), top-5 {measured["top5"]:.2f}')
+
+
 # --- report ----------------------------------------------------------------------------------------------------------
 
 def _mean_spread(values: Sequence[float]) -> str:
@@ -319,11 +363,14 @@ def main() -> None:
     p.add_argument('--progress', action='store_true', help='print each active run\'s epoch every 10 s')
     sub.add_parser('report', help='re-render README.md and the plot from runs.csv')
     sub.add_parser('list', help='planned runs and whether they are recorded')
+    sub.add_parser('publish', help='export and verify the best run of each family as weights/<arch>.fmnist')
     args = parser.parse_args()
     if args.command == 'run':
         run_study(args)
     elif args.command == 'report':
         write_report()
+    elif args.command == 'publish':
+        publish()
     else:
         done = recorded_runs()
         for r in planned_runs():

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import numpy as np
+import torch
 
-__all__ = ['DEBIAN_FASHION_MNIST_DIR', 'FashionMNISTMissing', 'prepare_fashion_mnist']
+__all__ = ['DEBIAN_FASHION_MNIST_DIR', 'FashionMNISTMissing', 'evaluate_fashion_mnist', 'prepare_fashion_mnist']
 
 DEBIAN_FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
 _FILES = {
@@ -101,3 +102,23 @@ def prepare_fashion_mnist(
     # torchvision < 0.9 cached a processed/ copy; remove any stale one so the raw files are what gets read
     shutil.rmtree(Path(root) / 'FashionMNIST' / 'processed', ignore_errors=True)
     return counts
+
+
+@torch.inference_mode()
+def evaluate_fashion_mnist(model: torch.nn.Module, root: Union[str, os.PathLike], batch_size: int = 128) -> Dict[str, float]:
+    """ Test-set top-1 / top-5 (%) of `model` on Fashion-MNIST laid out at `root`, through timm's own data config
+    (the model's pretrained cfg: size, crop, mean / std) and eval transforms, as a user of the weights would. """
+    import timm.data
+    config = timm.data.resolve_data_config({}, model=model)
+    dataset = timm.data.create_dataset('torch/fashion_mnist', root=str(root), split='validation')
+    loader = timm.data.create_loader(
+        dataset, input_size=config['input_size'], batch_size=batch_size, is_training=False, use_prefetcher=False,
+        interpolation=config['interpolation'], mean=config['mean'], std=config['std'], crop_pct=config['crop_pct'],
+        crop_mode=config.get('crop_mode'), num_workers=0)
+    model.eval()
+    correct1 = correct5 = 0
+    for images, targets in loader:
+        top5 = model(images).topk(5, dim=1).indices
+        correct1 += (top5[:, 0] == targets).sum().item()
+        correct5 += (top5 == targets[:, None]).any(dim=1).sum().item()
+    return {'top1': 100 * correct1 / len(dataset), 'top5': 100 * correct5 / len(dataset)}
