@@ -1,6 +1,9 @@
 """ Training timm_hybrid models with timm's own machinery: token distillation, fine-tuning from a checkpoint file,
-DistributedDataParallel under torchrun. """
+DistributedDataParallel under torchrun (every family), resuming a killed run from timm's CheckpointSaver. """
+import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +15,9 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from timm.optim import create_optimizer_v2
 from timm.task import TokenDistillationTask
+from timm.utils import CheckpointSaver
+
+from test_reliability import FAMILIES, image
 
 STUDENT = 'cnt_nano_distilled_patch7_28'
 
@@ -94,17 +100,114 @@ def test_finetune_from_deit_checkpoint_takes_outer_blocks(tmp_path):
         assert torch.equal(loaded[k], fresh[k]), k
 
 
-def test_ddp_two_cpu_ranks_end_with_identical_weights(tmp_path):
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    """ One torchrun launch (2 CPU ranks, gloo) that trains every family's tiny config; see tests/ddp_worker.py. """
+    out_dir = tmp_path_factory.mktemp('ddp')
     worker = Path(__file__).with_name('ddp_worker.py')
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(worker),
-         str(tmp_path)], env=env, capture_output=True, text=True, timeout=180)
+         str(out_dir)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1, init = (torch.load(tmp_path / f'{n}.pt') for n in ('rank0', 'rank1', 'init'))
+    return out_dir
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_ddp_two_cpu_ranks_end_with_identical_weights(ddp_run, family):
+    rank0, rank1, init = (
+        torch.load(ddp_run / f'{family}_{n}.pt', weights_only=True) for n in ('rank0', 'rank1', 'init'))
     assert rank0.keys() == rank1.keys()
     different = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
     assert not different, different
-    assert not torch.equal(rank0['head.weight'], init['head.weight']), 'no training step happened'
-    assert not torch.equal(rank0['blocks.0.inner.conv_block.bn1.running_mean'],
-                           init['blocks.0.inner.conv_block.bn1.running_mean'])
+    changed = [k for k in init if not torch.equal(rank0[k], init[k])]
+    assert any(k.startswith('head') for k in changed), 'no training step happened'
+    running_means = [k for k in init if k.endswith('running_mean')]
+    assert all(k in changed for k in running_means), 'BatchNorm running stats not averaged over the ranks'
+
+
+@pytest.mark.parametrize('family', [f for f in FAMILIES if f not in ('tnt', 'deit')])  # TNT / DeiT: no BatchNorm
+def test_sync_batchnorm_conversion_is_sound_with_timms_converter_and_trains_on_gpu_only(ddp_run, family):
+    """ train.py --sync-bn converts with timm's `convert_sync_batchnorm`, which keeps the activation fused into timm's
+    BatchNormAct2d (TransCNN's ConvNormAct layers, Refiner's stem and refiner convs). torch's converter replaces those
+    layers by a plain SyncBatchNorm and drops the activation: a different network. Either way torch's SyncBatchNorm
+    forward refuses CPU tensors, so CPU DDP runs use per-rank BatchNorm + --dist-bn reduce (as the workers do).
+    HAT-Net has GroupNorm only. """
+    report = json.loads((ddp_run / 'sync_bn.json').read_text())[family]
+    if family == 'hatnet':
+        assert report == {'batchnorms': 0}
+        return
+    timm_report, torch_report = report['timm'], report['torch']
+    assert timm_report['converted'] == report['batchnorms'] and timm_report['same_keys']
+    assert timm_report['same_eval_output']
+    has_norm_act = family in ('transcnn', 'refiner')
+    assert torch_report['same_eval_output'] != has_norm_act
+    assert 'SyncBatchNorm expected input tensor to be on GPU' in timm_report['train_error'], (
+        'torch now runs SyncBatchNorm on CPU: train the DDP workers with it')
+
+
+# --- kill and resume --------------------------------------------------------------------------------------------------
+
+EPOCHS, STEPS_PER_EPOCH = 3, 2
+
+
+def train_every_family(out_dir: str, kill_in_epoch: int = -1, resume: bool = False) -> None:
+    """ EPOCHS x STEPS_PER_EPOCH AdamW steps of every family (with stochastic depth), checkpointed after each epoch by
+    timm's CheckpointSaver as train.py does. The batch and the dropout / drop-path draws of each step come from a seed
+    of (epoch, step), as they would from a resumed data loader, so a resumed run sees the same ones.
+
+    kill_in_epoch: SIGKILL the process halfway through that epoch, after a forward pass (nothing flushed, no
+        clean-up), once every family has reached it.
+    resume: continue each family from its last.pth.tar with timm.models.resume_checkpoint.
+    """
+    torch.set_num_threads(1)  # bit-identical runs need the same kernels in every process
+    for family, (name, tiny) in FAMILIES.items():
+        torch.manual_seed(0)
+        model = timm.create_model(name, drop_path_rate=0.1, **tiny)
+        optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+        family_dir = os.path.join(out_dir, family)
+        os.makedirs(family_dir, exist_ok=True)
+        saver = CheckpointSaver(model, optimizer, checkpoint_dir=family_dir, recovery_dir=family_dir, max_history=2)
+        start_epoch = 0
+        if resume:
+            start_epoch = timm.models.resume_checkpoint(
+                model, os.path.join(family_dir, 'last.pth.tar'), optimizer, log_info=False)  # weights_only=True
+        model.train()
+        for epoch in range(start_epoch, EPOCHS):
+            for step in range(STEPS_PER_EPOCH):
+                torch.manual_seed(1000 * epoch + step)
+                x = image(model, 4)
+                y = torch.randint(0, model.num_classes, (4,))
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                if epoch == kill_in_epoch and step == STEPS_PER_EPOCH // 2:
+                    break  # this family is mid-epoch; the process is killed once every family is
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            else:
+                saver.save_checkpoint(epoch)
+                continue
+            break
+        torch.save(model.state_dict(), os.path.join(family_dir, 'final.pt'))
+    if kill_in_epoch >= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _run_in_new_process(*args) -> int:
+    process = multiprocessing.get_context('spawn').Process(target=train_every_family, args=args)
+    process.start()
+    process.join(timeout=300)
+    return process.exitcode
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    """ Bit-identical: model weights, BatchNorm stats and the AdamW state all round-trip through the checkpoint. """
+    assert _run_in_new_process(str(tmp_path / 'uninterrupted')) == 0
+    killed = tmp_path / 'killed'
+    assert _run_in_new_process(str(killed), 1) == -signal.SIGKILL
+    assert _run_in_new_process(str(killed), -1, True) == 0
+    for family in FAMILIES:
+        expected = torch.load(tmp_path / 'uninterrupted' / family / 'final.pt', weights_only=True)
+        resumed = torch.load(killed / family / 'final.pt', weights_only=True)
+        different = [k for k in expected if not torch.equal(resumed[k], expected[k])]
+        assert not different, (family, different)

@@ -201,7 +201,8 @@ class Block(nn.Module):
     def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         pixel_embed = self.inner(pixel_embed)
         B, L, _ = patch_embed.shape
-        pixels_per_patch = pixel_embed.reshape(B, L - self.num_prefix_tokens, -1)  # (B, N, h*w*C_in)
+        # explicit sizes, not -1: a -1 is ambiguous for an empty batch (B = 0)
+        pixels_per_patch = pixel_embed.reshape(B, L - self.num_prefix_tokens, self.proj.in_features)  # (B, N, h*w*C_in)
         pixel_to_patch = self.norm2_proj(self.proj(self.norm1_proj(pixels_per_patch)))
         # Prefix tokens receive nothing: one zero-pad + add instead of TNT's slice, add and concatenate.
         patch_embed = patch_embed + F.pad(pixel_to_patch, (0, 0, self.num_prefix_tokens, 0))
@@ -241,6 +242,15 @@ class CNT(nn.Module):
     | cnt_b  | 640 / 10| 32 | 40 | as above |
 
     The measured figures are in the README (benchmarks/cnt_speed.py, `timm-hybrid compare`).
+
+    Inputs: a float (B, in_chans, H, W) batch at the img_size the model was built for. A wrong rank, channel count
+    or size raises an AssertionError naming what was expected; an empty batch (B = 0) gives (0, num_classes) logits
+    in eval and training. NaN / inf are not checked (a full reduction and host sync per forward, and a data-dependent
+    branch torch.export / ONNX cannot take): in eval they reach only their own sample's logits, in training the
+    inner blocks' BatchNorm statistics spread them over the batch. CPU autocast (bf16 / fp16) stays within 1e-2 /
+    1e-3 of fp32 (relative, logits and gradients).
+    Export: torch.jit.script, FX, torch.export (dynamic batch), torch.compile(fullgraph=True) and ONNX (dynamo
+    exporter, run in onnxruntime) all match eager within 1e-4 (tests/test_reliability.py).
     """
 
     def __init__(
@@ -449,7 +459,8 @@ class CNT(nn.Module):
         if self.pixel_pos is not None:
             pixel_embed = pixel_embed + self.pixel_pos
         pixel_embed = pixel_embed.flatten(2).transpose(1, 2).contiguous()
-        patch_embed = self.norm2_proj(self.proj(self.norm1_proj(pixel_embed.reshape(B, self.num_patches, -1))))
+        pixels_per_patch = pixel_embed.reshape(B, self.num_patches, self.proj.in_features)  # explicit: B may be 0
+        patch_embed = self.norm2_proj(self.proj(self.norm1_proj(pixels_per_patch)))
         patch_embed = torch.cat([self._prefix_tokens(B), patch_embed], dim=1)
         if self.patch_pos is not None:
             patch_embed = patch_embed + self.patch_pos
@@ -500,7 +511,7 @@ class CNT(nn.Module):
         intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
         if reshape:
             H, W = self.pixel_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [y.reshape(B, H, W, self.embed_dim).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if not torch.jit.is_scripting() and return_prefix_tokens:
             # return_prefix not supported in torchscript due to poor type handling
             intermediates = list(zip(intermediates, prefix_tokens))

@@ -312,6 +312,19 @@ class RefinerViT(nn.Module):
     Training memory grows with N^2 x 3H: the expanded maps of every refiner block are kept for backward. Measured on
     CPU (fp32) for the L dims at 448 (N = 785): about 0.95 GB per plain + refiner block pair per image, i.e. ~15 GB
     per image for refiner_vit_large_patch16_448 forward + backward; at 224 the maps are 16x smaller.
+
+    Inputs: a float (B, in_chans, H, W) batch at the img_size the model was built for. A wrong rank, channel count
+    or size raises an AssertionError naming what was expected; an empty batch (B = 0) gives (0, num_classes) logits
+    in eval and training. NaN / inf are not checked (a full reduction and host sync per forward, and a data-dependent
+    branch torch.export / ONNX cannot take): in eval they reach only their own sample's logits, in training the
+    stem's and refiners' BatchNorm statistics spread them over the batch.
+
+    Reduced precision: the refiners' BatchNorms normalise attention maps that at init are near-uniform (1/N +- ~1e-4/N),
+    where bf16's rounding of 1/N is as large as the signal: under CPU autocast the logits are 1.4e-1 (bf16) / 2.6e-2
+    (fp16) and the gradients up to 5.4e-1 / 4.6e-1 off fp32 (relative, tiny configs at init); with sharper maps
+    (q / k weights x10) 1e-2 / 4e-2 in bf16. Prefer fp32 (or fp16 after warm-up) for the first steps.
+    Export: torch.jit.script, FX, torch.export (dynamic batch), torch.compile(fullgraph=True) and ONNX (dynamo
+    exporter, run in onnxruntime) all match eager within 1e-4 (tests/test_reliability.py).
     """
 
     def __init__(
@@ -546,7 +559,7 @@ class RefinerViT(nn.Module):
         intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
         if reshape:
             H, W = self.patch_embed.grid_size
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+            intermediates = [y.reshape(B, H, W, self.embed_dim).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if not torch.jit.is_scripting() and return_prefix_tokens:
             # return_prefix not supported in torchscript due to poor type handling
             intermediates = list(zip(intermediates, prefix_tokens))
