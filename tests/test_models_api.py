@@ -94,19 +94,25 @@ def test_forward_intermediates_and_features_only(name):
 
 
 @pytest.mark.parametrize('name', MODELS)
-def test_grad_checkpointing_same_outputs_and_grads(name):
+def test_grad_checkpointing_same_outputs_grads_and_norm_stats(name):
     model = _create(name).train()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     x = _image(model, 2)
     results = []
     for enable in (False, True):
+        model.load_state_dict(initial)
         model.zero_grad()
         model.set_grad_checkpointing(enable)
         out = model(x)
         out.square().mean().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, buffers))
     torch.testing.assert_close(results[1][0], results[0][0])
     for n, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][n], g, atol=1e-6, rtol=1e-4, msg=lambda m: f'{n}: {m}')
+    # the backward re-run must not update BatchNorm running stats a second time
+    for n, b in results[0][2].items():
+        torch.testing.assert_close(results[1][2][n], b, msg=lambda m: f'{n}: {m}')
 
 
 @pytest.mark.parametrize('name', MODELS)

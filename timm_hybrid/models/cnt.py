@@ -32,11 +32,12 @@ from timm.layers import (
     DropPath, _assert, build_sincos2d_pos_embed, calculate_drop_path_rates, get_act_layer, get_norm_layer,
     resample_abs_pos_embed, to_2tuple, trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
+from ..layers import TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens
 from .baselines import nano_cfg
 
 __all__ = ['CNT', 'CNTDistilled', 'checkpoint_filter_fn']
@@ -229,7 +230,7 @@ def _fixed_or_learned(
         setattr(module, name, None)
 
 
-class CNT(nn.Module):
+class CNT(TokenClassifierMixin, nn.Module):
     """ Convolution-iN-Transformer.
 
     TNT's outer transformer between patches, a ResNet block inside each patch. Dims of the registered sizes, chosen so
@@ -429,23 +430,6 @@ class CNT(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('', 'token', 'avg'):
-                raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
-            self.global_pool = global_pool
-        dd = {'device': self.cls_token.device, 'dtype': self.cls_token.dtype}
-        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-
     def _prefix_tokens(self, batch_size: int) -> torch.Tensor:
         cls_token = self.cls_token.expand(batch_size, -1, -1)
         if self.dist_token is None:
@@ -488,11 +472,10 @@ class CNT(nn.Module):
             intermediates_only: Only return intermediate features.
         """
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        reshape = output_fmt == 'NCHW'
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
-        B, _, height, width = x.shape
+        height, width = x.shape[-2:]
         pixel_embed, patch_embed = self._embed(x)
 
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
@@ -501,17 +484,15 @@ class CNT(nn.Module):
             blocks = self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed)
+                pixel_embed, patch_embed = checkpoint_keeping_bn_stats(blk, pixel_embed, patch_embed)
             else:
                 pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
             if i in take_indices:
                 intermediates.append(self.norm(patch_embed) if norm else patch_embed)
 
-        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if reshape:
-            H, W = self.pixel_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, self.embed_dim).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        intermediates, prefix_tokens = split_prefix_tokens(
+            intermediates, self.num_prefix_tokens, self.pixel_embed.dynamic_feat_size((height, width)),
+            output_fmt == 'NCHW')
         if not torch.jit.is_scripting() and return_prefix_tokens:
             # return_prefix not supported in torchscript due to poor type handling
             intermediates = list(zip(intermediates, prefix_tokens))
@@ -520,26 +501,11 @@ class CNT(nn.Module):
             return intermediates
         return self.norm(patch_embed), intermediates
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """ Prune layers not required for specified intermediates. """
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         pixel_embed, patch_embed = self._embed(x)
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                pixel_embed, patch_embed = checkpoint(blk, pixel_embed, patch_embed)
+                pixel_embed, patch_embed = checkpoint_keeping_bn_stats(blk, pixel_embed, patch_embed)
             else:
                 pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
         return self.norm(patch_embed)
@@ -567,8 +533,7 @@ class CNTDistilled(CNT):
     def __init__(self, *args, **kwargs):
         kwargs.pop('dist_token', None)
         super().__init__(*args, dist_token=True, **kwargs)
-        dd = {'device': self.cls_token.device, 'dtype': self.cls_token.dtype}
-        self.head_dist = nn.Linear(self.embed_dim, self.num_classes, **dd) if self.num_classes > 0 else nn.Identity()
+        self.head_dist = self._new_head(self.num_classes)
         self.head_dist.apply(_init_weights)
         self.distilled_training = False
 
@@ -578,8 +543,7 @@ class CNTDistilled(CNT):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         super().reset_classifier(num_classes, global_pool)
-        dd = {'device': self.cls_token.device, 'dtype': self.cls_token.dtype}
-        self.head_dist = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head_dist = self._new_head(num_classes)
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:

@@ -46,9 +46,8 @@ the position embedding to the model's grid.
 """
 import logging
 import re
-from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -58,9 +57,11 @@ from timm.layers import (
     ConvNormAct, DropPath, LayerScale, Mlp, _assert, calculate_drop_path_rates, get_act_layer, get_norm_layer,
     resample_abs_pos_embed, to_2tuple, trunc_normal_,
 )
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
+
+from ..layers import TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
 
@@ -281,27 +282,7 @@ class Block(nn.Module):
         return x, attn
 
 
-@contextmanager
-def _batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
-    """ Restores the BatchNorm running stats of `module` on exit.
-
-    Gradient checkpointing re-runs a block in backward; in training mode its BatchNorms would update their running
-    stats a second time (momentum applied twice per step), so eval outputs would depend on whether checkpointing
-    was on. Wrapping the re-run in this keeps the stats exactly as the first forward left them.
-    """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, (mean, var, count) in zip(norms, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
-
-
-class RefinerViT(nn.Module):
+class RefinerViT(TokenClassifierMixin, nn.Module):
     """ Refiner-ViT (https://arxiv.org/abs/2106.03714), the released architecture; see the module docstring.
 
     | model    | embed / heads | depth | params (no aux head) | params with aux head (published) |
@@ -481,33 +462,9 @@ class RefinerViT(nn.Module):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('', 'token', 'avg'):
-                raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
-            self.global_pool = global_pool
-        dd = {'device': self.cls_token.device, 'dtype': self.cls_token.dtype}
-        self.head = nn.Linear(self.embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        has_aux = self.use_aux_head and num_classes > 0
-        self.aux_head = nn.Linear(self.embed_dim, num_classes, **dd) if has_aux else None
-
-    @torch.jit.ignore
-    def _checkpointed_block(
-            self, block: nn.Module, x: torch.Tensor, attn: Optional[torch.Tensor],
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        # non-reentrant checkpointing: the only kind that takes a context for the backward re-run
-        return checkpoint(
-            block, x, attn, use_reentrant=False,
-            context_fn=lambda: (nullcontext(), _batchnorm_stats_kept(block)))
+        super().reset_classifier(num_classes, global_pool)
+        self.aux_head = self._new_head(num_classes) if self.use_aux_head and num_classes > 0 else None
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -536,11 +493,9 @@ class RefinerViT(nn.Module):
             intermediates_only: Only return intermediate features.
         """
         assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        reshape = output_fmt == 'NCHW'
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
-        B = x.shape[0]
         x = self._embed(x)
         attn: Optional[torch.Tensor] = None
         if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
@@ -549,17 +504,14 @@ class RefinerViT(nn.Module):
             blocks = self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, attn = self._checkpointed_block(blk, x, attn)
+                x, attn = checkpoint_keeping_bn_stats(blk, x, attn)
             else:
                 x, attn = blk(x, attn)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
 
-        prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
-        intermediates = [y[:, self.num_prefix_tokens:] for y in intermediates]
-        if reshape:
-            H, W = self.patch_embed.grid_size
-            intermediates = [y.reshape(B, H, W, self.embed_dim).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        intermediates, prefix_tokens = split_prefix_tokens(
+            intermediates, self.num_prefix_tokens, self.patch_embed.grid_size, output_fmt == 'NCHW')
         if not torch.jit.is_scripting() and return_prefix_tokens:
             # return_prefix not supported in torchscript due to poor type handling
             intermediates = list(zip(intermediates, prefix_tokens))
@@ -568,27 +520,12 @@ class RefinerViT(nn.Module):
             return intermediates
         return self.norm(x), intermediates
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """ Prune layers not required for specified intermediates. """
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self._embed(x)
         attn: Optional[torch.Tensor] = None
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, attn = self._checkpointed_block(blk, x, attn)
+                x, attn = checkpoint_keeping_bn_stats(blk, x, attn)
             else:
                 x, attn = blk(x, attn)
         return self.norm(x)

@@ -38,10 +38,12 @@ from timm.layers import (
     ClassifierHead, ConvNormAct, DropPath, _assert, calculate_drop_path_rates, create_act_layer, create_conv2d,
     get_act_layer, get_norm_layer, register_notrace_function, trunc_normal_, use_fused_attn,
 )
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
+
+from ..layers import checkpoint_keeping_bn_stats, prune_sequence
 
 __all__ = ['TransCNN', 'checkpoint_filter_fn']
 
@@ -306,7 +308,8 @@ class TransCNNStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
+            for block in self.blocks:
+                x = checkpoint_keeping_bn_stats(block, x)
         else:
             x = self.blocks(x)
         return x
@@ -521,11 +524,7 @@ class TransCNN(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """ Prune layers not required for specified intermediates. """
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+        return prune_sequence(self, 'stages', indices, prune_head)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
