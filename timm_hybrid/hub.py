@@ -12,6 +12,7 @@ Loading it back is timm's business:
 The model card is `model_cards/template.md` (one `string.Template`) filled from the model, its pretrained cfg and
 `card_data`.
 """
+import importlib.resources
 import os
 from pathlib import Path
 from string import Template
@@ -24,12 +25,13 @@ from timm.data import resolve_model_data_config
 from timm.models import load_state_dict, save_for_hf
 
 from .flops import count_flops
-from .models.cnt import _summarize_keys
+from .layers import summarize_keys
 
 __all__ = ['ExportError', 'HubTokenMissing', 'export', 'push', 'read_checkpoint', 'render_model_card']
 
 HUB_ORG = 'timm-hybrid'
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / 'model_cards' / 'template.md'
+# model_cards/ ships inside the package as timm_hybrid.model_cards (pyproject package-dir), so wheels have it too
+MODEL_CARD_TEMPLATE = importlib.resources.files('timm_hybrid.model_cards') / 'template.md'
 _HUB_FILES = ('config.json', 'model.safetensors')
 
 # Data sets a pretrained tag stands for: (name in the card, Hugging Face dataset id, paper id)
@@ -107,7 +109,7 @@ def read_checkpoint(checkpoint: Union[str, os.PathLike], use_ema: bool = False) 
 
 
 def _names(keys: Sequence[str], most: int = 16) -> str:
-    folded = _summarize_keys(list(keys))  # 'blocks.*.x (x12)' instead of twelve lines
+    folded = summarize_keys(list(keys))  # 'blocks.*.x (x12)' instead of twelve lines
     return ', '.join(folded[:most]) + (f', ... ({len(folded) - most} more)' if len(folded) > most else '')
 
 

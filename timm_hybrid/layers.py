@@ -1,13 +1,15 @@
 """ Pieces shared by more than one family that timm.layers / timm.models do not have. """
+import re
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 
-__all__ = ['TokenClassifierMixin', 'checkpoint_keeping_bn_stats', 'prune_sequence', 'split_prefix_tokens']
+__all__ = ['TokenClassifierMixin', 'checkpoint_keeping_bn_stats', 'prune_sequence', 'split_prefix_tokens',
+           'summarize_keys']
 
 
 @contextmanager
@@ -61,6 +63,15 @@ def split_prefix_tokens(
         H, W = grid_size
         spatial = [y.reshape(y.shape[0], H, W, y.shape[-1]).permute(0, 3, 1, 2).contiguous() for y in spatial]
     return spatial, prefix_tokens
+
+
+def summarize_keys(lines: List[str]) -> List[str]:
+    """ Folds per-block lines ('blocks.3.x: ...') into one 'blocks.*.x: ... (x12)' line each. """
+    counts: Dict[str, int] = {}
+    for line in lines:
+        folded = re.sub(r'^blocks\.\d+\.', 'blocks.*.', line)
+        counts[folded] = counts.get(folded, 0) + 1
+    return [f'{line} (x{n})' if n > 1 else line for line, n in counts.items()]
 
 
 class TokenClassifierMixin:

@@ -20,7 +20,6 @@ The patch and pixel position encodings are switchable ('learned', 'sincos' or 'n
 """
 import logging
 import math
-import re
 from typing import Any, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
@@ -37,7 +36,7 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
-from ..layers import TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens
+from ..layers import TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens, summarize_keys
 from .baselines import nano_cfg
 
 __all__ = ['CNT', 'CNTDistilled', 'checkpoint_filter_fn']
@@ -647,15 +646,6 @@ def _adapt_patch_pos(pos: torch.Tensor, model: CNT, num_prefix_src: int) -> torc
     return pos
 
 
-def _summarize_keys(lines: List[str]) -> List[str]:
-    """ Folds per-block lines ('blocks.3.x: ...') into one 'blocks.*.x: ... (x12)' line each. """
-    counts: Dict[str, int] = {}
-    for line in lines:
-        folded = re.sub(r'^blocks\.\d+\.', 'blocks.*.', line)
-        counts[folded] = counts.get(folded, 0) + 1
-    return [f'{line} (x{n})' if n > 1 else line for line, n in counts.items()]
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CNT) -> Dict[str, torch.Tensor]:
     """ Converts a CNT, timm TNT or timm DeiT / ViT state dict for `model`.
 
@@ -700,11 +690,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CNT) -> Dict[str, to
     if skipped:
         _logger.warning(
             f'{source} -> {type(model).__name__} ({model.inner_block} inner block): skipped '
-            f'{len(skipped)} tensors:\n  ' + '\n  '.join(_summarize_keys(skipped)))
+            f'{len(skipped)} tensors:\n  ' + '\n  '.join(summarize_keys(skipped)))
     if kept_init:
         _logger.warning(
             f'{source} -> {type(model).__name__}: {len(kept_init)} tensors keep their fresh initialisation:\n  '
-            + '\n  '.join(_summarize_keys(kept_init)))
+            + '\n  '.join(summarize_keys(kept_init)))
     # fill what the source lacks from the model itself, so the (strict) load sees a complete state dict
     out.update({k: model_state[k] for k in kept_init})
     return out
