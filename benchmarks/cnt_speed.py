@@ -72,7 +72,11 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--replot', action='store_true', help='re-render components.png from components.json')
     args = parser.parse_args()
+    if args.replot:
+        _plot(__import__('json').loads((OUT / 'components.json').read_text())['rows'])
+        return
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
 
@@ -108,7 +112,7 @@ def _plot(components) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     keys = [c for c, _ in COMPONENTS] + ['rest']
-    fig, ax = plt.subplots(figsize=(9, 3.5))
+    fig, ax = plt.subplots(figsize=(9, 4))
     left = [0.] * len(components)
     for k in keys:
         values = [r[k] for r in components]
@@ -116,7 +120,7 @@ def _plot(components) -> None:
         left = [a + b for a, b in zip(left, values)]
     ax.set_xlabel('ms per batch (inference)')
     ax.invert_yaxis()
-    ax.legend(fontsize=8, ncol=4, loc='lower right')
+    ax.legend(fontsize=8, ncol=7, loc='upper center', bbox_to_anchor=(0.45, -0.18), frameon=False)
     fig.tight_layout()
     fig.savefig(OUT / 'components.png', dpi=110)
     plt.close(fig)
