@@ -31,7 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / 'benchmarks' / 'results' / 'fmnist'
-WORK = REPO / 'benchmarks' / 'results' / '_work' / 'fmnist'
+# checkpoints and logs of unfinished runs: outside the work tree, so a later session on this machine can resume them
+WORK = Path(os.environ.get('TIMM_HYBRID_STUDY_DIR', Path.home() / '.cache' / 'timm-hybrid' / 'fmnist-study'))
 RUNS_CSV = RESULTS / 'runs.csv'
 
 EPOCHS = {'full': 15, '10pct': 50}
