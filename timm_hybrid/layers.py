@@ -1,15 +1,16 @@
 """ Pieces shared by more than one family that timm.layers / timm.models do not have. """
 import re
 from contextlib import contextmanager, nullcontext
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models import checkpoint
 from timm.models._features import feature_take_indices
+from timm.models._helpers import clean_state_dict
 
 __all__ = ['TokenClassifierMixin', 'checkpoint_keeping_bn_stats', 'prune_sequence', 'split_prefix_tokens',
-           'summarize_keys']
+           'summarize_keys', 'unwrap_checkpoint']
 
 
 @contextmanager
@@ -63,6 +64,16 @@ def split_prefix_tokens(
         H, W = grid_size
         spatial = [y.reshape(y.shape[0], H, W, y.shape[-1]).permute(0, 3, 1, 2).contiguous() for y in spatial]
     return spatial, prefix_tokens
+
+
+def unwrap_checkpoint(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """ The model weights of a raw state dict or a training checkpoint ({'state_dict_ema' | 'model_ema' |
+    'state_dict' | 'model': ...}, EMA first), without DDP's 'module.' / torch.compile's prefixes (timm's clean). """
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    return clean_state_dict(state_dict)
 
 
 def summarize_keys(lines: List[str]) -> List[str]:

@@ -36,7 +36,9 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
-from ..layers import TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens, summarize_keys
+from ..layers import (
+    TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens, summarize_keys, unwrap_checkpoint,
+)
 from .baselines import nano_cfg
 
 __all__ = ['CNT', 'CNTDistilled', 'checkpoint_filter_fn']
@@ -590,14 +592,6 @@ _TNT_BLOCK_RENAMES = (
 _VIT_BLOCK_PARTS = ('norm1', 'attn', 'ls1', 'norm2', 'mlp', 'ls2')
 
 
-def _unwrap_state_dict(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    return {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-
-
 def _fuse_qk_v(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """ TNT's attention has separate qk and v projections; timm's ViT attention one qkv = [q; k; v]. """
     out = {}
@@ -654,7 +648,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CNT) -> Dict[str, to
     blocks, embeddings, head; TNT's inner transformer when inner_block='attn'), the rest of the model keeps its fresh
     initialisation, and what was skipped is logged with the reason.
     """
-    state_dict = _unwrap_state_dict(state_dict)
+    state_dict = unwrap_checkpoint(state_dict)
     if any('.outer.' in k for k in state_dict):
         source = 'CNT'
     elif any('.attn_out.' in k for k in state_dict):

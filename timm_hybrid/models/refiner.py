@@ -59,9 +59,8 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._helpers import clean_state_dict
 
-from ..layers import TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens
+from ..layers import TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens, unwrap_checkpoint
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
 
@@ -586,11 +585,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RefinerViT) -> Dict[
     without DataParallel's 'module.' prefix. Resamples the position embedding to the model's patch grid, and drops
     (or, if the checkpoint lacks it, keeps freshly initialised) the token-labelling aux head to match the model.
     """
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = clean_state_dict(state_dict)
+    state_dict = unwrap_checkpoint(state_dict)
     if any('.attn.DLA.' in k or k.endswith('.mlp.scale_channel') for k in state_dict):
         state_dict = _from_official(state_dict)
 

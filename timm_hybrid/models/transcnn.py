@@ -41,9 +41,8 @@ from timm.layers import (
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._features import feature_take_indices
-from timm.models._helpers import clean_state_dict
 
-from ..layers import checkpoint_keeping_bn_stats, prune_sequence
+from ..layers import checkpoint_keeping_bn_stats, prune_sequence, unwrap_checkpoint
 
 __all__ = ['TransCNN', 'checkpoint_filter_fn']
 
@@ -594,9 +593,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: TransCNN) -> Dict[st
     official layouts are the same tensors under other names (1x1 convs stay convs), except HAT-Net's unused
     `attn.proj_norm`, which is dropped.
     """
-    for wrapper in ('model', 'state_dict'):
-        state_dict = state_dict.get(wrapper, state_dict)
-    state_dict = clean_state_dict(state_dict)  # timm's: strips DDP's 'module.' and torch.compile's prefixes
+    state_dict = unwrap_checkpoint(state_dict)
     if not any(k.startswith('patch_embed.') for k in state_dict):
         return state_dict
     ffn = _HATNET_FFN if any(k.startswith('ds2.norm.') for k in state_dict) else _TRANSCNN_FFN
