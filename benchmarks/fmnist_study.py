@@ -21,7 +21,9 @@ runs.csv is skipped, so the study can span sessions. Each finished run appends i
 import argparse
 import csv
 import os
+import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -51,7 +53,9 @@ TEACHER_MODEL = 'resnet18'
 TEACHER_RUN = 'teacher-resnet18-10pct-s0'
 
 FIELDS = ('run', 'group', 'model', 'model_kwargs', 'distill', 'data', 'train_images', 'seed', 'epochs', 'top1_last',
-          'top1_best', 'gmacs', 'params_m', 'sec_per_epoch', 'threads', 'finished', 'command')
+          'top1_best', 'gmacs', 'params_m', 'sec_per_epoch', 'train_img_per_s', 'threads', 'finished', 'command')
+# train.py's progress line; the parenthesised figures are the running averages over the epoch so far
+TRAIN_LOG_LINE = re.compile(r'^Train: (\d+) \[\s*(\d+)/(\d+) .*\(\s*[\d.]+s,\s*([\d.]+)/s\)')
 
 
 @dataclass(frozen=True)
@@ -70,18 +74,19 @@ class Run:
 
 
 def planned_runs() -> List[Run]:
-    """ All runs, in the order they are worth having: the small-data claim first, the second full seed last. """
+    """ All runs, in the order they are worth having: the main comparison (small-data claim first), then the teacher
+    (so distillation can start as soon as it is exported), ablations and distillation. The long full-set runs come
+    first, which also keeps two parallel slots evenly busy towards the end. """
     runs = [Run(f'{f}-10pct-s{s}', 'main', f'{f}_nano_patch7_28', '10pct', s) for s in (0, 1) for f in FAMILIES]
-    runs += [Run(f'{f}-full-s0', 'main', f'{f}_nano_patch7_28', 'full', 0) for f in FAMILIES]
+    runs += [Run(f'{f}-full-s{s}', 'main', f'{f}_nano_patch7_28', 'full', s) for s in (0, 1) for f in FAMILIES]
+    runs.append(Run(TEACHER_RUN, 'teacher', TEACHER_MODEL, '10pct', 0))
     for kwargs in ('inner_block=bottleneck', 'inner_block=attn', 'patch_pos_embed=none', 'patch_pos_embed=sincos',
                    'pixel_pos_embed=none', 'pixel_pos_embed=sincos'):
         runs.append(Run(f'cnt-10pct-s0-{kwargs.replace("=", "-")}', 'ablation', 'cnt_nano_patch7_28', '10pct', 0,
                         (kwargs,)))
-    runs.append(Run(TEACHER_RUN, 'teacher', TEACHER_MODEL, '10pct', 0))
     for distill in ('', 'hard', 'soft'):
         runs.append(Run(f'cnt_distilled-10pct-s0-{distill or "nodistill"}', 'distill',
                         'cnt_nano_distilled_patch7_28', '10pct', 0, distill=distill))
-    runs += [Run(f'{f}-full-s1', 'main', f'{f}_nano_patch7_28', 'full', 1) for f in FAMILIES]
     return runs
 
 
@@ -122,6 +127,20 @@ def read_summary(run: Run) -> List[Dict[str, str]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def train_images_per_second(run: Run) -> Optional[float]:
+    """ Training throughput without the per-epoch evaluation and checkpointing: the median over epochs of train.py's
+    epoch-average images/s (its last progress line of each epoch; a resumed epoch's later line wins). """
+    path = WORK / run.name / 'log.txt'
+    if not path.exists():
+        return None
+    per_epoch = {}
+    for line in path.read_text(errors='replace').splitlines():
+        match = TRAIN_LOG_LINE.match(line)
+        if match and int(match.group(2)) + 1 == int(match.group(3)):
+            per_epoch[int(match.group(1))] = float(match.group(4))
+    return round(statistics.median(per_epoch.values()), 1) if per_epoch else None
+
+
 def recorded_runs() -> Dict[str, Dict[str, str]]:
     if not RUNS_CSV.exists():
         return {}
@@ -140,7 +159,7 @@ def record(run: Run, command: Sequence[str], sec_per_epoch: float, threads: int)
         distill=run.distill, data=run.data, train_images=train_images, seed=run.seed, epochs=len(summary),
         top1_last=float(summary[-1]['eval_top1']), top1_best=max(float(r['eval_top1']) for r in summary),
         gmacs=round(flops.gmacs, 5), params_m=round(flops.mparams, 4), sec_per_epoch=round(sec_per_epoch, 1),
-        threads=threads, finished=time.strftime('%Y-%m-%d %H:%M'),
+        train_img_per_s=train_images_per_second(run) or '', threads=threads, finished=time.strftime('%Y-%m-%d %H:%M'),
         command=shlex.join(['python', 'train.py', *command[2:]]).replace(str(REPO) + '/', ''),
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -296,12 +315,13 @@ def write_report() -> None:
              '[runs.csv](runs.csv) holds its exact command). Accuracy: test-set top-1 after the last epoch '
              '(no early stopping on the test set); ± is half the range over seeds. Time: wall-clock seconds per '
              'epoch on this 2-core machine, one thread per run, two runs side by side, including evaluation of the 10k '
-             'test images; other work shared the machine during some runs, so compare families rather than read the '
-             'absolute seconds.', '',
+             'test images and checkpointing; train img/s is the training loop alone (median over epochs of train.py\'s '
+             'epoch average). Other work shared the machine during some runs, so compare families rather than read '
+             'the absolute figures; `timm-hybrid compare` gives interleaved speed ratios.', '',
              f'Recipe: `{RECIPE}`', '', '## Main comparison', '',
              '| model | GMACs | params (M) | top-1, 10% subset (50 ep) | top-1, full (15 ep) | s/epoch (10%) | '
-             's/epoch (full) |',
-             '|---|---|---|---|---|---|---|']
+             's/epoch (full) | train img/s (all runs) |',
+             '|---|---|---|---|---|---|---|---|']
     main = [r for r in rows if r['group'] == 'main']
     for family in FAMILIES:
         model = f'{family}_nano_patch7_28'
@@ -310,9 +330,11 @@ def write_report() -> None:
             continue
         acc = {d: [float(r['top1_last']) for r in mine if r['data'] == d] for d in ('10pct', 'full')}
         sec = {d: [float(r['sec_per_epoch']) for r in mine if r['data'] == d] for d in ('10pct', 'full')}
-        lines.append(f'| {model} | {float(mine[0]["gmacs"]):.4f} | {float(mine[0]["params_m"]):.3f} | '
+        speed = [float(r['train_img_per_s']) for r in mine if r.get('train_img_per_s')]
+        lines.append(f'| {model} | {float(mine[0]["gmacs"]):.5f} | {float(mine[0]["params_m"]):.3f} | '
                      f'{_mean_spread(acc["10pct"])} | {_mean_spread(acc["full"])} | '
-                     + ' | '.join(_mean_spread(sec[d]).split(' (')[0] for d in ('10pct', 'full')) + ' |')
+                     + ' | '.join(_mean_spread(sec[d]).split(' (')[0] for d in ('10pct', 'full'))
+                     + f' | {_mean_spread(speed).split(" (")[0]} |')
     for group, title in (('ablation', 'CNT ablations (10% subset, seed 0)'),
                          ('teacher', 'Distillation teacher'), ('distill', 'Token distillation (10% subset, seed 0)')):
         mine = [r for r in rows if r['group'] == group]
@@ -320,12 +342,12 @@ def write_report() -> None:
             mine = [r for r in main if r['run'] == 'cnt-10pct-s0'] + mine
         if not mine:
             continue
-        lines += ['', f'## {title}', '', '| run | model kwargs | distill | GMACs | params (M) | top-1 | best top-1 |',
-                  '|---|---|---|---|---|---|---|']
+        lines += ['', f'## {title}', '', '| run | model kwargs | distill | GMACs | params (M) | top-1 | best top-1 | '
+                  's/epoch | train img/s |', '|---|---|---|---|---|---|---|---|---|']
         for r in mine:
             lines.append(f'| {r["run"]} | {r["model_kwargs"] or "(default)"} | {r["distill"] or "-"} | '
-                         f'{float(r["gmacs"]):.4f} | {float(r["params_m"]):.3f} | {r["top1_last"]} | '
-                         f'{r["top1_best"]} |')
+                         f'{float(r["gmacs"]):.5f} | {float(r["params_m"]):.3f} | {r["top1_last"]} | '
+                         f'{r["top1_best"]} | {r["sec_per_epoch"]} | {r.get("train_img_per_s") or "-"} |')
     lines += ['', '![accuracy vs GMACs](accuracy_vs_gmacs.png)', '']
     (RESULTS / 'README.md').write_text('\n'.join(lines))
     _plot(main)

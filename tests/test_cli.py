@@ -64,3 +64,19 @@ def test_run_restores_argv_and_missing_script_is_an_error(tmp_path, capsys):
     assert sys.argv == argv
     assert main(['run', str(tmp_path / 'absent.py')]) == 2
     assert 'no script' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('models, swept', [
+    (None, ['cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224']),
+    (['cnt_ti_patch16_224', 'cnt_nano_patch7_28', 'transcnn_small'], ['cnt_ti_patch16_224']),
+    (['cnt_nano_patch7_28', 'tnt_nano_patch7_28'], None),
+])
+def test_compare_full_sweeps_only_requested_224px_models(models, swept, monkeypatch):
+    import timm_hybrid.compare as compare
+    calls = {}
+    monkeypatch.setattr(compare, 'compare_models', lambda names, **kw: calls.setdefault('compared', list(names)))
+    monkeypatch.setattr(compare, 'resolution_sweep', lambda names, **kw: calls.setdefault('swept', list(names)))
+    assert main(['compare', '--full', *(['--models', *models] if models else [])]) == 0
+    assert calls.get('swept') == swept
+    if models:
+        assert calls['compared'] == models

@@ -14,13 +14,19 @@ DEFAULT_COMPARE_MODELS = (
     'transcnn_small', 'hatnet_small', 'refiner_vit_small_patch16_224',
 )
 
+SWEEP_MODELS = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224')
+
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare_models, resolution_sweep
     compare_models(args.models or list(DEFAULT_COMPARE_MODELS), output_dir=args.output, quick=not args.full,
                    speed=not args.no_speed, threads=args.threads, batch_size=args.batch_size)
     if args.full and not args.no_speed:
-        resolution_sweep(output_dir=args.output, threads=args.threads)
+        # the sweep re-creates models at img_size 224..448: only the requested 224 px models (the S trio by default);
+        # the 28 px study models have no resolution to sweep
+        names = SWEEP_MODELS if not args.models else [n for n in args.models if n.endswith('_224')]
+        if names:
+            resolution_sweep(names, output_dir=args.output, threads=args.threads)
     return 0
 
 
@@ -29,7 +35,7 @@ def add_compare_parser(subparsers) -> None:
         'compare', help='params, fvcore GMACs and CPU speed of CNT vs TNT vs DeiT (table, CSV, Markdown, PNG)')
     p.add_argument('--models', nargs='+', help='timm model names (default: CNT / TNT / DeiT Ti, S, B and the small TransCNN, HAT-Net, Refiner)')
     p.add_argument('--output', default='benchmarks/results/compare', help='output folder')
-    p.add_argument('--full', action='store_true', help='full timing (more repeats, train step, resolution sweep)')
+    p.add_argument('--full', action='store_true', help='full timing: more repeats, train step, and a 224-448 px resolution sweep of the requested 224 px models')
     p.add_argument('--no-speed', action='store_true', help='params and GMACs only')
     p.add_argument('--threads', type=int, default=2, help='torch threads for timing')
     p.add_argument('--batch-size', type=int, default=32, help='batch size for timing')

@@ -209,7 +209,7 @@ def _time_train_in_groups(
 
 
 def resolution_sweep(
-        names: Sequence[str] = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224'),
+        names: Sequence[str],
         resolutions: Sequence[int] = (224, 288, 384, 448),
         output_dir: str = 'benchmarks/results/compare',
         threads: int = 2,
