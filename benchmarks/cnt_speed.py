@@ -82,9 +82,9 @@ def main() -> None:
 
     models = {n: timm.create_model(n).eval() for n in MODELS}
     timing = time_interleaved(models, {n: (3, 224, 224) for n in MODELS}, args.batch_size, args.repeats)
-    ref = timing['tnt_s_patch16_224'].median
+    tnt_s, deit_s = timing['tnt_s_patch16_224'].median, timing['deit_small_patch16_224'].median
     speed = [dict(model=n, img_s=round(args.batch_size / t.median, 1), spread=f'±{t.spread:.1%}',
-                  x_tnt_s=round(ref / t.median, 3), x_deit_s=round(timing['deit_small_patch16_224'].median / t.median, 3))
+                  x_tnt_s=round(tnt_s / t.median, 3), x_deit_s=round(deit_s / t.median, 3))
              for n, t in timing.items()]
 
     x = torch.randn(args.batch_size, 3, 224, 224)
@@ -93,7 +93,8 @@ def main() -> None:
         times = component_times(model, x, max(3, args.repeats // 2))
         components.append(dict(model=n, **{k: round(v * 1000, 1) for k, v in times.items()}))
 
-    settings = f'batch {args.batch_size}, {args.threads} threads, {args.repeats} interleaved rounds, torch {torch.__version__}'
+    settings = (f'batch {args.batch_size}, {args.threads} threads, {args.repeats} interleaved rounds, '
+                f'torch {torch.__version__}')
     text = (f'# CNT-S vs TNT-S vs DeiT-S inference on this CPU\n\nCommand: `python benchmarks/cnt_speed.py '
             f'--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}` ({settings})\n\n'
             f'## Speed (interleaved, median, ± half the inter-quartile range)\n\n{_markdown(speed)}\n\n'

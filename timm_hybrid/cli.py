@@ -33,9 +33,13 @@ def _compare(args: argparse.Namespace) -> int:
 def add_compare_parser(subparsers) -> None:
     p = subparsers.add_parser(
         'compare', help='params, fvcore GMACs and CPU speed of CNT vs TNT vs DeiT (table, CSV, Markdown, PNG)')
-    p.add_argument('--models', nargs='+', help='timm model names (default: CNT / TNT / DeiT Ti, S, B and the small TransCNN, HAT-Net, Refiner)')
+    p.add_argument('--models', nargs='+',
+                   help='timm model names (default: CNT / TNT / DeiT Ti, S, B and the small TransCNN, HAT-Net, '
+                        'Refiner)')
     p.add_argument('--output', default='benchmarks/results/compare', help='output folder')
-    p.add_argument('--full', action='store_true', help='full timing: more repeats, train step, and a 224-448 px resolution sweep of the requested 224 px models')
+    p.add_argument('--full', action='store_true',
+                   help='full timing: more repeats, train step, and a 224-448 px resolution sweep of the requested '
+                        '224 px models')
     p.add_argument('--no-speed', action='store_true', help='params and GMACs only')
     p.add_argument('--threads', type=int, default=2, help='torch threads for timing')
     p.add_argument('--batch-size', type=int, default=32, help='batch size for timing')

@@ -105,7 +105,8 @@ def prepare_fashion_mnist(
 
 
 @torch.inference_mode()
-def evaluate_fashion_mnist(model: torch.nn.Module, root: Union[str, os.PathLike], batch_size: int = 128) -> Dict[str, float]:
+def evaluate_fashion_mnist(
+        model: torch.nn.Module, root: Union[str, os.PathLike], batch_size: int = 128) -> Dict[str, float]:
     """ Test-set top-1 / top-5 (%) of `model` on Fashion-MNIST laid out at `root`, through timm's own data config
     (the model's pretrained cfg: size, crop, mean / std) and eval transforms, as a user of the weights would. """
     import timm.data
