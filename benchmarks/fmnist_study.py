@@ -7,7 +7,8 @@ run uses the same timm recipe (RECIPE below); the study has four groups:
 * ablation: CNT on the 10% subset, one seed: inner block (bottleneck / attn) and position encodings
             (patch / pixel: none / sincos; the learned default is the main run)
 * teacher:  a ResNet-18 CNN teacher on the 10% subset, exported with `timm_hybrid.hub.export`
-* distill:  cnt_nano_distilled on the 10% subset with timm's TokenDistillationTask (hard, soft) and without
+* distill:  cnt_nano_distilled on the 10% subset with timm's TokenDistillationTask (hard, soft) and without;
+            deit_nano_distilled (hard) and without, DeiT's own recipe on the baseline
 
 Runs are resumable (train.py's --resume from the run's last checkpoint) and recorded once finished: a run already in
 runs.csv is skipped, so the study can span sessions. Each finished run appends its row, re-renders the report and
@@ -51,6 +52,9 @@ RECIPE = (
 FAMILIES = ('cnt', 'tnt', 'deit')
 TEACHER_MODEL = 'resnet18'
 TEACHER_RUN = 'teacher-resnet18-10pct-s0'
+# weights/<arch>.fmnist folders: the three families and the distilled variants (their .fmnist tags point at them)
+PUBLISHED_MODELS = tuple(f'{f}_nano_patch7_28' for f in FAMILIES) + (
+    'cnt_nano_distilled_patch7_28', 'deit_nano_distilled_patch7_28')
 
 FIELDS = ('run', 'group', 'model', 'model_kwargs', 'distill', 'data', 'train_images', 'seed', 'epochs', 'top1_last',
           'top1_best', 'gmacs', 'params_m', 'sec_per_epoch', 'train_img_per_s', 'threads', 'finished', 'command')
@@ -87,6 +91,10 @@ def planned_runs() -> List[Run]:
     for distill in ('', 'hard', 'soft'):
         runs.append(Run(f'cnt_distilled-10pct-s0-{distill or "nodistill"}', 'distill',
                         'cnt_nano_distilled_patch7_28', '10pct', 0, distill=distill))
+    # DeiT's own recipe (hard token distillation) on the DeiT baseline, with its no-teacher control
+    for distill in ('', 'hard'):
+        runs.append(Run(f'deit_distilled-10pct-s0-{distill or "nodistill"}', 'distill',
+                        'deit_nano_distilled_patch7_28', '10pct', 0, distill=distill))
     return runs
 
 
@@ -255,25 +263,31 @@ def run_study(args: argparse.Namespace) -> None:
 # --- weights ---------------------------------------------------------------------------------------------------------
 
 def publish() -> None:
-    """ Exports the best main run of each family (by final-epoch test top-1) as weights/<arch>.fmnist with
-    `timm_hybrid.hub.export`, then re-loads the folder as a user would (`local-dir:`, timm's data config and eval
-    transforms) and checks it reproduces the accuracy train.py recorded. """
+    """ Exports the best run of each published model (by final-epoch test top-1; the three families from the main
+    runs, the distilled variants from the distillation runs) as weights/<arch>.fmnist with `timm_hybrid.hub.export`,
+    then re-loads the folder as a user would (`local-dir:`, timm's data config and eval transforms) and checks it
+    reproduces the accuracy train.py recorded. """
     import json
     import timm
     from timm_hybrid.data import evaluate_fashion_mnist
     from timm_hybrid.hub import export
-    main_rows = [r for r in recorded_runs().values() if r['group'] == 'main']
+    rows = recorded_runs()
     best = {}
-    for family in FAMILIES:
-        mine = [r for r in main_rows if r['model'] == f'{family}_nano_patch7_28']
+    for model_name in PUBLISHED_MODELS:
+        mine = [r for r in rows.values() if r['model'] == model_name and r['group'] in ('main', 'distill')]
         if mine:
-            best[family] = max(mine, key=lambda r: float(r['top1_last']))
+            best[model_name] = max(mine, key=lambda r: float(r['top1_last']))
     test_root = data_root('full')  # the test split is the same in every layout
-    for family, row in best.items():
-        model_name, out = row['model'], REPO / 'weights' / f'{row["model"]}.fmnist'
-        compare = [dict(model=f'{b["model"]} (best run)', top1=float(b['top1_last']), params=float(b['params_m']),
-                        gmacs=float(b['gmacs']), input_size=(1, 28, 28)) for f, b in best.items() if f != family]
+    for model_name, row in best.items():
+        out = REPO / 'weights' / f'{model_name}.fmnist'
+        compare = [dict(model=f'{other} (best run)', top1=float(b['top1_last']), params=float(b['params_m']),
+                        gmacs=float(b['gmacs']), input_size=(1, 28, 28)) for other, b in best.items()
+                   if other != model_name]
         data_text = '60k-image training set' if row['data'] == 'full' else 'fixed class-balanced 10% (6k images)'
+        if row['distill']:
+            teacher = rows[TEACHER_RUN]
+            data_text += (f', {row["distill"]} token distillation from the {TEACHER_MODEL} teacher trained in '
+                          f'run `{TEACHER_RUN}` (top-1 {teacher["top1_last"]})')
         card = dict(
             accuracy={'top1': float(row['top1_last'])},
             train_command=f'timm-hybrid data fashion-mnist --root data/fm  # {data_text}\n{row["command"]}',
