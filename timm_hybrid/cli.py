@@ -20,7 +20,8 @@ SWEEP_MODELS = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_22
 def _compare(args: argparse.Namespace) -> int:
     from .compare import compare_models, resolution_sweep
     compare_models(args.models or list(DEFAULT_COMPARE_MODELS), output_dir=args.output, quick=not args.full,
-                   speed=not args.no_speed, threads=args.threads, batch_size=args.batch_size)
+                   speed=not args.no_speed, threads=args.threads, batch_size=args.batch_size,
+                   references=args.references)
     if args.full and not args.no_speed:
         # the sweep re-creates models at img_size 224..448: only the requested 224 px models (the S trio by default);
         # the 28 px study models have no resolution to sweep
@@ -31,11 +32,15 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def add_compare_parser(subparsers) -> None:
+    from .compare import REFERENCES
     p = subparsers.add_parser(
         'compare', help='params, fvcore GMACs and CPU speed of CNT vs TNT vs DeiT (table, CSV, Markdown, PNG)')
     p.add_argument('--models', nargs='+',
                    help='timm model names (default: CNT / TNT / DeiT Ti, S, B and the small TransCNN, HAT-Net, '
                         'Refiner)')
+    p.add_argument('--references', nargs='+', default=list(REFERENCES),
+                   help='models the speed ratios are taken to, timed in the same rounds (default: TNT-S, DeiT-S; '
+                        'for the 28 px models e.g. tnt_nano_patch7_28 deit_nano_patch7_28)')
     p.add_argument('--output', default='benchmarks/results/compare', help='output folder')
     p.add_argument('--full', action='store_true',
                    help='full timing: more repeats, train step, and a 224-448 px resolution sweep of the requested '

@@ -22,6 +22,12 @@ import torch.nn as nn
 __all__ = ['Timing', 'time_interleaved', 'matmul_gmacs_per_s', 'peak_memory_mb', 'compare_models', 'resolution_sweep']
 
 REFERENCES = ('tnt_s_patch16_224', 'deit_small_patch16_224')
+# column suffixes of the speed ratios (infer_x_<short>, train_x_<short>); other references use the name up to '_patch'
+_REFERENCE_SHORT_NAMES = {'tnt_s_patch16_224': 'tnt_s', 'deit_small_patch16_224': 'deit_s'}
+
+
+def _short_name(name: str) -> str:
+    return _REFERENCE_SHORT_NAMES.get(name, name.split('_patch')[0])
 
 
 @dataclass
@@ -141,17 +147,20 @@ def compare_models(
         speed: bool = True,
         threads: int = 2,
         batch_size: Optional[int] = None,
+        references: Sequence[str] = REFERENCES,
 ) -> List[Dict[str, object]]:
     """ Params, GMACs, inference / train-step img/s, peak memory and fraction of matmul peak, for each model.
 
-    Speed ratios are to TNT-S and DeiT-S, which are timed in the same interleaved rounds (added if not named).
+    Speed ratios are to the `references` (TNT-S and DeiT-S by default; e.g. the 28 px baselines for the 28 px
+    models), which are timed in the same interleaved rounds (added if not named).
     Writes compare.csv, compare.md, compare.json and compare.png to `output_dir`; prints the Markdown table.
     """
     import timm
     from .flops import count_flops
     torch.set_num_threads(threads)
     names = list(dict.fromkeys(names))
-    timed = names + [r for r in REFERENCES if r not in names] if speed else names
+    references = list(dict.fromkeys(references))
+    timed = names + [r for r in references if r not in names] if speed else names
     batch_size = batch_size or (8 if quick else 32)
     repeats = 3 if quick else 7
 
@@ -161,21 +170,22 @@ def compare_models(
         f = count_flops(models[n], input_size=_input_size(models[n]))
         rows[n] = dict(model=n, input=_input_size(models[n])[-1], params_m=round(f.mparams, 3),
                        gmacs=round(f.gmacs, 3), train_gmacs=round(f.train_gmacs, 3))
-    meta = dict(threads=threads, batch_size=batch_size, repeats=repeats, quick=quick,
+    meta = dict(threads=threads, batch_size=batch_size, repeats=repeats, quick=quick, references=references,
                 torch=torch.__version__, timm=timm.__version__)
     if speed:
         sizes = {n: _input_size(m) for n, m in models.items()}
         peak = matmul_gmacs_per_s()
         meta['matmul_gmacs_per_s'] = round(peak, 1)
         infer = time_interleaved(models, sizes, batch_size, repeats, train=False, desc='inference')
-        train = _time_train_in_groups(models, sizes, names, batch_size, max(2, repeats - 2))
+        train = _time_train_in_groups(models, sizes, names, references, batch_size, max(2, repeats - 2))
         for n in names:
             row = rows[n]
             row['infer_img_s'] = round(batch_size / infer[n].median, 1)
             row['infer_spread'] = round(infer[n].spread, 3)
             row['train_img_s'] = round(batch_size / train[n][n].median, 1)
             row['train_spread'] = round(train[n][n].spread, 3)
-            for ref, short in zip(REFERENCES, ('tnt_s', 'deit_s')):
+            for ref in references:
+                short = _short_name(ref)
                 row[f'infer_x_{short}'] = round(infer[ref].median / infer[n].median, 3)
                 row[f'train_x_{short}'] = round(train[n][ref].median / train[n][n].median, 3)
             row['frac_matmul_peak'] = round(row['gmacs'] * batch_size / infer[n].median / peak, 3)
@@ -183,7 +193,7 @@ def compare_models(
             for n in names:
                 rows[n]['train_peak_mb'] = round(peak_memory_mb(n, batch_size, True, threads), 0)
                 bar.update()
-    _write(list(rows.values()), meta, Path(output_dir), 'compare')
+    _write(list(rows.values()), meta, Path(output_dir), 'compare', reference=references[0] if speed else None)
     return list(rows.values())
 
 
@@ -191,6 +201,7 @@ def _time_train_in_groups(
         models: Dict[str, nn.Module],
         sizes: Dict[str, Tuple[int, int, int]],
         names: Sequence[str],
+        references: Sequence[str],
         batch_size: int,
         repeats: int,
 ) -> Dict[str, Dict[str, Timing]]:
@@ -199,7 +210,7 @@ def _time_train_in_groups(
     model's ratio to a reference comes from its own group. """
     groups, timed = {}, {}
     for n in names:
-        members = tuple(dict.fromkeys([n, *REFERENCES]))
+        members = tuple(dict.fromkeys([n, *references]))
         if frozenset(members) not in timed:  # the references' own group is timed once
             timed[frozenset(members)] = time_interleaved(
                 {m: models[m] for m in members}, sizes, batch_size, repeats, train=True, desc=f'train step {n}')
@@ -242,7 +253,8 @@ def _markdown(rows: List[Dict[str, object]]) -> str:
     return '\n'.join(lines)
 
 
-def _write(rows: List[Dict[str, object]], meta: Dict[str, object], out: Path, stem: str) -> None:
+def _write(rows: List[Dict[str, object]], meta: Dict[str, object], out: Path, stem: str,
+           reference: Optional[str] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f'{stem}.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -255,10 +267,10 @@ def _write(rows: List[Dict[str, object]], meta: Dict[str, object], out: Path, st
     (out / f'{stem}.md').write_text(f'Command: `{command}`\n\nSettings: {settings}\n\n{table}\n')
     (out / f'{stem}.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f'\n{table}\n\n({settings}; written to {out}/{stem}.csv/.md/.json/.png)')
-    _plot(rows, out / f'{stem}.png', stem)
+    _plot(rows, out / f'{stem}.png', stem, reference)
 
 
-def _plot(rows: List[Dict[str, object]], path: Path, stem: str) -> None:
+def _plot(rows: List[Dict[str, object]], path: Path, stem: str, reference: Optional[str] = None) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -276,7 +288,7 @@ def _plot(rows: List[Dict[str, object]], path: Path, stem: str) -> None:
             ax.grid(alpha=.3)
             ax.legend(fontsize=8)
     else:
-        has_speed = 'infer_img_s' in rows[0]
+        has_speed = reference is not None and 'infer_img_s' in rows[0]
         fig, axes = plt.subplots(1, 2 if has_speed else 1, figsize=(12 if has_speed else 6, 4.5), squeeze=False)
         axes = axes[0]
         labels = [r['model'] for r in rows]
@@ -285,11 +297,12 @@ def _plot(rows: List[Dict[str, object]], path: Path, stem: str) -> None:
         axes[0].invert_yaxis()
         if has_speed:
             y = range(len(rows))
-            axes[1].barh([i - .2 for i in y], [r['infer_x_tnt_s'] for r in rows], height=.4, label='inference')
-            axes[1].barh([i + .2 for i in y], [r['train_x_tnt_s'] for r in rows], height=.4, label='train step')
+            short = _short_name(reference)
+            axes[1].barh([i - .2 for i in y], [r[f'infer_x_{short}'] for r in rows], height=.4, label='inference')
+            axes[1].barh([i + .2 for i in y], [r[f'train_x_{short}'] for r in rows], height=.4, label='train step')
             axes[1].set_yticks(list(y), labels)
             axes[1].axvline(1, color='k', lw=.8)
-            axes[1].set_xlabel('speed relative to TNT-S (same interleaved run)')
+            axes[1].set_xlabel(f'speed relative to {reference} (same interleaved run)')
             axes[1].invert_yaxis()
             axes[1].legend()
     fig.tight_layout()
