@@ -1,5 +1,4 @@
-""" The `timm-hybrid` console script: export / push / run sub-commands (compare and data are tested with their
-modules). """
+""" The `timm-hybrid` console script: export / push / run / compare sub-commands (data is tested in test_data.py). """
 import json
 import subprocess
 import sys
