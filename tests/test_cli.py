@@ -93,5 +93,6 @@ def test_compare_with_own_references_writes_ratios_to_them(tmp_path):
     assert rows['tnt_nano_patch7_28']['infer_x_tnt_nano'] == 1.0
     assert rows['tnt_nano_patch7_28']['train_x_tnt_nano'] == 1.0
     assert rows['cnt_nano_patch7_28']['infer_x_deit_nano'] > 0 and 'infer_x_tnt_s' not in rows['cnt_nano_patch7_28']
+    assert rows['cnt_nano_patch7_28']['gmacs'] == 0.00825  # three significant digits, not 0.008
     assert rows['cnt_nano_patch7_28']['input'] == 28 and rows['cnt_nano_patch7_28']['train_peak_mb'] >= 0
     assert {p.suffix for p in out.iterdir()} == {'.csv', '.md', '.json', '.png'}
