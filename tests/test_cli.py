@@ -86,7 +86,7 @@ def test_compare_with_own_references_writes_ratios_to_them(tmp_path):
     are named after the references, a reference's ratio to itself is exactly 1, and every output file is written. """
     out = tmp_path / 'nano'
     assert main(['compare', '--models', 'cnt_nano_patch7_28', 'tnt_nano_patch7_28', '--references',
-                 'tnt_nano_patch7_28', 'deit_nano_patch7_28', '--batch-size', '2', '--threads', '1',
+                 'tnt_nano_patch7_28', 'deit_nano_patch7_28', '--batch-size', '2', '--threads', '1', '--repeats', '4',
                  '--output', str(out)]) == 0
     rows = {r['model']: r for r in json.loads((out / 'compare.json').read_text())['rows']}
     assert list(rows) == ['cnt_nano_patch7_28', 'tnt_nano_patch7_28']  # references are timed, not reported
@@ -94,5 +94,6 @@ def test_compare_with_own_references_writes_ratios_to_them(tmp_path):
     assert rows['tnt_nano_patch7_28']['train_x_tnt_nano'] == 1.0
     assert rows['cnt_nano_patch7_28']['infer_x_deit_nano'] > 0 and 'infer_x_tnt_s' not in rows['cnt_nano_patch7_28']
     assert rows['cnt_nano_patch7_28']['gmacs'] == 0.00825  # three significant digits, not 0.008
+    assert json.loads((out / 'compare.json').read_text())['meta']['repeats'] == 4
     assert rows['cnt_nano_patch7_28']['input'] == 28 and rows['cnt_nano_patch7_28']['train_peak_mb'] >= 0
     assert {p.suffix for p in out.iterdir()} == {'.csv', '.md', '.json', '.png'}

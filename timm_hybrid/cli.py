@@ -21,7 +21,7 @@ def _compare(args: argparse.Namespace) -> int:
     from .compare import compare_models, resolution_sweep
     compare_models(args.models or list(DEFAULT_COMPARE_MODELS), output_dir=args.output, quick=not args.full,
                    speed=not args.no_speed, threads=args.threads, batch_size=args.batch_size,
-                   references=args.references)
+                   references=args.references, repeats=args.repeats)
     if args.full and not args.no_speed:
         # the sweep re-creates models at img_size 224..448: only the requested 224 px models (the S trio by default);
         # the 28 px study models have no resolution to sweep
@@ -48,6 +48,9 @@ def add_compare_parser(subparsers) -> None:
     p.add_argument('--no-speed', action='store_true', help='params and GMACs only')
     p.add_argument('--threads', type=int, default=2, help='torch threads for timing')
     p.add_argument('--batch-size', type=int, default=32, help='batch size for timing')
+    p.add_argument('--repeats', type=int, default=None,
+                   help='interleaved timing rounds (default 3, or 7 with --full); short steps such as the 28 px '
+                        'models on a shared machine need more for a stable median')
     p.set_defaults(func=_compare)
 
 

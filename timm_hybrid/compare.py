@@ -153,6 +153,7 @@ def compare_models(
         threads: int = 2,
         batch_size: Optional[int] = None,
         references: Sequence[str] = REFERENCES,
+        repeats: Optional[int] = None,
 ) -> List[Dict[str, object]]:
     """ Params, GMACs, inference / train-step img/s, peak memory and fraction of matmul peak, for each model.
 
@@ -167,7 +168,7 @@ def compare_models(
     references = list(dict.fromkeys(references))
     timed = names + [r for r in references if r not in names] if speed else names
     batch_size = batch_size or (8 if quick else 32)
-    repeats = 3 if quick else 7
+    repeats = repeats or (3 if quick else 7)
 
     models = {n: timm.create_model(n) for n in timed}
     rows = {}
