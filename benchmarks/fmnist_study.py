@@ -81,7 +81,7 @@ class Run:
     def val_interval(self) -> int:
         # the main runs report the test accuracy of every epoch; the others evaluate (and checkpoint) every 5th and
         # the last epoch, which saves about a third of a 10%-subset epoch (10k test images vs 6k training images)
-        # and does not change training: evaluation draws no random numbers
+        # and leaves the recipe unchanged (the random stream differs: each evaluation's loader draws a seed)
         return 1 if self.group == 'main' else VAL_INTERVAL
 
 
