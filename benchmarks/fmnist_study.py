@@ -356,7 +356,9 @@ def write_report() -> None:
              'epoch on this 2-core machine, one thread per run, two runs side by side, including evaluation of the 10k '
              'test images and checkpointing; train img/s is the training loop alone (median over epochs of train.py\'s '
              'epoch average). Other work shared the machine during some runs, so compare families rather than read '
-             'the absolute figures; `timm-hybrid compare` gives interleaved speed ratios.', '',
+             'the absolute figures; `timm-hybrid compare` gives interleaved speed ratios. Ablation, teacher and '
+             'distillation runs evaluate every 5th and the last epoch (`--val-interval 5`): their s/epoch is not '
+             'comparable with the main runs\' and their best top-1 is over those epochs only.', '',
              f'Recipe: `{RECIPE}`', '', '## Main comparison', '',
              '| model | GMACs | params (M) | top-1, 10% subset (50 ep) | top-1, full (15 ep) | s/epoch (10%) | '
              's/epoch (full) | train img/s (all runs) |',
