@@ -37,6 +37,7 @@ RESULTS = REPO / 'benchmarks' / 'results' / 'fmnist'
 # checkpoints and logs of unfinished runs: outside the work tree, so a later session on this machine can resume them
 WORK = Path(os.environ.get('TIMM_HYBRID_STUDY_DIR', Path.home() / '.cache' / 'timm-hybrid' / 'fmnist-study'))
 RUNS_CSV = RESULTS / 'runs.csv'
+CURVES = RESULTS / 'curves'  # per-run copies of train.py's summary.csv
 
 EPOCHS = {'full': 15, '10pct': 50}
 VAL_INTERVAL = 5
@@ -51,6 +52,7 @@ RECIPE = (
     '--checkpoint-hist 1'
 )
 FAMILIES = ('cnt', 'tnt', 'deit')
+DISPLAY_NAMES = {'cnt': 'CNT', 'tnt': 'TNT', 'deit': 'DeiT'}
 TEACHER_MODEL = 'resnet18'
 TEACHER_RUN = 'teacher-resnet18-10pct-s0'
 # weights/<arch>.fmnist folders: the three families and the distilled variants (their .fmnist tags point at them)
@@ -172,6 +174,16 @@ def recorded_runs() -> Dict[str, Dict[str, str]]:
         return {row['run']: row for row in csv.DictReader(f)}
 
 
+def save_curve(run: Run) -> None:
+    """ Keeps the run's per-epoch test accuracy with the results (train.py's summary.csv lives in the work dir). """
+    CURVES.mkdir(parents=True, exist_ok=True)
+    rows = read_summary(run)
+    with open(CURVES / f'{run.name}.csv', 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _without_resume(args: Sequence[str]) -> List[str]:
     """ The run's command as it would be typed for a fresh start (a session that resumed it added --resume). """
     args = list(args)
@@ -195,7 +207,7 @@ def record(run: Run, command: Sequence[str], sec_per_epoch: float, threads: int)
         train_img_per_s=train_images_per_second(run) or '', threads=threads, finished=time.strftime('%Y-%m-%d %H:%M'),
         command=shlex.join(['python', 'train.py', *_without_resume(command[2:])]).replace(str(REPO) + '/', ''),
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    save_curve(run)
     new_file = not RUNS_CSV.exists()
     with open(RUNS_CSV, 'a', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -389,9 +401,12 @@ def write_report() -> None:
             lines.append(f'| {r["run"]} | {r["model_kwargs"] or "(default)"} | {r["distill"] or "-"} | '
                          f'{float(r["gmacs"]):.5f} | {float(r["params_m"]):.3f} | {r["top1_last"]} | '
                          f'{r["top1_best"]} | {r["sec_per_epoch"]} | {r.get("train_img_per_s") or "-"} |')
-    lines += ['', '![accuracy vs GMACs](accuracy_vs_gmacs.png)', '']
+    lines += ['', '![accuracy vs GMACs](accuracy_vs_gmacs.png)', '',
+              'Test top-1 after every epoch of the main runs (per-run curves in [curves/](curves)):', '',
+              '![test top-1 per epoch](top1_per_epoch.png)', '']
     (RESULTS / 'README.md').write_text('\n'.join(lines))
     _plot(main)
+    _plot_curves(main)
 
 
 def _plot(main: List[Dict[str, str]]) -> None:
@@ -405,7 +420,7 @@ def _plot(main: List[Dict[str, str]]) -> None:
             pts = [(float(r['gmacs']) * 1000, float(r['top1_last'])) for r in main
                    if r['model'] == f'{family}_nano_patch7_28' and r['data'] == data]
             if pts:
-                ax.scatter(*zip(*pts), marker=marker, s=50, label=family.upper())
+                ax.scatter(*zip(*pts), marker=marker, s=50, label=DISPLAY_NAMES[family])
         ax.set_title(title)
         ax.set_xlabel('fvcore MMACs per image')
         ax.set_ylabel('test top-1 (%)')
@@ -414,6 +429,32 @@ def _plot(main: List[Dict[str, str]]) -> None:
     fig.suptitle('Fashion-MNIST, nano models at matched compute (each point one seed)')
     fig.tight_layout()
     fig.savefig(RESULTS / 'accuracy_vs_gmacs.png', dpi=120)
+    plt.close(fig)
+
+
+def _plot_curves(main: List[Dict[str, str]]) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, data in zip(axes, ('10pct', 'full')):
+        for family, color in zip(FAMILIES, ('tab:blue', 'tab:orange', 'tab:green')):
+            for r in main:
+                path = CURVES / f'{r["run"]}.csv'
+                if r['model'] != f'{family}_nano_patch7_28' or r['data'] != data or not path.exists():
+                    continue
+                with open(path) as f:
+                    curve = [(int(row['epoch']) + 1, float(row['eval_top1'])) for row in csv.DictReader(f)]
+                ax.plot(*zip(*curve), color=color, ls='-' if r['seed'] == '0' else '--', lw=1.2,
+                        label=f'{DISPLAY_NAMES[family]} seed {r["seed"]}')
+        ax.set_title(f'{"10% subset" if data == "10pct" else "full training set"}')
+        ax.set_xlabel('epoch')
+        ax.set_ylabel('test top-1 (%)')
+        ax.set_ylim(bottom=60)
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / 'top1_per_epoch.png', dpi=110)
     plt.close(fig)
 
 
