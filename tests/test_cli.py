@@ -97,3 +97,9 @@ def test_compare_with_own_references_writes_ratios_to_them(tmp_path):
     assert json.loads((out / 'compare.json').read_text())['meta']['repeats'] == 4
     assert rows['cnt_nano_patch7_28']['input'] == 28 and rows['cnt_nano_patch7_28']['train_peak_mb'] >= 0
     assert {p.suffix for p in out.iterdir()} == {'.csv', '.md', '.json', '.png'}
+
+
+def test_compare_without_references_is_an_error():
+    from timm_hybrid.compare import compare_models
+    with pytest.raises(ValueError, match='at least one reference'):
+        compare_models(['cnt_nano_patch7_28'], references=[])

@@ -166,6 +166,8 @@ def compare_models(
     torch.set_num_threads(threads)
     names = list(dict.fromkeys(names))
     references = list(dict.fromkeys(references))
+    if speed and not references:
+        raise ValueError('speed ratios need at least one reference model (references=[])')
     timed = names + [r for r in references if r not in names] if speed else names
     batch_size = batch_size or (8 if quick else 32)
     repeats = repeats or (3 if quick else 7)
