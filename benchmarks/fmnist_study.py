@@ -219,7 +219,10 @@ def record(run: Run, command: Sequence[str], sec_per_epoch: float, threads: int)
 
 def export_teacher() -> None:
     from timm_hybrid.hub import export
-    export(TEACHER_MODEL, WORK / TEACHER_RUN / 'model_best.pth.tar', teacher_dir(), num_classes=10, in_chans=1)
+    # the recipe's data settings go into its config.json: train.py's distillation re-normalises the student's input
+    # with the teacher's mean / std
+    export(TEACHER_MODEL, WORK / TEACHER_RUN / 'model_best.pth.tar', teacher_dir(), num_classes=10, in_chans=1,
+           data_config=dict(input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), crop_pct=1.0))
 
 
 def git_commit(message: str) -> None:

@@ -205,3 +205,38 @@ def test_push_uploads_the_folder_with_huggingface_hub(exported, monkeypatch, no_
 def test_push_refuses_a_folder_that_is_not_an_export(tmp_path):
     with pytest.raises(FileNotFoundError, match='timm-hybrid export'):
         hub.push(tmp_path, REPO_ID, token='hf_test')
+
+
+@pytest.mark.parametrize('data_config, input_size, mean', [
+    ({}, [1, 224, 224], [pytest.approx(0.449, abs=1e-3)]),  # resnet18's RGB cfg reduced to one channel
+    (dict(input_size=(1, 28, 28), mean=(0.286,), std=(0.353,), crop_pct=1.0), [1, 28, 28], [0.286]),
+])
+def test_export_of_a_cnn_with_other_channels_and_data_config(tmp_path, data_config, input_size, mean):
+    """ The study's teacher: timm's resnet18 trained on 1-channel 28 px images. config.json must describe that input
+    (not resnet18's 3x224x224 RGB cfg), the card renders, and the folder loads back with timm's data config. """
+    torch.manual_seed(0)
+    teacher = timm.create_model('resnet18', num_classes=10, in_chans=1).eval()
+    checkpoint = tmp_path / 'model_best.pth.tar'
+    torch.save({'epoch': 0, 'state_dict': teacher.state_dict()}, checkpoint)
+    folder = hub.export('resnet18', checkpoint, tmp_path / 'teacher', num_classes=10, in_chans=1,
+                        data_config=data_config)
+    cfg = json.loads((folder / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['input_size'] == input_size and cfg['mean'] == mean and len(cfg['std']) == 1
+    # resnet18's cfg evaluates at 288 px: kept (1 channel) with its own preprocessing, dropped with another input size
+    assert cfg.get('test_input_size') == ([1, 288, 288] if not data_config else None)
+    assert 'resnet18' in (folder / 'README.md').read_text()
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    config = timm.data.resolve_data_config(model=loaded)
+    assert config['input_size'] == tuple(input_size)
+    x = torch.randn(2, *input_size)
+    torch.testing.assert_close(loaded(x), teacher(x), rtol=0, atol=0)
+
+
+def test_cli_export_takes_train_py_data_flags(trained, tmp_path):
+    from timm_hybrid.cli import main
+    _, checkpoint = trained
+    out = tmp_path / 'out'
+    assert main(['export', ARCH, '--checkpoint', str(checkpoint), '--output', str(out), '--mean', '0.5',
+                 '--std', '0.25', '--crop-pct', '0.9']) == 0
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert (cfg['mean'], cfg['std'], cfg['crop_pct'], cfg['input_size']) == ([0.5], [0.25], 0.9, [1, 28, 28])

@@ -91,10 +91,13 @@ def _export(args: argparse.Namespace) -> int:
         card_data['model_name'] = args.model_name
     if args.dataset:
         card_data['dataset'] = args.dataset
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in (
+        ('input_size', args.input_size), ('mean', args.mean), ('std', args.std), ('crop_pct', args.crop_pct))
+        if v is not None}
     try:
         folder = export(args.model, args.checkpoint, args.output, num_classes=args.num_classes,
                         in_chans=args.in_chans, model_args=args.model_kwargs, card_data=card_data,
-                        use_ema=args.use_ema)
+                        use_ema=args.use_ema, data_config=data_config)
     except ExportError as e:
         return _usage_error(e)
     print(f'{args.model} exported to {folder} ({", ".join(sorted(p.name for p in folder.iterdir()))}); '
@@ -114,6 +117,12 @@ def add_export_parser(subparsers) -> None:
     p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                    help='further create_model kwargs the model was trained with, e.g. img_size=56')
     p.add_argument('--use-ema', action='store_true', help="export the checkpoint's EMA weights (--model-ema)")
+    # the data settings of timm's train.py, when the model was trained with others than its cfg's
+    p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                   help='input size the model was trained at, e.g. 1 28 28')
+    p.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean used in training')
+    p.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std used in training')
+    p.add_argument('--crop-pct', type=float, default=None, help='eval crop fraction used in training')
     p.add_argument('--accuracy', nargs='*', default={}, action=ParseKwargs, metavar='METRIC=VALUE',
                    help='measured accuracy for the model card, e.g. top1=88.1 top5=99.7 (validate.py, in %%)')
     p.add_argument('--train-command', default=None, help='the command that trained the weights, for the card')

@@ -135,6 +135,18 @@ def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     model.load_state_dict(state_dict, strict=True)
 
 
+def _match_cfg_channels(cfg: Dict[str, Any], in_chans: int) -> None:
+    """ A cfg written for another channel count (e.g. resnet18's RGB cfg for a 1-channel model) describes this model's
+    input: input size with `in_chans` channels, per-channel mean / std reduced to their mean. """
+    for key in ('input_size', 'test_input_size'):
+        if cfg.get(key) and cfg[key][0] != in_chans:
+            cfg[key] = (in_chans, *cfg[key][1:])
+    for key in ('mean', 'std'):
+        values = cfg.get(key)
+        if values is not None and len(values) != in_chans:
+            cfg[key] = (sum(values) / len(values),) * in_chans
+
+
 def export(
         model_name: str,
         checkpoint: Union[str, os.PathLike],
@@ -144,6 +156,7 @@ def export(
         model_args: Optional[Dict[str, Any]] = None,
         card_data: Optional[Dict[str, Any]] = None,
         use_ema: bool = False,
+        data_config: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """ Writes a hub-ready folder (config.json, model.safetensors, README.md) for a trained checkpoint.
 
@@ -158,6 +171,10 @@ def export(
         model_args: Further `timm.create_model` kwargs the model was trained with (e.g. img_size, drop_path_rate).
         card_data: Model card data, see `render_model_card`.
         use_ema: Export the EMA weights of the checkpoint (timm's `--model-ema`).
+        data_config: The data settings the model was trained with, if not its cfg's (timm's `input_size`, `mean`,
+            `std`, `crop_pct`, `interpolation`): written into config.json, so `timm.data.resolve_data_config` gives
+            users the training-time preprocessing. With `in_chans` alone, the cfg's input size and mean / std are
+            reduced to that many channels (mean of the cfg's values, as timm's data config does).
 
     Returns:
         The output folder.
@@ -168,7 +185,13 @@ def export(
         kwargs['num_classes'] = num_classes
     if in_chans is not None:
         kwargs['in_chans'] = in_chans
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    overlay = dict(data_config or {})
+    if 'input_size' in overlay:  # the cfg's test-time size belongs to the preprocessing being replaced
+        overlay.setdefault('test_input_size', None)
+        overlay.setdefault('test_crop_pct', None)
+    model = timm.create_model(model_name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
+    if in_chans is not None:
+        _match_cfg_channels(model.pretrained_cfg, in_chans)
     _load_strict(model, state_dict, f'Checkpoint {checkpoint}')
     model.eval()
 
