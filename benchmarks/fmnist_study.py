@@ -88,9 +88,9 @@ class Run:
 
 
 def planned_runs() -> List[Run]:
-    """ All runs, in the order they are worth having: the main comparison (small-data claim first), then the teacher
-    (so distillation can start as soon as it is exported), ablations and distillation. The long full-set runs come
-    first, which also keeps two parallel slots evenly busy towards the end. """
+    """ All runs, in the order they are worth having: the main comparison (10% subset, then both full-set seeds: the
+    long runs early keep two parallel slots evenly busy towards the end), the teacher (so distillation can start as
+    soon as it is exported), ablations, distillation. """
     runs = [Run(f'{f}-10pct-s{s}', 'main', f'{f}_nano_patch7_28', '10pct', s) for s in (0, 1) for f in FAMILIES]
     runs += [Run(f'{f}-full-s{s}', 'main', f'{f}_nano_patch7_28', 'full', s) for s in (0, 1) for f in FAMILIES]
     runs.append(Run(TEACHER_RUN, 'teacher', TEACHER_MODEL, '10pct', 0))
