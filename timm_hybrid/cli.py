@@ -1,57 +1,72 @@
-""" `timm-hybrid` console script.
+""" timm-hybrid: CNT, TransCNN / HAT-Net and Refiner-ViT for timm; compare them, export and push weights.
 
-Each sub-command is a thin argparse front for a public function of the package; `add_<name>_parser(subparsers)`
-registers one.
+Each sub-command is a thin argparse front for a public function of the package, listed in `COMMANDS`.
 """
 import argparse
+import dataclasses
 import sys
-from typing import List, Optional
-
-DEFAULT_COMPARE_MODELS = (
-    'deit_tiny_patch16_224', 'tnt_ti_patch16_224', 'cnt_ti_patch16_224',
-    'deit_small_patch16_224', 'tnt_s_patch16_224', 'cnt_s_patch16_224',
-    'deit_base_patch16_224', 'tnt_b_patch16_224', 'cnt_b_patch16_224',
-    'transcnn_small', 'hatnet_small', 'refiner_vit_small_patch16_224',
-)
-
-SWEEP_MODELS = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224')
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import compare_models, resolution_sweep
-    compare_models(args.models or list(DEFAULT_COMPARE_MODELS), output_dir=args.output, quick=not args.full,
-                   speed=not args.no_speed, threads=args.threads, batch_size=args.batch_size,
-                   references=args.references, repeats=args.repeats)
-    if args.full and not args.no_speed:
-        # the sweep re-creates models at img_size 224..448: only the requested 224 px models (the S trio by default);
-        # the 28 px study models have no resolution to sweep
-        names = SWEEP_MODELS if not args.models else [n for n in args.models if n.endswith('_224')]
-        if names:
-            resolution_sweep(names, output_dir=args.output, threads=args.threads)
+    from . import compare
+    try:
+        settings = compare.SpeedSettings.defaults(
+            full=args.full, device=args.device, batch_size=args.batch_size, repeats=args.repeats,
+            threads=args.threads, amp=args.amp, compile=args.compile or None, channels_last=args.channels_last or None)
+    except ValueError as e:
+        return _usage_error(e)
+    progress = compare.Progress()
+    names = args.models or list(compare.FULL_MODELS if args.full else compare.QUICK_MODELS)
+    try:
+        rows = compare.compare_models(names, output_dir=args.output, settings=settings, speed=not args.no_speed,
+                                      references=args.references or compare.REFERENCES, progress=progress)
+        print(f'\n{compare.markdown_table(rows)}\n')
+        if args.full and not args.no_speed:
+            # the sweep re-creates models at img_size 224..448: only the requested 224 px models (the S trio by
+            # default); the 28 px study models have no resolution to sweep
+            swept = compare.SWEEP_MODELS if not args.models else [n for n in args.models if n.endswith('_224')]
+            if swept:
+                sweep = compare.resolution_sweep(swept, output_dir=args.output, progress=progress, settings=(
+                    dataclasses.replace(settings, batch_size=8, repeats=3)))
+                print(f'{compare.markdown_table(sweep)}\n')
+    except KeyboardInterrupt:
+        print(f'interrupted: what was measured is in {Path(args.output).resolve()}', file=sys.stderr)
+        return 130
+    print(f'Settings: {settings.describe() if not args.no_speed else "params and GMACs only"}')
+    print(f'Written to {Path(args.output).resolve()} (CSV, Markdown, JSON, PNG).')
+    if not args.full and not args.models:
+        print('Quick run: the matched S trio, small batch, few repeats. Full tables (CNT / TNT / DeiT Ti, S, B, '
+              'TransCNN, HAT-Net, Refiner; batch 32, 7 repeats; 224-448 px sweep): timm-hybrid compare --full')
     return 0
 
 
-def add_compare_parser(subparsers) -> None:
-    from .compare import REFERENCES
-    p = subparsers.add_parser(
-        'compare', help='params, fvcore GMACs and CPU speed of CNT vs TNT vs DeiT (table, CSV, Markdown, PNG)')
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--models', nargs='+',
-                   help='timm model names (default: CNT / TNT / DeiT Ti, S, B and the small TransCNN, HAT-Net, '
-                        'Refiner)')
-    p.add_argument('--references', nargs='+', default=list(REFERENCES),
+                   help='timm model names (default: the matched S trio CNT-S, TNT-S, DeiT-S; with --full CNT / TNT / '
+                        'DeiT Ti, S, B and the small TransCNN, HAT-Net, Refiner)')
+    p.add_argument('--references', nargs='+', default=None,
                    help='models the speed ratios are taken to, timed in the same rounds (default: TNT-S, DeiT-S; '
                         'for the 28 px models e.g. tnt_nano_patch7_28 deit_nano_patch7_28)')
-    p.add_argument('--output', default='benchmarks/results/compare', help='output folder')
+    p.add_argument('--output', default='timm-hybrid-results/compare',
+                   help='output folder (default: %(default)s, in the current folder)')
     p.add_argument('--full', action='store_true',
-                   help='full timing: more repeats, train step, and a 224-448 px resolution sweep of the requested '
-                        '224 px models')
+                   help='the real tables: the twelve default models, batch 32, 7 repeats, and a 224-448 px '
+                        'resolution sweep of the requested 224 px models (hours on 2 CPU cores)')
     p.add_argument('--no-speed', action='store_true', help='params and GMACs only')
-    p.add_argument('--threads', type=int, default=2, help='torch threads for timing')
-    p.add_argument('--batch-size', type=int, default=32, help='batch size for timing')
+    p.add_argument('--device', default='cpu', help='cpu or cuda (default: %(default)s)')
+    p.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast to this dtype (default: float32)')
+    p.add_argument('--compile', action='store_true', help='time torch.compile(model) (inductor)')
+    p.add_argument('--channels-last', action='store_true', help='model and input in channels-last memory format')
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch threads (default: torch's thread count capped by the cores the 1-minute load "
+                        'average leaves free, at least 1)')
+    p.add_argument('--batch-size', type=int, default=None,
+                   help='batch size for timing (default 8; 32 with --full; 256 on cuda)')
     p.add_argument('--repeats', type=int, default=None,
                    help='interleaved timing rounds (default 3, or 7 with --full); short steps such as the 28 px '
                         'models on a shared machine need more for a stable median')
-    p.set_defaults(func=_compare)
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -67,15 +82,13 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_parser(subparsers) -> None:
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
     from .data import DEBIAN_FASHION_MNIST_DIR
-    p = subparsers.add_parser('data', help='lay out a data set for timm (offline)')
     p.add_argument('dataset', choices=['fashion-mnist'])
     p.add_argument('--root', required=True, help='folder to give timm as --data-dir')
     p.add_argument('--source', default=str(DEBIAN_FASHION_MNIST_DIR), help='folder with the IDX(.gz) files')
     p.add_argument('--train-fraction', type=float, default=None, help='keep a class-balanced fraction of train')
     p.add_argument('--seed', type=int, default=0, help='seed of the train subset')
-    p.set_defaults(func=_data)
 
 
 def _usage_error(error) -> int:
@@ -85,6 +98,7 @@ def _usage_error(error) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from . import models  # noqa: F401  registers the architectures a checkpoint names
     from .hub import ExportError, export
     card_data = dict(accuracy=args.accuracy, train_command=args.train_command, compare=args.compare or ())
     if args.model_name:
@@ -105,10 +119,8 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_parser(subparsers) -> None:
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
     from timm.utils import ParseKwargs
-    p = subparsers.add_parser(
-        'export', help='timm training checkpoint -> hub folder (config.json, model.safetensors, README.md card)')
     p.add_argument('model', help="timm model name the checkpoint was trained as (e.g. cnt_nano_patch7_28.fmnist)")
     p.add_argument('--checkpoint', required=True, help='model_best.pth.tar / last.pth.tar / .safetensors')
     p.add_argument('--output', required=True, help='folder to write, by convention named <arch>.<tag>')
@@ -130,7 +142,6 @@ def add_export_parser(subparsers) -> None:
     p.add_argument('--compare', nargs='*', default=None, metavar='MODEL',
                    help='other models for the card comparison table (params, GMACs)')
     p.add_argument('--model-name', default=None, help='repo name in the card (default <arch>.<tag>)')
-    p.set_defaults(func=_export)
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -144,21 +155,19 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_push_parser(subparsers) -> None:
-    p = subparsers.add_parser('push', help='upload an exported folder to a Hugging Face Hub repo')
+def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('folder', help='folder written by `timm-hybrid export`')
     p.add_argument('--repo-id', required=True, help='ORG/NAME, e.g. timm-hybrid/cnt_nano_patch7_28.fmnist')
     p.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN or `hf auth login`)')
     p.add_argument('--private', action='store_true', help='create the repo private')
     p.add_argument('--commit-message', default='Add model', help='commit message of the upload')
-    p.set_defaults(func=_push)
 
 
 def _run(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
 
-    # this module's package, timm_hybrid, is imported by now: every family is registered before the script runs
+    from . import models  # noqa: F401  every family is registered before the script runs
     script = Path(args.script).resolve()
     if not script.is_file():
         return _usage_error(f'no script {args.script}')
@@ -177,27 +186,41 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_run_parser(subparsers) -> None:
-    p = subparsers.add_parser(
-        'run', help="run a script (timm's validate.py, benchmark.py, inference.py) with our models registered")
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('script', help='python script, run as __main__')
     p.add_argument('script_args', nargs=argparse.REMAINDER, help="the script's own arguments")
-    p.set_defaults(func=_run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+# name: (one line for `timm-hybrid --help`, adds the arguments, runs it)
+COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    'compare': ('CNT vs TNT vs DeiT: params, GMACs, speed, memory (--full: all)', add_compare_arguments, _compare),
+    'data': ('lay out Fashion-MNIST for timm, offline', add_data_arguments, _data),
+    'export': ('training checkpoint -> hub folder: config, weights, model card', add_export_arguments, _export),
+    'push': ('upload an exported folder to a Hugging Face Hub repo', add_push_arguments, _push),
+    'run': ("run timm's validate.py, benchmark.py, ... with our models", add_run_arguments, _run),
+}
+
+
+def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
+    """ The `timm-hybrid` parser. Only the sub-commands in `commands` get their arguments: some defaults import
+    torch or timm (seconds), which `timm-hybrid --help` and the other sub-commands need not wait for. """
+    from . import __version__
     parser = argparse.ArgumentParser(prog='timm-hybrid', description=__doc__.strip().splitlines()[0])
-    subparsers = parser.add_subparsers(dest='command', required=True)
-    add_compare_parser(subparsers)
-    add_data_parser(subparsers)
-    add_export_parser(subparsers)
-    add_push_parser(subparsers)
-    add_run_parser(subparsers)
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    subparsers = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for name, (help_line, add_arguments, run) in COMMANDS.items():
+        p = subparsers.add_parser(name, help=help_line, description=help_line)
+        p.set_defaults(func=run)
+        if name in commands:
+            add_arguments(p)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the sub-command is the first word that names one: no top-level option takes a value
+    chosen = next((a for a in argv if not a.startswith('-')), None)
+    args = build_parser([chosen] if chosen in COMMANDS else ()).parse_args(argv)
     return args.func(args)
 
 

@@ -1,33 +1,125 @@
-""" Matched-compute comparison: params, fvcore GMACs, CPU speed and memory of timm models, side by side.
+""" Matched-compute comparison: params, fvcore GMACs, speed and memory of timm models, side by side.
 
-The machine is shared and noisy, so speeds are measured interleaved (model order rotated every round), reported as
-medians with their spread, and as ratios to reference models timed in the same run. This is what
-`timm-hybrid compare` runs and what benchmarks/ scripts call.
+A shared machine is noisy, so each model is timed interleaved with the reference models in one group of rounds
+(order rotated every round), reported as the median with the spread over every repeat taken, and as ratios to the
+references timed in the same rounds. Columns are named as timm's benchmark.py names them (`infer_samples_per_sec`,
+`train_step_time`, `infer_gmacs`, `param_count`, ...). Progress goes to stderr as one plain line per model and stage,
+and the tables are rewritten after every model, so an interrupted run leaves what it measured.
+
+This is what `timm-hybrid compare` runs and what the benchmarks/ scripts call.
 """
+import contextlib
 import csv
-import gc
+import dataclasses
 import json
+import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['Timing', 'time_interleaved', 'matmul_gmacs_per_s', 'peak_memory_mb', 'compare_models', 'resolution_sweep']
+import timm
+
+from . import models  # noqa: F401  registers our families, also in a spawned memory-measuring process
+from .flops import count_flops
+
+__all__ = [
+    'REFERENCES', 'QUICK_MODELS', 'FULL_MODELS', 'SWEEP_MODELS', 'DEFAULT_OUTPUT', 'SpeedSettings', 'Timing',
+    'Progress', 'free_cpu_threads', 'make_step', 'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens',
+    'train_step_peak_memory_mb', 'peak_memory_mb', 'compare_models', 'resolution_sweep', 'markdown_table',
+    'write_results', 'plot_speed_ratios', 'plot_resolution', 'plot_speed_vs_gmacs',
+]
 
 REFERENCES = ('tnt_s_patch16_224', 'deit_small_patch16_224')
+# the default set: the matched S trio, a few minutes on 2 CPU cores; --full adds Ti and B and the hybrid families
+QUICK_MODELS = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224')
+FULL_MODELS = (
+    'deit_tiny_patch16_224', 'tnt_ti_patch16_224', 'cnt_ti_patch16_224',
+    'deit_small_patch16_224', 'tnt_s_patch16_224', 'cnt_s_patch16_224',
+    'deit_base_patch16_224', 'tnt_b_patch16_224', 'cnt_b_patch16_224',
+    'transcnn_small', 'hatnet_small', 'refiner_vit_small_patch16_224',
+)
+SWEEP_MODELS = QUICK_MODELS
+# relative to the current folder, never inside the package: the committed benchmarks/results/ change only when a
+# benchmark script is run on purpose
+DEFAULT_OUTPUT = 'timm-hybrid-results/compare'
+AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
 # column suffixes of the speed ratios (infer_x_<short>, train_x_<short>); other references use the name up to '_patch'
 _REFERENCE_SHORT_NAMES = {'tnt_s_patch16_224': 'tnt_s', 'deit_small_patch16_224': 'deit_s'}
 
 
-def _short_name(name: str) -> str:
+def reference_short_name(name: str) -> str:
     return _REFERENCE_SHORT_NAMES.get(name, name.split('_patch')[0])
+
+
+def free_cpu_threads() -> int:
+    """ torch's thread count capped by the cores that other work leaves free (1-minute load average).
+
+    Threads that wait for a busy core stall every op at its barrier: on the shared 2-core machine one model measured
+    21.9 img/s with 2 threads and far more with 1 in the same minute, while its spread looked tight.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else 0.
+    return max(1, min(torch.get_num_threads(), round(cores - load)))
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """ How one step is timed; every output's settings line states all of it. """
+    device: str = 'cpu'
+    batch_size: int = 8
+    repeats: int = 3
+    threads: int = 1
+    amp: Optional[str] = None  # None (float32), 'bf16' or 'fp16': torch.autocast, as timm's benchmark.py --amp
+    compile: bool = False  # torch.compile (inductor)
+    channels_last: bool = False
+    warmup: int = 1
+
+    @classmethod
+    def defaults(cls, full: bool = False, device: str = 'cpu', **overrides) -> 'SpeedSettings':
+        """ Quick: batch 8, 3 repeats; full: batch 32, 7 repeats; on a GPU batch 256 as timm's benchmark.py.
+        Threads: `free_cpu_threads()`. Overrides that are None keep the default. """
+        on_gpu = torch.device(device).type == 'cuda'
+        settings = dict(device=device, batch_size=256 if on_gpu else (32 if full else 8), repeats=7 if full else 3,
+                        threads=free_cpu_threads())
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        if settings.get('compile'):
+            settings.setdefault('warmup', 2)  # the first call compiles
+        return cls(**settings)
+
+    def __post_init__(self):
+        if self.amp not in (None, *AMP_DTYPES):
+            raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)} or None, not {self.amp!r}')
+        if self.repeats < 1 or self.batch_size < 1 or self.threads < 1:
+            raise ValueError(f'batch_size, repeats and threads must be >= 1: {self}')
+        if torch.device(self.device).type == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f'device {self.device!r} asked for, but torch sees no CUDA device')
+
+    @property
+    def on_gpu(self) -> bool:
+        return torch.device(self.device).type == 'cuda'
+
+    def describe(self) -> str:
+        return (f'device={self.device}, threads={self.threads}, batch_size={self.batch_size}, repeats={self.repeats} '
+                f'(+{self.warmup} warm-up), amp={self.amp or "off (float32)"}, compile={self.compile}, '
+                f'channels_last={self.channels_last}, torch {torch.__version__}, timm {timm.__version__}')
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.device).type, dtype=AMP_DTYPES[self.amp])
+
+    def synchronize(self) -> None:
+        if self.on_gpu:
+            torch.cuda.synchronize(self.device)
 
 
 @dataclass
@@ -41,99 +133,191 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        """ Half the inter-quartile range relative to the median (0.05 = +-5%). """
-        if len(self.seconds) < 4:
-            return (max(self.seconds) - min(self.seconds)) / 2 / self.median
-        q1, _, q3 = statistics.quantiles(self.seconds, n=4)
-        return (q3 - q1) / 2 / self.median
+        """ Half the range over every repeat taken, relative to the median (0.05 = +-5%): a round slowed by other
+        work shows here instead of being trimmed away. """
+        return (max(self.seconds) - min(self.seconds)) / 2 / self.median
 
 
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, disable=None)
+def _format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f'{minutes}m{seconds:02d}s'
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
+class Progress:
+    """ One plain line per finished stage on stderr, flushed, so a terminal and a piped log or CI see the same:
+    elapsed time, the stage's result and an estimate of the rest.
+
+    The estimate adds up the stages still planned, each priced at the seconds per unit measured so far for its kind
+    (timing: GMACs x images; counting and memory: models), or at a first guess until one of its kind has run.
+    """
+
+    def __init__(self, stream: Optional[TextIO] = None):
+        self.stream = stream
+        self.start = time.perf_counter()
+        self.planned: Dict[str, float] = {}
+        self.done: Dict[str, float] = {}
+        self.spent: Dict[str, float] = {}
+        self.guess: Dict[str, float] = {}
+        self._last_line = self.start
+
+    def plan(self, kind: str, units: float, guess_seconds_per_unit: float) -> None:
+        self.planned[kind] = self.planned.get(kind, 0.) + units
+        self.guess.setdefault(kind, guess_seconds_per_unit)
+
+    def remaining_seconds(self) -> float:
+        total = 0.
+        for kind, units in self.planned.items():
+            done = self.done.get(kind, 0.)
+            rate = self.spent[kind] / done if done else self.guess[kind]
+            total += max(0., units - done) * rate
+        return total
+
+    def finished(self, kind: str, units: float, seconds: float, message: str) -> None:
+        self.done[kind] = self.done.get(kind, 0.) + units
+        self.spent[kind] = self.spent.get(kind, 0.) + seconds
+        self.line(message, estimate=True)
+
+    def line(self, message: str, estimate: bool = False) -> None:
+        now = time.perf_counter()
+        rest = f', ~{_format_seconds(self.remaining_seconds())} left' if estimate and self.planned else ''
+        print(f'[{_format_seconds(now - self.start)}{rest}] {message}', file=self.stream or sys.stderr, flush=True)
+        self._last_line = now
+
+    def heartbeat(self, message: str, every: float = 20.) -> None:
+        """ A line inside a long stage, at most every `every` seconds. """
+        if time.perf_counter() - self._last_line >= every:
+            self.line(message)
+
+
+def prepare_model(model: nn.Module, settings: SpeedSettings) -> nn.Module:
+    model = model.to(settings.device)
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if settings.compile else model
+
+
+def make_step(
+        model: nn.Module,
+        input_size: Tuple[int, ...],
+        settings: SpeedSettings,
+        train: bool = False,
+) -> Callable[[], None]:
+    """ One inference step (inference_mode) or one training step (forward + cross-entropy + backward + AdamW step) of
+    a batch of `settings.batch_size` random images on `settings.device`; it returns once the device is done. """
+    x = torch.randn(settings.batch_size, *input_size, device=settings.device)
+    if settings.channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     if not train:
         model.eval()
 
         def infer():
-            with torch.inference_mode():
+            with torch.inference_mode(), settings.autocast():
                 model(x)
+            settings.synchronize()
         return infer
 
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    target = torch.zeros(x.shape[0], dtype=torch.long)
+    target = torch.zeros(settings.batch_size, dtype=torch.long, device=settings.device)
 
     def train_step():
-        out = model(x)
-        loss = nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, target)
+        with settings.autocast():
+            out = model(x)
+            loss = nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, target)  # distilled: (cls, dist)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # frees the gradients between steps
+        settings.synchronize()
     return train_step
 
 
 def time_interleaved(
-        models: Dict[str, nn.Module],
-        input_sizes: Dict[str, Tuple[int, int, int]],
-        batch_size: int = 32,
-        repeats: int = 5,
+        models: Mapping[str, nn.Module],
+        input_sizes: Mapping[str, Tuple[int, ...]],
+        settings: SpeedSettings,
         train: bool = False,
-        warmup: int = 1,
-        desc: str = 'timing',
+        progress: Optional[Progress] = None,
 ) -> Dict[str, Timing]:
-    """ Times one step (inference, or forward + backward + AdamW step) of each model, rounds interleaved. """
-    steps = {n: _step_fn(m, torch.randn(batch_size, *input_sizes[n]), train) for n, m in models.items()}
+    """ Times one step of each model, `settings.repeats` rounds after the warm-up, the order rotated every round so
+    that no model always runs first. Models are prepared (device, channels-last, compile) by the caller. """
+    torch.set_num_threads(settings.threads)
+    steps = {n: make_step(m, input_sizes[n], settings, train) for n, m in models.items()}
     names = list(models)
-    for _ in range(warmup):
+    for _ in range(settings.warmup):
         for n in names:
             steps[n]()
     timings = {n: Timing() for n in names}
-    with _progress(repeats * len(names), desc) as bar:
-        for r in range(repeats):
-            for n in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model always runs first
-                start = time.perf_counter()
-                steps[n]()
-                timings[n].seconds.append(time.perf_counter() - start)
-                bar.update()
+    kind = 'train step' if train else 'inference'
+    for r in range(settings.repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            steps[n]()
+            timings[n].seconds.append(time.perf_counter() - start)
+        if progress is not None:
+            progress.heartbeat(f'  {kind} round {r + 1}/{settings.repeats} of {", ".join(names)}')
     return timings
 
 
-def matmul_gmacs_per_s(size: int = 2048, repeats: int = 5) -> float:
-    """ Multiply-adds per second of a large float32 matmul: the practical peak of this CPU and thread count. """
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+def matmul_gmacs_per_s(settings: SpeedSettings, size: int = 2048, repeats: int = 5) -> float:
+    """ Multiply-adds per second of a large matmul on the device, thread count and AMP dtype of `settings`: the
+    practical peak that `frac_matmul_peak` divides by. """
+    torch.set_num_threads(settings.threads)
+    dtype = AMP_DTYPES[settings.amp] if settings.amp else torch.float32
+    a = torch.randn(size, size, device=settings.device, dtype=dtype)
+    b = torch.randn(size, size, device=settings.device, dtype=dtype)
+    best = float('inf')
+    for _ in range(repeats + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        a @ b
+        settings.synchronize()
+        best = min(best, time.perf_counter() - start)
     return size ** 3 / best / 1e9
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def train_step_peak_memory_mb(name: str, settings: SpeedSettings) -> float:
+    """ Peak memory one training step adds to the built model and its input (the first step: activations,
+    gradients, optimizer state, workspaces), in MB. On CUDA `torch.cuda.max_memory_allocated`; on CPU tensors bypass
+    Python's allocator tracing, so the kernel's high-water mark (VmHWM, Linux), reset just before the step through
+    /proc/self/clear_refs. Memory already held by the process hides reuse, so run it in a fresh process:
+    `peak_memory_mb`. A compiled model is measured eager: inductor's first step adds compile-time buffers. """
+    torch.set_num_threads(settings.threads)
+    eager = dataclasses.replace(settings, compile=False)
+    model = prepare_model(timm.create_model(name), eager)
+    step = make_step(model, tuple(model.pretrained_cfg['input_size']), eager, train=True)
+    if eager.on_gpu:
+        torch.cuda.synchronize(eager.device)
+        before = torch.cuda.memory_allocated(eager.device)
+        torch.cuda.reset_peak_memory_stats(eager.device)
+        step()
+        return (torch.cuda.max_memory_allocated(eager.device) - before) / 2 ** 20
+
+    def status_kb(key: str) -> int:
+        with open('/proc/self/status') as f:
+            return int(next(line for line in f if line.startswith(key)).split()[1])
+
+    if not os.path.exists('/proc/self/clear_refs'):
+        return float('nan')
+    before = status_kb('VmRSS')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets VmHWM to the current RSS
+    step()
+    return (status_kb('VmHWM') - before) / 1024
 
 
-def peak_memory_mb(name: str, batch_size: int, train: bool, threads: int) -> float:
-    """ Peak resident memory one step adds to the built model and its input (first step: activations, gradients,
-    optimizer state, workspaces), in a fresh process. CPU tensors bypass Python's allocator tracing, so this reads the
-    kernel's high-water mark (VmHWM), reset just before the step through /proc/self/clear_refs. """
-    code = (
-        'import json, torch, timm, timm_hybrid\n'
-        'from timm_hybrid.compare import _step_fn\n'
-        f'torch.set_num_threads({threads})\n'
-        f'model = timm.create_model({name!r})\n'
-        f'step = _step_fn(model, torch.randn({batch_size}, *model.pretrained_cfg["input_size"]), {train})\n'
-        'kb = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])\n'
-        'before = kb("VmRSS")\n'
-        'open("/proc/self/clear_refs", "w").write("5")\n'
-        'step()\n'
-        'print(json.dumps((kb("VmHWM") - before) / 1024))\n'
-    )
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+def peak_memory_mb(name: str, settings: SpeedSettings) -> float:
+    """ `train_step_peak_memory_mb` in a fresh process (spawned, so no CUDA context or allocator cache is inherited). """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
+        return pool.submit(train_step_peak_memory_mb, name, settings).result()
+
+
+def num_patch_tokens(model: nn.Module) -> Optional[int]:
+    """ Patch tokens the model attends over at its built size (timm's ViT / DeiT: `patch_embed.num_patches`; TNT,
+    CNT: `num_patches`); None for hierarchical models that have no single token grid. """
+    for owner in (model, getattr(model, 'patch_embed', None)):
+        tokens = getattr(owner, 'num_patches', None)
+        if tokens:
+            return int(tokens)
+    return None
 
 
 def _round_gmacs(gmacs: float) -> float:
@@ -141,178 +325,275 @@ def _round_gmacs(gmacs: float) -> float:
     return round(gmacs, 3) if gmacs >= 0.1 else float(f'{gmacs:.3g}')
 
 
-def _input_size(model: nn.Module) -> Tuple[int, int, int]:
+def _input_size(model: nn.Module) -> Tuple[int, ...]:
     return tuple(model.pretrained_cfg['input_size'])
 
 
-def compare_models(
-        names: Sequence[str],
-        output_dir: str = 'benchmarks/results/compare',
-        quick: bool = True,
-        speed: bool = True,
-        threads: int = 2,
-        batch_size: Optional[int] = None,
-        references: Sequence[str] = REFERENCES,
-        repeats: Optional[int] = None,
-) -> List[Dict[str, object]]:
-    """ Params, GMACs, inference / train-step img/s, peak memory and fraction of matmul peak, for each model.
+def _timing_groups(names: Sequence[str], references: Sequence[str]) -> List[List[str]]:
+    """ Each model with the references, a model timed once: every ratio comes from rounds the model and the
+    reference shared, and at most one model beyond the references holds activations and optimizer state at a time
+    (the B sizes at batch 32 exhaust 24 GB all together). """
+    groups, covered = [], set()
+    for n in names:
+        if n not in covered:
+            groups.append(list(dict.fromkeys([n, *references])))
+            covered.update(groups[-1])
+    return groups
 
-    Speed ratios are to the `references` (TNT-S and DeiT-S by default; e.g. the 28 px baselines for the 28 px
-    models), which are timed in the same interleaved rounds (added if not named).
-    Writes compare.csv, compare.md, compare.json and compare.png to `output_dir`; prints the Markdown table.
+
+def compare_models(
+        names: Sequence[str] = QUICK_MODELS,
+        output_dir: str = DEFAULT_OUTPUT,
+        settings: Optional[SpeedSettings] = None,
+        speed: bool = True,
+        references: Sequence[str] = REFERENCES,
+        memory: bool = True,
+        progress: Optional[Progress] = None,
+        stem: str = 'compare',
+) -> List[Dict[str, object]]:
+    """ Params, GMACs, inference / train-step samples/s, ratios to the references, fraction of matmul peak and
+    training peak memory, for each model.
+
+    The `references` (TNT-S and DeiT-S by default; e.g. the 28 px baselines for the 28 px models) are timed in the
+    same interleaved rounds as each model (added if not named) and reported only if named. `<stem>.csv/.md/.json` in
+    `output_dir` are rewritten after each model; `<stem>.png` at the end.
     """
-    import timm
-    from .flops import count_flops
-    torch.set_num_threads(threads)
+    settings = settings or SpeedSettings.defaults()
+    progress = progress or Progress()
     names = list(dict.fromkeys(names))
     references = list(dict.fromkeys(references))
     if speed and not references:
         raise ValueError('speed ratios need at least one reference model (references=[])')
-    timed = names + [r for r in references if r not in names] if speed else names
-    batch_size = batch_size or (8 if quick else 32)
-    repeats = repeats or (3 if quick else 7)
+    out = Path(output_dir)
+    groups = _timing_groups(names, references) if speed else []
+    meta = dict(settings=settings.describe() if speed else 'params and GMACs only', references=references)
+    progress.line(f'{len(names)} models{f", {len(groups)} timing groups" if speed else ""}; '
+                  f'{meta["settings"]}; writing to {out.resolve()}')
 
-    models = {n: timm.create_model(n) for n in timed}
-    rows = {}
-    for n in names:
-        f = count_flops(models[n], input_size=_input_size(models[n]))
-        rows[n] = dict(model=n, input=_input_size(models[n])[-1], params_m=round(f.mparams, 3),
-                       gmacs=_round_gmacs(f.gmacs), train_gmacs=_round_gmacs(f.train_gmacs))
-    meta = dict(threads=threads, batch_size=batch_size, repeats=repeats, quick=quick, references=references,
-                torch=torch.__version__, timm=timm.__version__)
-    if speed:
-        sizes = {n: _input_size(m) for n, m in models.items()}
-        peak = matmul_gmacs_per_s()
-        meta['matmul_gmacs_per_s'] = round(peak, 1)
-        infer = time_interleaved(models, sizes, batch_size, repeats, train=False, desc='inference')
-        train = _time_train_in_groups(models, sizes, names, references, batch_size, max(2, repeats - 2))
-        for n in names:
-            row = rows[n]
-            row['infer_img_s'] = round(batch_size / infer[n].median, 1)
-            row['infer_spread'] = round(infer[n].spread, 3)
-            row['train_img_s'] = round(batch_size / train[n][n].median, 1)
-            row['train_spread'] = round(train[n][n].spread, 3)
-            for ref in references:
-                short = _short_name(ref)
-                row[f'infer_x_{short}'] = round(infer[ref].median / infer[n].median, 3)
-                row[f'train_x_{short}'] = round(train[n][ref].median / train[n][n].median, 3)
-            row['frac_matmul_peak'] = round(row['gmacs'] * batch_size / infer[n].median / peak, 3)
-        with _progress(len(names), 'peak memory') as bar:
-            for n in names:
-                rows[n]['train_peak_mb'] = round(peak_memory_mb(n, batch_size, True, threads), 0)
-                bar.update()
-    _write(list(rows.values()), meta, Path(output_dir), 'compare', reference=references[0] if speed else None)
+    counted = list(dict.fromkeys([*names, *(m for g in groups for m in g)]))  # references' GMACs price the estimate
+    progress.plan('count', len(counted), 5.)
+    rows: Dict[str, Dict[str, object]] = {}
+    gmacs: Dict[str, float] = {}
+    for n in counted:
+        start = time.perf_counter()
+        model = timm.create_model(n)
+        f = count_flops(model, input_size=_input_size(model))
+        gmacs[n] = f.gmacs
+        if n in names:
+            rows[n] = dict(model=n, infer_img_size=_input_size(model)[-1], param_count=round(f.mparams, 3),
+                           infer_gmacs=_round_gmacs(f.gmacs))
+        progress.finished('count', 1, time.perf_counter() - start,
+                          f'{n}: {f.mparams:.2f} M params, {_round_gmacs(f.gmacs)} GMACs')
+    write_results(list(rows.values()), out, stem, meta)
+    if not speed:
+        return list(rows.values())
+
+    peak = matmul_gmacs_per_s(settings)
+    meta['matmul_gmacs_per_s'] = round(peak, 1)
+    # first guesses until measured: a step runs at ~1/3 of matmul peak, a training step costs 3 forwards; a memory
+    # measurement (a fresh process importing torch and timm, one step) ~10 s
+    steps = settings.repeats + settings.warmup
+    for group in groups:
+        work = sum(gmacs[m] for m in group) * settings.batch_size * steps
+        progress.plan('inference', work, 3 / peak)
+        progress.plan('train step', 3 * work, 3 / peak)
+    if memory:
+        progress.plan('memory', len(names), 10.)
+
+    built: Dict[str, nn.Module] = {}
+    sizes: Dict[str, Tuple[int, ...]] = {}
+    for i, group in enumerate(groups):
+        for m in group:
+            if m not in built:
+                model = timm.create_model(m)
+                sizes[m] = _input_size(model)
+                built[m] = prepare_model(model, settings)
+        members = {m: built[m] for m in group}
+        work = sum(gmacs[m] for m in group) * settings.batch_size * steps
+        timings = {}
+        for kind, train, units in (('inference', False, work), ('train step', True, 3 * work)):
+            start = time.perf_counter()
+            timings[kind] = time_interleaved(members, sizes, settings, train=train, progress=progress)
+            per_model = ', '.join(f'{m} {settings.batch_size / t.median:.1f}/s ±{t.spread:.0%}'
+                                  for m, t in timings[kind].items())
+            progress.finished(kind, units, time.perf_counter() - start,
+                              f'{kind} samples/s, group {i + 1}/{len(groups)}: {per_model}')
+        new = [m for m in group if m in rows and 'infer_samples_per_sec' not in rows[m]]
+        for m in new:
+            row = rows[m]
+            for prefix, kind in (('infer', 'inference'), ('train', 'train step')):
+                t = timings[kind]
+                row[f'{prefix}_samples_per_sec'] = round(settings.batch_size / t[m].median, 2)
+                row[f'{prefix}_step_time'] = round(1000 * t[m].median, 3)  # ms, as timm
+                row[f'{prefix}_spread'] = round(t[m].spread, 3)
+                for ref in references:
+                    row[f'{prefix}_x_{reference_short_name(ref)}'] = round(t[ref].median / t[m].median, 3)
+            row['frac_matmul_peak'] = round(gmacs[m] * row['infer_samples_per_sec'] / peak, 3)
+            if memory:
+                start = time.perf_counter()
+                row['train_peak_mem_mb'] = round(peak_memory_mb(m, settings), 0)
+                progress.finished('memory', 1, time.perf_counter() - start,
+                                  f'{m}: train step peak memory {row["train_peak_mem_mb"]:.0f} MB')
+            write_results(list(rows.values()), out, stem, meta)
+        for m in group:  # keep the references for the next groups, free the rest
+            if m not in references:
+                del built[m]
+
+    plot_speed_ratios(list(rows.values()), out / f'{stem}.png', references[0], settings)
     return list(rows.values())
 
 
-def _time_train_in_groups(
-        models: Dict[str, nn.Module],
-        sizes: Dict[str, Tuple[int, int, int]],
-        names: Sequence[str],
-        references: Sequence[str],
-        batch_size: int,
-        repeats: int,
-) -> Dict[str, Dict[str, Timing]]:
-    """ Train steps of each model interleaved with the reference models only, one group at a time: optimizer state
-    and activations of every model at once would not fit in memory (the B sizes at batch 32 exhaust 24 GB). Each
-    model's ratio to a reference comes from its own group. """
-    groups, timed = {}, {}
-    for n in names:
-        members = tuple(dict.fromkeys([n, *references]))
-        if frozenset(members) not in timed:  # the references' own group is timed once
-            timed[frozenset(members)] = time_interleaved(
-                {m: models[m] for m in members}, sizes, batch_size, repeats, train=True, desc=f'train step {n}')
-            gc.collect()
-        groups[n] = timed[frozenset(members)]
-    return groups
-
-
 def resolution_sweep(
-        names: Sequence[str],
+        names: Sequence[str] = SWEEP_MODELS,
         resolutions: Sequence[int] = (224, 288, 384, 448),
-        output_dir: str = 'benchmarks/results/compare',
-        threads: int = 2,
-        batch_size: int = 8,
-        repeats: int = 3,
+        output_dir: str = DEFAULT_OUTPUT,
+        settings: Optional[SpeedSettings] = None,
+        progress: Optional[Progress] = None,
 ) -> List[Dict[str, object]]:
-    """ GMACs and inference time as the input grows: where attention's quadratic term takes over. """
-    import timm
-    from .flops import count_flops
-    torch.set_num_threads(threads)
+    """ GMACs and inference time as the input grows: where attention's quadratic term takes over. Writes
+    resolution.csv/.md/.json after each resolution, resolution.png at the end. """
+    settings = settings or SpeedSettings.defaults()
+    progress = progress or Progress()
+    out = Path(output_dir)
+    meta = dict(settings=settings.describe())
+    progress.plan('sweep', len(resolutions), 60.)
     rows = []
     for res in resolutions:
-        models = {n: timm.create_model(n, img_size=res) for n in names}
-        timing = time_interleaved(models, {n: (3, res, res) for n in names}, batch_size, repeats,
-                                  desc=f'{res}px')
-        for n in names:
-            f = count_flops(models[n], input_size=(3, res, res))
+        start = time.perf_counter()
+        built = {n: timm.create_model(n, img_size=res) for n in names}
+        prepared = {n: prepare_model(m, settings) for n, m in built.items()}
+        timing = time_interleaved(prepared, {n: (3, res, res) for n in names}, settings, progress=progress)
+        for n, model in built.items():
+            f = count_flops(model, input_size=(3, res, res))
             attention = f.by_operator.get('scaled_dot_product_attention', 0.) + f.by_operator.get('matmul', 0.)
-            rows.append(dict(model=n, resolution=res, tokens=(res // 16) ** 2, gmacs=round(f.gmacs, 3),
-                             attention_gmacs=round(attention, 3), infer_img_s=round(batch_size / timing[n].median, 2),
+            rows.append(dict(model=n, infer_img_size=res, tokens=num_patch_tokens(model), infer_gmacs=round(f.gmacs, 3),
+                             attention_gmacs=round(attention, 3),
+                             infer_samples_per_sec=round(settings.batch_size / timing[n].median, 2),
                              infer_spread=round(timing[n].spread, 3)))
-    _write(rows, dict(threads=threads, batch_size=batch_size, repeats=repeats), Path(output_dir), 'resolution')
+        write_results(rows, out, 'resolution', meta)
+        progress.finished('sweep', 1, time.perf_counter() - start, f'{res} px: ' + ', '.join(
+            f'{r["model"]} {r["infer_samples_per_sec"]}/s' for r in rows[-len(names):]))
+    plot_resolution(rows, out / 'resolution.png', settings)
     return rows
 
 
-def _markdown(rows: List[Dict[str, object]]) -> str:
-    keys = list(rows[0])
+def markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
+    """ A Markdown table of the rows; columns are the union of their keys in order of appearance. """
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
     lines += ['| ' + ' | '.join(str(r.get(k, '')) for k in keys) + ' |' for r in rows]
     return '\n'.join(lines)
 
 
-def _write(rows: List[Dict[str, object]], meta: Dict[str, object], out: Path, stem: str,
-           reference: Optional[str] = None) -> None:
+def _command_line() -> str:
+    if Path(sys.argv[0]).name.split('.')[0] == 'timm-hybrid':
+        return 'timm-hybrid ' + ' '.join(sys.argv[1:])
+    return 'python ' + ' '.join(sys.argv)
+
+
+def write_results(
+        rows: Sequence[Mapping[str, object]],
+        output_dir: os.PathLike,
+        stem: str,
+        meta: Optional[Mapping[str, object]] = None,
+        title: Optional[str] = None,
+) -> Path:
+    """ The one writer of result tables: `<stem>.csv`, `<stem>.md` (title, command, settings, table) and `<stem>.json`
+    (meta + rows) in `output_dir`. Columns are the union of the rows' keys; a row without a value leaves it empty
+    (a table rewritten while models are still being measured). Returns `output_dir / stem` (no suffix). """
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta or {})
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / f'{stem}.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)
-    command = 'timm-hybrid ' + ' '.join(sys.argv[1:]) if Path(sys.argv[0]).name == 'timm-hybrid' else \
-        'python ' + ' '.join(sys.argv)
-    table = _markdown(rows)
-    settings = ', '.join(f'{k}={v}' for k, v in meta.items())
-    (out / f'{stem}.md').write_text(f'Command: `{command}`\n\nSettings: {settings}\n\n{table}\n')
-    (out / f'{stem}.json').write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f'\n{table}\n\n({settings}; written to {out}/{stem}.csv/.md/.json/.png)')
-    _plot(rows, out / f'{stem}.png', stem, reference)
+    header = [f'# {title}\n'] if title else []
+    header.append(f'Command: `{_command_line()}`\n')
+    header += [f'{k.capitalize() if k == "settings" else k}: {v}\n' for k, v in meta.items()]
+    (out / f'{stem}.md').write_text('\n'.join(header) + '\n' + markdown_table(rows) + '\n')
+    (out / f'{stem}.json').write_text(json.dumps(dict(meta=meta, rows=list(rows)), indent=1) + '\n')
+    return out / stem
 
 
-def _plot(rows: List[Dict[str, object]], path: Path, stem: str, reference: Optional[str] = None) -> None:
+def _settings_caption(settings: Optional[SpeedSettings]) -> str:
+    if settings is None:
+        return ''
+    return (f'{settings.device}, {settings.threads} threads, batch {settings.batch_size}, {settings.repeats} repeats, '
+            f'amp {settings.amp or "off"}{", compiled" if settings.compile else ""}')
+
+
+def _figure(ncols: int = 1, width: float = 6.):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    if stem == 'resolution':
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for name in dict.fromkeys(r['model'] for r in rows):
-            mine = [r for r in rows if r['model'] == name]
-            res = [r['resolution'] for r in mine]
-            axes[0].plot(res, [r['gmacs'] for r in mine], 'o-', label=name)
-            axes[1].plot(res, [r['infer_img_s'] for r in mine], 'o-', label=name)
-        axes[0].set_ylabel('fvcore GMACs / image')
-        axes[1].set_ylabel('inference img/s (CPU)')
-        for ax in axes:
-            ax.set_xlabel('input resolution (px)')
-            ax.grid(alpha=.3)
-            ax.legend(fontsize=8)
-    else:
-        has_speed = reference is not None and 'infer_img_s' in rows[0]
-        fig, axes = plt.subplots(1, 2 if has_speed else 1, figsize=(12 if has_speed else 6, 4.5), squeeze=False)
-        axes = axes[0]
-        labels = [r['model'] for r in rows]
-        axes[0].barh(labels, [r['gmacs'] for r in rows], color='tab:blue')
-        axes[0].set_xlabel('fvcore GMACs / image (attention matmuls counted)')
-        axes[0].invert_yaxis()
-        if has_speed:
-            y = range(len(rows))
-            short = _short_name(reference)
-            axes[1].barh([i - .2 for i in y], [r[f'infer_x_{short}'] for r in rows], height=.4, label='inference')
-            axes[1].barh([i + .2 for i in y], [r[f'train_x_{short}'] for r in rows], height=.4, label='train step')
-            axes[1].set_yticks(list(y), labels)
-            axes[1].axvline(1, color='k', lw=.8)
-            axes[1].set_xlabel(f'speed relative to {reference} (same interleaved run)')
-            axes[1].invert_yaxis()
-            axes[1].legend()
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4.5), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def _save(plt, fig, path: Path, settings: Optional[SpeedSettings]) -> None:
+    if settings is not None:
+        fig.suptitle(_settings_caption(settings), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_speed_ratios(rows: Sequence[Mapping[str, object]], path: Path, reference: str,
+                      settings: Optional[SpeedSettings] = None) -> None:
+    """ GMACs per image, and inference / train-step speed relative to `reference`, one bar per model. """
+    short = reference_short_name(reference)
+    timed = [r for r in rows if f'infer_x_{short}' in r]
+    plt, fig, axes = _figure(2 if timed else 1)
+    labels = [r['model'] for r in rows]
+    axes[0].barh(labels, [r['infer_gmacs'] for r in rows], color='tab:blue')
+    axes[0].set_xlabel('fvcore GMACs / image (attention matmuls counted)')
+    axes[0].invert_yaxis()
+    if timed:
+        y = range(len(timed))
+        axes[1].barh([i - .2 for i in y], [r[f'infer_x_{short}'] for r in timed], height=.4, label='inference')
+        axes[1].barh([i + .2 for i in y], [r[f'train_x_{short}'] for r in timed], height=.4, label='train step')
+        axes[1].set_yticks(list(y), [r['model'] for r in timed])
+        axes[1].axvline(1, color='k', lw=.8)
+        axes[1].set_xlabel(f'speed relative to {reference} (same interleaved rounds)')
+        axes[1].invert_yaxis()
+        axes[1].legend()
+    _save(plt, fig, path, settings)
+
+
+def plot_resolution(rows: Sequence[Mapping[str, object]], path: Path,
+                    settings: Optional[SpeedSettings] = None) -> None:
+    """ GMACs and inference samples/s against input resolution, one line per model. """
+    plt, fig, axes = _figure(2, 5.)
+    for name in dict.fromkeys(r['model'] for r in rows):
+        mine = [r for r in rows if r['model'] == name]
+        res = [r['infer_img_size'] for r in mine]
+        axes[0].plot(res, [r['infer_gmacs'] for r in mine], 'o-', label=name)
+        axes[1].plot(res, [r['infer_samples_per_sec'] for r in mine], 'o-', label=name)
+    axes[0].set_ylabel('fvcore GMACs / image')
+    axes[1].set_ylabel('inference samples/s')
+    for ax in axes:
+        ax.set_xlabel('input resolution (px)')
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
+    _save(plt, fig, path, settings)
+
+
+def plot_speed_vs_gmacs(rows: Sequence[Mapping[str, object]], path: Path,
+                        settings: Optional[SpeedSettings] = None) -> None:
+    """ Inference and train-step samples/s against GMACs per image, one labelled point per model: a model above the
+    line through another does more per GMAC. """
+    plt, fig, axes = _figure(2, 5.5)
+    for ax, prefix in zip(axes, ('infer', 'train')):
+        for r in rows:
+            if f'{prefix}_samples_per_sec' in r:
+                ax.scatter(r['infer_gmacs'], r[f'{prefix}_samples_per_sec'])
+                ax.annotate(r['model'], (r['infer_gmacs'], r[f'{prefix}_samples_per_sec']), fontsize=7,
+                            xytext=(3, 3), textcoords='offset points')
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('fvcore GMACs / image')
+        ax.set_ylabel(f'{"inference" if prefix == "infer" else "train step"} samples/s')
+        ax.grid(alpha=.3, which='both')
+    _save(plt, fig, path, settings)

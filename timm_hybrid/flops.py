@@ -8,14 +8,20 @@ loudly about) any remaining uncounted op that is not elementwise or data movemen
 Unit: fvcore's, one multiply-add = 1 "flop"; reported as GMACs.
 """
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple, Union
 
 import torch
 import torch.nn as nn
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
+
+with warnings.catch_warnings():
+    # fvcore.nn scripts its focal losses at import; torch >= 2.9 deprecates torch.jit.script with a FutureWarning
+    # that every command would print, about code we never call
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 __all__ = ['FlopCount', 'UncountedOpError', 'count_flops', 'sdpa_flop_jit', 'EXTRA_OP_HANDLES']
 
