@@ -1,5 +1,10 @@
-""" The `timm-hybrid` console script: export / push / run / compare sub-commands (data is tested in test_data.py). """
+""" The `timm-hybrid` console script: help, version, export / push / run / compare sub-commands (data is tested in
+test_data.py, compare's measuring functions in test_compare.py). """
+import csv
+import importlib.metadata
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -65,38 +70,130 @@ def test_run_restores_argv_and_missing_script_is_an_error(tmp_path, capsys):
     assert 'no script' in capsys.readouterr().err
 
 
+def test_help_lists_every_command_without_importing_torch():
+    """ `timm-hybrid --help` is answered before torch, timm or fvcore are imported (they take seconds), and names
+    every sub-command with its one-line help. """
+    from timm_hybrid.cli import COMMANDS
+    proc = subprocess.run([sys.executable, '-X', 'importtime', shutil.which('timm-hybrid'), '--help'],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for name, (help_line, _, _) in COMMANDS.items():
+        assert re.search(rf'^\s+{name}\s+{re.escape(help_line)}$', proc.stdout, re.M), name
+    imported = {line.rsplit('|', 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith('import time')}
+    assert 'argparse' in imported and not imported & {'torch', 'timm', 'fvcore'}
+
+
+def test_version(capsys):
+    import timm_hybrid
+    with pytest.raises(SystemExit) as e:
+        main(['--version'])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f'timm-hybrid {timm_hybrid.__version__}'
+    assert timm_hybrid.__version__ == importlib.metadata.version('timm-hybrid')
+
+
+@pytest.fixture
+def recorded_compare(monkeypatch, tmp_path):
+    """ compare_models / resolution_sweep replaced by recorders: what the CLI asks for, without timing. """
+    import timm_hybrid.compare as compare
+    calls = {}
+
+    def compare_models(names, **kw):
+        calls.update(compared=list(names), **kw)
+        return [dict(model=n) for n in names]
+
+    def resolution_sweep(names, **kw):
+        calls.update(swept=list(names), sweep_settings=kw['settings'])
+        return [dict(model=n) for n in names]
+    monkeypatch.setattr(compare, 'compare_models', compare_models)
+    monkeypatch.setattr(compare, 'resolution_sweep', resolution_sweep)
+    monkeypatch.chdir(tmp_path)
+    return calls
+
+
 @pytest.mark.parametrize('models, swept', [
     (None, ['cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224']),
     (['cnt_ti_patch16_224', 'cnt_nano_patch7_28', 'transcnn_small'], ['cnt_ti_patch16_224']),
     (['cnt_nano_patch7_28', 'tnt_nano_patch7_28'], None),
 ])
-def test_compare_full_sweeps_only_requested_224px_models(models, swept, monkeypatch):
-    import timm_hybrid.compare as compare
-    calls = {}
-    monkeypatch.setattr(compare, 'compare_models', lambda names, **kw: calls.setdefault('compared', list(names)))
-    monkeypatch.setattr(compare, 'resolution_sweep', lambda names, **kw: calls.setdefault('swept', list(names)))
+def test_compare_full_sweeps_only_requested_224px_models(models, swept, recorded_compare):
     assert main(['compare', '--full', *(['--models', *models] if models else [])]) == 0
-    assert calls.get('swept') == swept
-    if models:
-        assert calls['compared'] == models
+    assert recorded_compare.get('swept') == swept
+    assert len(recorded_compare['compared']) == (len(models) if models else 12)
 
 
-def test_compare_with_own_references_writes_ratios_to_them(tmp_path):
+@pytest.mark.parametrize('argv, batch_size, repeats', [
+    ([], 8, 3),  # quick: the CLI's own default no longer overrides it (it was 32)
+    (['--full'], 32, 7),
+    (['--batch-size', '4'], 4, 3),
+    (['--full', '--repeats', '2'], 32, 2),
+])
+def test_compare_defaults_quick_s_trio_outside_the_source_tree(argv, batch_size, repeats, recorded_compare, capsys):
+    assert main(['compare', *argv]) == 0
+    settings = recorded_compare['settings']
+    assert (settings.batch_size, settings.repeats, settings.device) == (batch_size, repeats, 'cpu')
+    assert 1 <= settings.threads <= torch.get_num_threads()
+    if not argv:
+        assert recorded_compare['compared'] == ['cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224']
+        assert 'timm-hybrid compare --full' in capsys.readouterr().out  # says how to get the full tables
+    assert recorded_compare['output_dir'] == 'timm-hybrid-results/compare'  # relative: the current folder
+
+
+def test_compare_rejects_a_device_torch_does_not_have(capsys):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    assert main(['compare', '--device', 'cuda', '--models', 'cnt_nano_patch7_28']) == 2
+    assert 'no CUDA device' in capsys.readouterr().err
+
+
+def test_compare_with_own_references_writes_ratios_to_them(tmp_path, capfd):
     """ The 28 px models compared against the 28 px baselines (not the 224 px TNT-S / DeiT-S defaults): ratio columns
-    are named after the references, a reference's ratio to itself is exactly 1, and every output file is written. """
+    are named after the references, a reference's ratio to itself is exactly 1, every output file is written, and
+    progress comes as plain lines on stderr (as a piped log sees them). """
     out = tmp_path / 'nano'
     assert main(['compare', '--models', 'cnt_nano_patch7_28', 'tnt_nano_patch7_28', '--references',
                  'tnt_nano_patch7_28', 'deit_nano_patch7_28', '--batch-size', '2', '--threads', '1', '--repeats', '4',
                  '--output', str(out)]) == 0
-    rows = {r['model']: r for r in json.loads((out / 'compare.json').read_text())['rows']}
+    saved = json.loads((out / 'compare.json').read_text())
+    rows = {r['model']: r for r in saved['rows']}
     assert list(rows) == ['cnt_nano_patch7_28', 'tnt_nano_patch7_28']  # references are timed, not reported
     assert rows['tnt_nano_patch7_28']['infer_x_tnt_nano'] == 1.0
     assert rows['tnt_nano_patch7_28']['train_x_tnt_nano'] == 1.0
     assert rows['cnt_nano_patch7_28']['infer_x_deit_nano'] > 0 and 'infer_x_tnt_s' not in rows['cnt_nano_patch7_28']
-    assert rows['cnt_nano_patch7_28']['gmacs'] == 0.00825  # three significant digits, not 0.008
-    assert json.loads((out / 'compare.json').read_text())['meta']['repeats'] == 4
-    assert rows['cnt_nano_patch7_28']['input'] == 28 and rows['cnt_nano_patch7_28']['train_peak_mb'] >= 0
+    assert rows['cnt_nano_patch7_28']['infer_gmacs'] == 0.00825  # three significant digits, not 0.008
+    assert 'threads=1, batch_size=2, repeats=4' in saved['meta']['settings']
+    row = rows['cnt_nano_patch7_28']
+    assert row['infer_img_size'] == 28 and row['train_peak_mem_mb'] >= 0
+    assert row['infer_samples_per_sec'] == pytest.approx(2 / (row['infer_step_time'] / 1000), rel=1e-2)
     assert {p.suffix for p in out.iterdir()} == {'.csv', '.md', '.json', '.png'}
+    assert 'Settings: device=cpu, threads=1, batch_size=2, repeats=4' in (out / 'compare.md').read_text()
+    stderr = capfd.readouterr().err
+    for stage in ('inference samples/s', 'train step samples/s', 'cnt_nano_patch7_28: train step peak memory',
+                  'tnt_nano_patch7_28: train step peak memory'):
+        assert re.search(rf'^\[\d+m\d\ds, ~\d+m\d\ds left\] .*{stage}', stderr, re.M), stage
+
+
+def test_compare_interrupted_keeps_the_models_already_measured(tmp_path, monkeypatch, capsys):
+    """ Ctrl-C during the second model's memory measurement: the first model's row is complete on disk. """
+    import timm_hybrid.compare as compare
+    measured = []
+
+    def peak_memory_mb(name, settings):
+        if measured:
+            raise KeyboardInterrupt
+        measured.append(name)
+        return 1.
+    monkeypatch.setattr(compare, 'peak_memory_mb', peak_memory_mb)
+    out = tmp_path / 'partial'
+    assert main(['compare', '--models', 'cnt_nano_patch7_28', 'deit_nano_patch7_28', '--references',
+                 'cnt_nano_patch7_28', '--batch-size', '2', '--repeats', '1', '--output', str(out)]) == 130
+    assert 'interrupted' in capsys.readouterr().err
+    with open(out / 'compare.csv') as f:
+        rows = {r['model']: r for r in csv.DictReader(f)}
+    assert float(rows['cnt_nano_patch7_28']['train_peak_mem_mb']) == 1.
+    assert rows['deit_nano_patch7_28']['train_peak_mem_mb'] == ''  # counted and timed, memory not yet measured
+    assert float(rows['deit_nano_patch7_28']['infer_samples_per_sec']) > 0
+    assert float(rows['deit_nano_patch7_28']['infer_gmacs']) > 0
 
 
 def test_compare_without_references_is_an_error():

@@ -172,10 +172,11 @@ class Progress:
             total += max(0., units - done) * rate
         return total
 
-    def finished(self, kind: str, units: float, seconds: float, message: str) -> None:
+    def finished(self, kind: str, units: float, seconds: float, message: str, estimate: bool = True) -> None:
+        """ A stage is done; `estimate=False` while later stages are not planned yet. """
         self.done[kind] = self.done.get(kind, 0.) + units
         self.spent[kind] = self.spent.get(kind, 0.) + seconds
-        self.line(message, estimate=True)
+        self.line(message, estimate=estimate)
 
     def line(self, message: str, estimate: bool = False) -> None:
         now = time.perf_counter()
@@ -383,7 +384,7 @@ def compare_models(
             rows[n] = dict(model=n, infer_img_size=_input_size(model)[-1], param_count=round(f.mparams, 3),
                            infer_gmacs=_round_gmacs(f.gmacs))
         progress.finished('count', 1, time.perf_counter() - start,
-                          f'{n}: {f.mparams:.2f} M params, {_round_gmacs(f.gmacs)} GMACs')
+                          f'{n}: {f.mparams:.2f} M params, {_round_gmacs(f.gmacs)} GMACs', estimate=not speed)
     write_results(list(rows.values()), out, stem, meta)
     if not speed:
         return list(rows.values())
@@ -429,11 +430,12 @@ def compare_models(
                 for ref in references:
                     row[f'{prefix}_x_{reference_short_name(ref)}'] = round(t[ref].median / t[m].median, 3)
             row['frac_matmul_peak'] = round(gmacs[m] * row['infer_samples_per_sec'] / peak, 3)
-            if memory:
-                start = time.perf_counter()
-                row['train_peak_mem_mb'] = round(peak_memory_mb(m, settings), 0)
-                progress.finished('memory', 1, time.perf_counter() - start,
-                                  f'{m}: train step peak memory {row["train_peak_mem_mb"]:.0f} MB')
+        write_results(list(rows.values()), out, stem, meta)
+        for m in new if memory else ():
+            start = time.perf_counter()
+            rows[m]['train_peak_mem_mb'] = round(peak_memory_mb(m, settings), 0)
+            progress.finished('memory', 1, time.perf_counter() - start,
+                              f'{m}: train step peak memory {rows[m]["train_peak_mem_mb"]:.0f} MB')
             write_results(list(rows.values()), out, stem, meta)
         for m in group:  # keep the references for the next groups, free the rest
             if m not in references:

@@ -1,0 +1,88 @@
+""" timm_hybrid.compare: settings, threads, spread, token counts, the one result writer, AMP / channels-last steps. """
+import csv
+import json
+
+import pytest
+import timm
+import torch
+
+import timm_hybrid.compare as compare
+from timm_hybrid.compare import SpeedSettings, Timing
+
+
+@pytest.mark.parametrize('cores, load, torch_threads, expected', [
+    (2, 1.6, 2, 1),  # another job holds most of one core: one thread, never zero
+    (2, 0.1, 2, 2),
+    (8, 3.2, 8, 5),
+    (8, 0.0, 4, 4),  # never more than torch would use
+    (2, 7.0, 2, 1),
+])
+def test_free_cpu_threads_capped_by_load(cores, load, torch_threads, expected, monkeypatch):
+    monkeypatch.setattr(compare.os, 'sched_getaffinity', lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setattr(compare.os, 'getloadavg', lambda: (load, load, load))
+    monkeypatch.setattr(torch, 'get_num_threads', lambda: torch_threads)
+    assert compare.free_cpu_threads() == expected
+
+
+def test_spread_covers_every_repeat():
+    """ One slow round in five shows: an inter-quartile spread would report 0. """
+    t = Timing([1., 1., 1., 1., 2.])
+    assert t.median == 1. and t.spread == 0.5
+    assert Timing([2., 2.]).spread == 0.
+
+
+def test_settings_defaults_and_validation():
+    quick, full = SpeedSettings.defaults(), SpeedSettings.defaults(full=True, threads=3)
+    assert (quick.batch_size, quick.repeats, full.batch_size, full.repeats, full.threads) == (8, 3, 32, 7, 3)
+    assert SpeedSettings.defaults(compile=True).warmup == 2
+    with pytest.raises(ValueError, match='amp'):
+        SpeedSettings(amp='int8')
+    with pytest.raises(ValueError, match='>= 1'):
+        SpeedSettings(repeats=0)
+    text = SpeedSettings(threads=2, batch_size=4, repeats=5, amp='bf16').describe()
+    assert 'threads=2, batch_size=4, repeats=5' in text and 'amp=bf16' in text
+
+
+@pytest.mark.parametrize('name, kwargs, tokens', [
+    ('deit_small_patch16_224', dict(img_size=288), 18 * 18),
+    ('cnt_nano_patch7_28', dict(img_size=56), 8 * 8),  # patch 7, not 16
+    ('tnt_nano_patch7_28', {}, 4 * 4),
+    ('hatnet_tiny', {}, None),  # hierarchical: no single token grid
+])
+def test_num_patch_tokens_from_the_model(name, kwargs, tokens):
+    assert compare.num_patch_tokens(timm.create_model(name, **kwargs)) == tokens
+
+
+def test_write_results_one_writer_for_csv_markdown_json(tmp_path):
+    rows = [dict(model='a', infer_gmacs=1.5), dict(model='b', infer_gmacs=2., infer_samples_per_sec=10.)]
+    stem = compare.write_results(rows, tmp_path / 'out', 'table', dict(settings='threads=1'), title='A title')
+    assert stem == tmp_path / 'out' / 'table'
+    with open(tmp_path / 'out' / 'table.csv') as f:
+        read = list(csv.DictReader(f))
+    assert list(read[0]) == ['model', 'infer_gmacs', 'infer_samples_per_sec']  # union of the rows' keys, in order
+    assert read[0]['infer_samples_per_sec'] == '' and read[1]['infer_samples_per_sec'] == '10.0'
+    md = (tmp_path / 'out' / 'table.md').read_text()
+    assert md.startswith('# A title\n') and 'Settings: threads=1' in md
+    assert '| a | 1.5 |  |' in md
+    assert json.loads((tmp_path / 'out' / 'table.json').read_text()) == dict(meta=dict(settings='threads=1'), rows=rows)
+
+
+@pytest.mark.parametrize('amp, channels_last', [('bf16', False), (None, True)])
+def test_amp_and_channels_last_steps_run(amp, channels_last, tmp_path):
+    """ Inference and a training step under autocast / in channels-last: the model's parameters change (the
+    optimizer stepped) and the timing has one entry per repeat. """
+    settings = SpeedSettings(batch_size=2, repeats=2, amp=amp, channels_last=channels_last)
+    model = compare.prepare_model(timm.create_model('cnt_nano_patch7_28'), settings)
+    before = model.head.weight.detach().clone()
+    timings = compare.time_interleaved({'m': model}, {'m': (1, 28, 28)}, settings, train=True)
+    assert len(timings['m'].seconds) == 2
+    assert not torch.equal(before, model.head.weight)
+    infer = compare.make_step(model, (1, 28, 28), settings)
+    infer()
+    assert not model.training
+
+
+def test_compare_models_params_and_gmacs_only(tmp_path):
+    rows = compare.compare_models(['cnt_nano_patch7_28'], output_dir=tmp_path, speed=False)
+    assert rows == [dict(model='cnt_nano_patch7_28', infer_img_size=28, param_count=0.368, infer_gmacs=0.00825)]
+    assert 'params and GMACs only' in (tmp_path / 'compare.md').read_text()
