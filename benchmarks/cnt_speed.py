@@ -3,14 +3,15 @@
     python benchmarks/cnt_speed.py [--batch-size 32 --threads 2 --repeats 7]
 
 1. Speed: the three models timed interleaved in one run (timm_hybrid.compare.time_interleaved), medians with spread,
-   as ratios to TNT-S.
+   as ratios to TNT-S and DeiT-S.
 2. Where the time goes: wall time per component (forward hooks; CPU ops are synchronous), same batch and threads:
    embedding, inner block (CNT's ResNet block / TNT's inner transformer), per-block pixel->patch projection, outer
    attention, outer MLP, outer norms, rest (head, concatenations, reshapes).
 
-Writes benchmarks/results/cnt_speed/{speed,components}.{csv,md,json} and components.png.
+Writes benchmarks/results/cnt_speed/{speed,components}.{csv,md,json}, README.md and components.png.
 """
 import argparse
+import json
 import re
 import time
 from collections import defaultdict
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 
 import timm_hybrid  # noqa: F401
-from timm_hybrid.compare import _markdown, time_interleaved
+from timm_hybrid.compare import SpeedSettings, markdown_table, time_interleaved, write_results
 
 MODELS = ('tnt_s_patch16_224', 'cnt_s_patch16_224', 'deit_small_patch16_224')
 OUT = Path(__file__).resolve().parent / 'results' / 'cnt_speed'
@@ -72,19 +73,20 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=32)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--output', type=Path, default=OUT, help='folder to write (default: %(default)s)')
     parser.add_argument('--replot', action='store_true', help='re-render components.png from components.json')
     args = parser.parse_args()
     if args.replot:
-        _plot(__import__('json').loads((OUT / 'components.json').read_text())['rows'])
+        _plot(json.loads((args.output / 'components.json').read_text())['rows'], args.output)
         return
+    settings = SpeedSettings(batch_size=args.batch_size, repeats=args.repeats, threads=args.threads)
     torch.set_num_threads(args.threads)
-    OUT.mkdir(parents=True, exist_ok=True)
 
     models = {n: timm.create_model(n).eval() for n in MODELS}
-    timing = time_interleaved(models, {n: (3, 224, 224) for n in MODELS}, args.batch_size, args.repeats)
+    timing = time_interleaved(models, {n: (3, 224, 224) for n in MODELS}, settings)
     tnt_s, deit_s = timing['tnt_s_patch16_224'].median, timing['deit_small_patch16_224'].median
-    speed = [dict(model=n, img_s=round(args.batch_size / t.median, 1), spread=f'±{t.spread:.1%}',
-                  x_tnt_s=round(tnt_s / t.median, 3), x_deit_s=round(deit_s / t.median, 3))
+    speed = [dict(model=n, infer_samples_per_sec=round(args.batch_size / t.median, 1), infer_spread=f'±{t.spread:.1%}',
+                  infer_x_tnt_s=round(tnt_s / t.median, 3), infer_x_deit_s=round(deit_s / t.median, 3))
              for n, t in timing.items()]
 
     x = torch.randn(args.batch_size, 3, 224, 224)
@@ -93,22 +95,20 @@ def main() -> None:
         times = component_times(model, x, max(3, args.repeats // 2))
         components.append(dict(model=n, **{k: round(v * 1000, 1) for k, v in times.items()}))
 
-    settings = (f'batch {args.batch_size}, {args.threads} threads, {args.repeats} interleaved rounds, '
-                f'torch {torch.__version__}')
+    meta = dict(settings=settings.describe())
     text = (f'# CNT-S vs TNT-S vs DeiT-S inference on this CPU\n\nCommand: `python benchmarks/cnt_speed.py '
-            f'--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}` ({settings})\n\n'
-            f'## Speed (interleaved, median, ± half the inter-quartile range)\n\n{_markdown(speed)}\n\n'
-            f'## Where the time goes (ms per batch, median of forward-hook spans)\n\n{_markdown(components)}\n')
-    (OUT / 'README.md').write_text(text)
-    for stem, rows in (('speed', speed), ('components', components)):
-        (OUT / f'{stem}.json').write_text(__import__('json').dumps(dict(settings=settings, rows=rows), indent=1))
-        with open(OUT / f'{stem}.csv', 'w') as f:
-            f.write(','.join(rows[0]) + '\n' + '\n'.join(','.join(str(v) for v in r.values()) for r in rows) + '\n')
+            f'--batch-size {args.batch_size} --threads {args.threads} --repeats {args.repeats}` '
+            f'({meta["settings"]})\n\n'
+            f'## Speed (interleaved, median, ± half the range over the repeats)\n\n{markdown_table(speed)}\n\n'
+            f'## Where the time goes (ms per batch, median of forward-hook spans)\n\n{markdown_table(components)}\n')
+    write_results(speed, args.output, 'speed', meta)
+    write_results(components, args.output, 'components', meta)
+    (args.output / 'README.md').write_text(text)
     print(text)
-    _plot(components)
+    _plot(components, args.output)
 
 
-def _plot(components) -> None:
+def _plot(components, out: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -123,7 +123,7 @@ def _plot(components) -> None:
     ax.invert_yaxis()
     ax.legend(fontsize=8, ncol=7, loc='upper center', bbox_to_anchor=(0.45, -0.18), frameon=False)
     fig.tight_layout()
-    fig.savefig(OUT / 'components.png', dpi=110)
+    fig.savefig(out / 'components.png', dpi=110)
     plt.close(fig)
 
 
