@@ -1,0 +1,88 @@
+""" The matched-size trios (CNT / TNT / DeiT at Ti, S, B) and the three hybrid families, on whatever device is here.
+
+    python benchmarks/device_benchmark.py                 # -> benchmarks/results/<device>/
+    python benchmarks/device_benchmark.py --sizes s       # one size group
+    python benchmarks/device_benchmark.py --models cnt_nano_patch7_28 tnt_nano_patch7_28 \\
+        --reference deit_nano_patch7_28 --output /tmp/smoke   # a quick check that it runs
+
+On a GPU: bf16 autocast, batch 256 (timm's benchmark.py `--amp --amp-dtype bfloat16 -b 256`), 20 timed steps after
+5 warm-up ones. On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size group is timed
+interleaved with the DeiT of its size (the hybrid families with DeiT-S), so every `x DeiT` ratio comes from shared
+rounds. Writes, through `timm_hybrid.compare`: `<size>.csv/.md/.json/.png` per group (compare_models), and
+`benchmark.csv/.md/.json` (all models, ratios to the DeiT of their size) with `speed_vs_gmacs.png`.
+"""
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from timm_hybrid.compare import (
+    Progress, SpeedSettings, compare_models, free_cpu_threads, plot_speed_vs_gmacs, reference_short_name,
+    write_results,
+)
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+# size: (models, the DeiT they are timed against)
+SIZE_GROUPS = {
+    'ti': (('cnt_ti_patch16_224', 'tnt_ti_patch16_224', 'deit_tiny_patch16_224'), 'deit_tiny_patch16_224'),
+    's': (('cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224',
+           'transcnn_small', 'hatnet_small', 'refiner_vit_small_patch16_224'), 'deit_small_patch16_224'),
+    'b': (('cnt_b_patch16_224', 'tnt_b_patch16_224', 'deit_base_patch16_224'), 'deit_base_patch16_224'),
+}
+
+
+def device_settings(args: argparse.Namespace) -> SpeedSettings:
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    on_gpu = torch.device(device).type == 'cuda'
+    defaults = dict(batch_size=256, repeats=20, warmup=5, amp='bf16') if on_gpu else \
+        dict(batch_size=32, repeats=7, warmup=1, amp=None)
+    chosen = dict(batch_size=args.batch_size, repeats=args.repeats, amp=args.amp)
+    if args.compile:
+        defaults['warmup'] += 1  # the first call compiles
+    return SpeedSettings(
+        device=device, threads=args.threads or free_cpu_threads(), compile=args.compile,
+        channels_last=args.channels_last, **{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
+
+
+def device_folder_name(settings: SpeedSettings) -> str:
+    """ `cpu`, or the GPU's name as a folder (e.g. `nvidia-h100-80gb-hbm3`). """
+    if not settings.on_gpu:
+        return 'cpu'
+    return re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(settings.device).lower()).strip('-')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--sizes', nargs='+', choices=list(SIZE_GROUPS), default=list(SIZE_GROUPS))
+    parser.add_argument('--models', nargs='+', help='time these instead of the size groups (with --reference)')
+    parser.add_argument('--reference', default='deit_small_patch16_224', help='the reference of --models')
+    parser.add_argument('--device', default=None, help='default: cuda if torch sees one, else cpu')
+    parser.add_argument('--batch-size', type=int, default=None, help='default: 256 on a GPU, 32 on a CPU')
+    parser.add_argument('--repeats', type=int, default=None, help='default: 20 on a GPU, 7 on a CPU')
+    parser.add_argument('--threads', type=int, default=None, help='default: free_cpu_threads()')
+    parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='default: bf16 on a GPU, off on a CPU')
+    parser.add_argument('--compile', action='store_true', help='time torch.compile(model)')
+    parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--output', type=Path, default=None, help='default: benchmarks/results/<device>')
+    args = parser.parse_args()
+
+    settings = device_settings(args)
+    out = args.output or RESULTS / device_folder_name(settings)
+    groups = {'models': (args.models, args.reference)} if args.models else {s: SIZE_GROUPS[s] for s in args.sizes}
+    progress = Progress()
+    rows = []
+    for stem, (names, reference) in groups.items():
+        short = reference_short_name(reference)
+        for row in compare_models(names, output_dir=out, settings=settings, references=[reference],
+                                  progress=progress, stem=stem):
+            # one column for every size: x the DeiT of the model's size
+            rows.append({re.sub(rf'_x_{short}$', '_x_deit', k): v for k, v in row.items()} | dict(reference=reference))
+    meta = dict(settings=settings.describe(), ratios='x DeiT of the same size, timed in the same interleaved rounds')
+    write_results(rows, out, 'benchmark', meta, title=f'Speed on {device_folder_name(settings)}')
+    plot_speed_vs_gmacs(rows, out / 'speed_vs_gmacs.png', settings)
+    print(f'written to {out.resolve()}')
+
+
+if __name__ == '__main__':
+    main()
