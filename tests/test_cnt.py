@@ -1,14 +1,15 @@
 """ CNT specifics: compute matched to TNT, TNT equivalence, weight conversion, position encodings, errors. """
+import copy
 import logging
 
 import pytest
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models.resnet import BasicBlock
+from timm.utils import reparameterize_model
 
 from timm_hybrid import count_flops
-from timm_hybrid.models.cnt import CNT, InnerConv, checkpoint_filter_fn
+from timm_hybrid.models.cnt import CNT, InnerResBlock, checkpoint_filter_fn, conv3x3_as_matrix, conv3x3_taps
 
 TNT_OF_CNT = {'cnt_ti_patch16_224': 'tnt_ti_patch16_224', 'cnt_s_patch16_224': 'tnt_s_patch16_224',
               'cnt_b_patch16_224': 'tnt_b_patch16_224'}
@@ -98,19 +99,110 @@ def test_state_dict_that_does_not_fit_names_the_keys():
         checkpoint_filter_fn({'conv1.weight': torch.zeros(1), 'fc.weight': torch.zeros(1)}, model)
 
 
-@pytest.mark.parametrize('training', [True, False])
-def test_inner_conv_on_tokens_equals_resnet_block_on_nchw(training):
-    """ The copy-free channels-last view of the pixel tokens gives the plain NCHW ResNet block's result. """
-    block = BasicBlock(12, 12)
+def _trained_like(block: InnerResBlock) -> InnerResBlock:
+    """ BatchNorm affines and running stats away from their defaults, so a folding error cannot hide. """
     with torch.no_grad():
-        for bn in (block.bn1, block.bn2):
-            bn.weight.normal_(1, 0.2), bn.bias.normal_(0, 0.2)
-            bn.running_mean.normal_(0, 0.2), bn.running_var.uniform_(0.5, 1.5)
-    inner = InnerConv(block, (4, 4)).train(training)
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.normal_(1, 0.2), m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5)
+    return block
+
+
+def test_conv3x3_matrix_is_the_zero_padded_convolution():
+    """ Grid flattened (pixel-major, channel-minor) times the matrix == conv2d(padding=1), on a non-square grid. """
+    weight = torch.randn(5, 3, 3, 3)
+    grid = torch.randn(4, 3, 3, 5)  # (B, C_in, h, w)
+    expected = torch.nn.functional.conv2d(grid, weight, padding=1)
+    matrix = conv3x3_as_matrix(weight, conv3x3_taps((3, 5)))
+    assert matrix.shape == (15 * 3, 15 * 5)
+    actual = grid.permute(0, 2, 3, 1).reshape(4, -1) @ matrix
+    torch.testing.assert_close(actual.reshape(4, 3, 5, 5).permute(0, 3, 1, 2), expected, atol=1e-5, rtol=1e-5)
+    # a corner pixel has 4 taps (5 are padding), the centre of a 3x3 grid all 9
+    taps = conv3x3_taps((3, 3))
+    assert taps[:, :, 0].sum() == 4 and taps[:, :, 4].sum() == 9
+
+
+@pytest.mark.parametrize('impl', ['conv', 'matmul'])
+@pytest.mark.parametrize('bottleneck', [False, True])
+@pytest.mark.parametrize('training', [True, False])
+def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottleneck, training):
+    """ Every implementation == timm's ResNet block on the NCHW map: outputs, input and weight gradients, and the
+    BatchNorm running stats a training step leaves (fp32, < 1e-5). Drop path is on: the same samples drop. """
+    torch.manual_seed(0)
+    reference = _trained_like(InnerResBlock(12, (4, 4), drop_path=0.3, bottleneck=bottleneck, impl=impl))
+    reference.init_weights(zero_init_last=False)
+    block = copy.deepcopy(reference).train(training)
+    reference.train(training)
     tokens = torch.randn(6, 16, 12)
-    reference = block(tokens.transpose(1, 2).reshape(6, 12, 4, 4).contiguous())
-    actual = inner(tokens.clone())
-    torch.testing.assert_close(actual, reference.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    x_ref, x = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
+    torch.manual_seed(1)
+    nchw = x_ref.transpose(1, 2).reshape(6, 12, 4, 4)
+    expected = reference.conv_block(nchw).flatten(2).transpose(1, 2)
+    torch.manual_seed(1)
+    actual = block(x)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    actual.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    for (name, p_ref), p in zip(reference.named_parameters(), block.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f'{name}: {m}')
+    for (name, b_ref), b in zip(reference.named_buffers(), block.buffers()):
+        torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=lambda m: f'{name}: {m}')
+
+
+@pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])
+def test_model_logits_and_flops_do_not_depend_on_inner_impl(inner_impl):
+    torch.manual_seed(0)
+    auto = timm.create_model('cnt_nano_patch7_28')
+    for m in auto.modules():
+        if isinstance(m, InnerResBlock):
+            _trained_like(m).init_weights(zero_init_last=False)
+    other = timm.create_model('cnt_nano_patch7_28', inner_impl=inner_impl)
+    other.load_state_dict(auto.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    for training in (False, True):
+        with torch.no_grad():
+            torch.testing.assert_close(other.train(training)(x), auto.train(training)(x), atol=1e-5, rtol=1e-5)
+    assert count_flops(other, input_size=(1, 28, 28)).gmacs == count_flops(auto, input_size=(1, 28, 28)).gmacs
+
+
+@pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])
+def test_reparameterize_model_folds_batchnorm_with_equal_logits(inner_impl):
+    """ timm's reparameterize_model folds each inner BatchNorm into its conv; eval logits stay the same. """
+    torch.manual_seed(0)
+    model = _small_cnt(inner_block='bottleneck', inner_block_args=dict(impl=inner_impl))
+    for m in model.modules():
+        if isinstance(m, InnerResBlock):
+            _trained_like(m).init_weights(zero_init_last=False)
+    model.eval()
+    fused = reparameterize_model(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy by default
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inner_block_is_a_callable_like_vit_block_fn():
+    """ CNT takes any callable fn(dim, pixel_grid, drop_path=, **dd); names are a shortcut at the model level. """
+    calls = []
+
+    def identity_block(dim, pixel_grid, drop_path=0., device=None, dtype=None):
+        calls.append((dim, pixel_grid, drop_path))
+        return torch.nn.Identity()
+
+    model = _small_cnt(inner_block=identity_block, drop_path_rate=0.1)
+    assert calls == [(8, (4, 4), 0.0), (8, (4, 4), pytest.approx(0.1))]
+    assert all(isinstance(b.inner, torch.nn.Identity) for b in model.blocks)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    with pytest.raises(ValueError, match='inner_block_args apply to a named inner_block'):
+        _small_cnt(inner_block=identity_block, inner_block_args=dict(impl='conv'))
+    with pytest.raises(ValueError, match="Unknown inner_impl 'gemm', expected one of"):
+        timm.create_model('cnt_nano_patch7_28', inner_impl='gemm')
+    with pytest.raises(ValueError, match="inner_impl='matmul' needs BatchNorm"):
+        timm.create_model('cnt_nano_patch7_28', inner_impl='matmul', conv_norm_layer='groupnorm1')
 
 
 def test_fused_attention_matches_unfused():
@@ -195,7 +287,8 @@ def test_bad_input_gets_a_clear_error():
 def test_zero_init_last_starts_inner_blocks_near_identity():
     model = _small_cnt()
     for m in model.modules():
-        if isinstance(m, InnerConv):
+        if isinstance(m, InnerResBlock):
             assert torch.count_nonzero(m.conv_block.bn2.weight) == 0
     model = _small_cnt(zero_init_last=False)
-    assert all(torch.count_nonzero(m.conv_block.bn2.weight) > 0 for m in model.modules() if isinstance(m, InnerConv))
+    assert all(torch.count_nonzero(m.conv_block.bn2.weight) > 0
+               for m in model.modules() if isinstance(m, InnerResBlock))
