@@ -522,7 +522,7 @@ def write_results(
 def _settings_caption(settings: Optional[SpeedSettings]) -> str:
     if settings is None:
         return ''
-    return (f'{settings.device}, {settings.threads} threads, batch {settings.batch_size}, {settings.repeats} repeats, '
+    return (f'{settings.device}, threads {settings.threads}, batch {settings.batch_size}, repeats {settings.repeats}, '
             f'amp {settings.amp or "off"}{", compiled" if settings.compile else ""}')
 
 
@@ -595,6 +595,8 @@ def plot_speed_vs_gmacs(rows: Sequence[Mapping[str, object]], path: Path,
                             xytext=(3, 3), textcoords='offset points')
         ax.set_xscale('log')
         ax.set_yscale('log')
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_minor_formatter(plt.NullFormatter())  # labels on a narrow log range overlap
         ax.set_xlabel('fvcore GMACs / image')
         ax.set_ylabel(f'{"inference" if prefix == "infer" else "train step"} samples/s')
         ax.grid(alpha=.3, which='both')
