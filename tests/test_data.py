@@ -34,7 +34,7 @@ def source(tmp_path):
 
 def test_layout_is_read_by_timm_torch_dataset(source, tmp_path):
     counts = prepare_fashion_mnist(tmp_path / 'root', source=source)
-    assert counts == {'train': 100, 'test': 20}
+    assert counts == {'train': 100, 'test': 20, 'validation': 0}
     ds = timm.data.create_dataset('torch/fashion_mnist', root=str(tmp_path / 'root'), split='validation')
     assert len(ds) == 20
     image, label = ds[13]
@@ -43,12 +43,55 @@ def test_layout_is_read_by_timm_torch_dataset(source, tmp_path):
 
 def test_train_fraction_is_class_balanced_and_paired(source, tmp_path):
     counts = prepare_fashion_mnist(tmp_path / 'root', source=source, train_fraction=0.3, seed=1)
-    assert counts == {'train': 30, 'test': 20}
+    assert counts == {'train': 30, 'test': 20, 'validation': 0}
     ds = FashionMNIST(str(tmp_path / 'root'), train=True)
     assert np.bincount(ds.targets.numpy(), minlength=10).tolist() == [3] * 10
     assert (ds.data[:, 0, 0] == ds.targets).all()
     again = prepare_fashion_mnist(tmp_path / 'again', source=source, train_fraction=0.3, seed=1)
     assert again == counts and (FashionMNIST(str(tmp_path / 'again'), train=True).data == ds.data).all()
+
+
+def _images(root, train: bool) -> set:
+    """ The layout's train or test images, each as bytes (the fixture's images are random, so each one is unique). """
+    ds = FashionMNIST(str(root), train=train)
+    return {bytes(image.numpy().tobytes()) for image in ds.data}
+
+
+@pytest.mark.parametrize('fraction', [None, 1.0, 0.5])
+def test_validation_split_is_disjoint_balanced_and_fixed(source, tmp_path, fraction):
+    layouts = {}
+    for eval_split in ('validation', 'test'):
+        layouts[eval_split] = tmp_path / eval_split
+        counts = prepare_fashion_mnist(layouts[eval_split], source=source, train_fraction=fraction, seed=3,
+                                       validation_per_class=2, eval_split=eval_split)
+        assert counts == {'train': 40 if fraction == 0.5 else 80, 'validation': 20, 'test': 20}
+    validation = FashionMNIST(str(layouts['validation']), train=False)
+    assert np.bincount(validation.targets.numpy(), minlength=10).tolist() == [2] * 10
+    assert (validation.data[:, 0, 0] == validation.targets).all()  # images and labels stay paired
+    train = FashionMNIST(str(layouts['validation']), train=True)
+    assert np.bincount(train.targets.numpy(), minlength=10).tolist() == [4 if fraction == 0.5 else 8] * 10
+    # the validation images are training-set images that the training files do not hold
+    prepare_fashion_mnist(tmp_path / 'whole', source=source)
+    assert _images(layouts['validation'], train=False) < _images(tmp_path / 'whole', train=True)
+    assert not _images(layouts['validation'], train=False) & _images(layouts['validation'], train=True)
+    # both layouts train on the same images; the test layout's test files are the real test set
+    assert _images(layouts['validation'], train=True) == _images(layouts['test'], train=True)
+    assert _images(layouts['test'], train=False) == _images(tmp_path / 'whole', train=False)
+
+
+def test_validation_split_does_not_depend_on_the_subset_seed(source, tmp_path):
+    draws = [prepare_fashion_mnist(tmp_path / f's{seed}', source=source, train_fraction=0.5, seed=seed,
+                                   validation_per_class=2, eval_split='validation') for seed in (0, 1)]
+    assert draws[0] == draws[1]
+    assert _images(tmp_path / 's0', train=False) == _images(tmp_path / 's1', train=False)
+    assert _images(tmp_path / 's0', train=True) != _images(tmp_path / 's1', train=True)
+
+
+def test_eval_split_needs_a_validation_split(source, tmp_path):
+    with pytest.raises(ValueError, match='validation_per_class'):
+        prepare_fashion_mnist(tmp_path / 'root', source=source, eval_split='validation')
+    with pytest.raises(ValueError, match="one of \\('test', 'validation'\\)"):
+        prepare_fashion_mnist(tmp_path / 'root', source=source, eval_split='val')
 
 
 def test_missing_source_says_which_package(tmp_path, capsys):

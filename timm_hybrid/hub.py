@@ -24,6 +24,7 @@ import timm
 from timm.data import resolve_model_data_config
 from timm.models import load_state_dict, save_for_hf
 
+from .data import FASHION_MNIST_DATASET
 from .flops import count_flops
 from .layers import summarize_keys
 
@@ -36,7 +37,7 @@ _HUB_FILES = ('config.json', 'model.safetensors')
 
 # Data sets a pretrained tag stands for: (name in the card, Hugging Face dataset id, paper id)
 _TAG_DATASETS = {
-    'fmnist': ('Fashion-MNIST', 'zalando-datasets/fashion_mnist', 'arXiv:1708.07747'),
+    'fmnist': FASHION_MNIST_DATASET,
 }
 # Every card cites TNT (whose outer / inner structure CNT keeps) and DeiT (training recipe, distillation token)
 _ALWAYS_CITED = ('arXiv:2103.00112', 'arXiv:2012.12877')

@@ -1,0 +1,320 @@
+""" Fashion-MNIST micro study (issue #14): CNT vs TNT vs DeiT with a 4x4 pixel grid per patch, at matched GMACs.
+
+The `*_micro_patch4_28` models (28 px, 49 patches of 4x4 pixels, stride-1 pixel embedding, depth 4) are trained from
+scratch with timm's train.py (one recipe, RECIPE below), 3 seeds, on fixed class-balanced fractions (1%, 10%, 100%) of
+the training set left after carving out a fixed class-balanced validation split (500 images per class). Every run
+evaluates on that validation split while it trains (the per-epoch curves); the recipe was chosen on it. The test set
+is read once per run, after training: timm's validate.py on the final checkpoint (`timm-hybrid run validate.py`).
+
+Groups, in the order they run (`planned_runs`): main (10% seed 0, 1% seed 0, 10% / 1% seeds 1-2, 100%), teacher
+(ResNet-18 on 10%), distill (cnt / deit micro distilled: none / hard / soft token distillation, 3 seeds on 10%),
+ablation (CNT position encodings and inner blocks, 3 seeds on 10%). `recipe` runs are the short recipe check.
+
+Runs are resumable: a stopped run continues from its last checkpoint; finished runs are in runs.csv and skipped.
+The script writes results, it does not commit them.
+
+    python benchmarks/fmnist_micro_study.py run --timm-scripts /work/timm-scripts [--only main] [--threads 1]
+    python benchmarks/fmnist_micro_study.py recipe --timm-scripts /work/timm-scripts   # the recipe check
+    python benchmarks/fmnist_micro_study.py report [--compare-csv benchmarks/results/compare_micro/compare.csv]
+    python benchmarks/fmnist_micro_study.py list
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_lib import (  # noqa: E402
+    REPO, Run, Study, change_over_last_tenth, epochs_done, markdown_table, mean_std, plot_bands, read_curve,
+    read_summary, recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
+    train_images_per_second, train_throughput,
+)
+from timm_hybrid.data import (  # noqa: E402
+    FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_NUM_CLASSES, FASHION_MNIST_STD, prepare_fashion_mnist,
+)
+
+RESULTS = REPO / 'benchmarks' / 'results' / 'fmnist_micro'
+# checkpoints and logs: outside the work tree, so a later session on this machine can resume them
+WORK = Path(os.environ.get('TIMM_HYBRID_MICRO_STUDY_DIR', Path.home() / '.cache' / 'timm-hybrid' / 'fmnist-micro'))
+
+VALIDATION_PER_CLASS = 500  # 5000 validation images; 55000 left for training
+FRACTIONS = {'1pct': 0.01, '10pct': 0.1, '100pct': 1.0}
+TRAIN_IMAGES = {'1pct': 550, '10pct': 5500, '100pct': 55000}
+# epochs per fraction and how often to evaluate (batch 128, drop_last): 10% 4.3k optimiser steps, 1% 2k (4 steps an
+# epoch), 100% 17k. Evaluating the 5000 validation images costs about a third of a 10% epoch's training, so 10%
+# evaluates every 2nd epoch and 1% every 10th: 50 points per curve
+EPOCHS = {'1pct': 500, '10pct': 100, '100pct': 40}
+VAL_INTERVAL = {'1pct': 10, '10pct': 2, '100pct': 1}
+SEEDS = (0, 1, 2)
+FAMILIES = ('cnt', 'tnt', 'deit')
+DISPLAY_NAMES = {'cnt': 'CNT', 'tnt': 'TNT', 'deit': 'DeiT'}
+MODELS = {f: f'{f}_micro_patch4_28' for f in FAMILIES}
+TEACHER_MODEL = 'resnet18'
+_NORM = f'--mean {FASHION_MNIST_MEAN[0]} --std {FASHION_MNIST_STD[0]}'
+_SIZE = ' '.join(str(s) for s in FASHION_MNIST_INPUT_SIZE)
+# One recipe for every model: AdamW + cosine, mild crop / flip augmentation (28 px leaves little room for
+# RandomResizedCrop's default 8% scale), label smoothing 0.1; the learning rate from the recipe check (README).
+# `--val-split test` reads the layout's test files: the validation split while training (see data_root).
+LR = '1e-3'
+RECIPE = (
+    f'--device cpu --device-modules timm_hybrid --dataset torch/fashion_mnist --train-split train --val-split test '
+    f'--num-classes {FASHION_MNIST_NUM_CLASSES} --input-size {_SIZE} {_NORM} --crop-pct 1.0 '
+    f'--batch-size 128 --opt adamw --lr {LR} --weight-decay 0.05 --sched cosine --warmup-epochs 2 --min-lr 1e-5 '
+    f'--scale 0.6 1.0 --hflip 0.5 --color-jitter 0 --smoothing 0.1 --workers 1 --log-interval 100 '
+    f'--checkpoint-hist 1'
+)
+RECIPE_CHECK_LRS = ('5e-4', '1e-3', '2e-3')
+RECIPE_CHECK_EPOCHS = 15
+
+FIELDS = ('run', 'group', 'model', 'model_kwargs', 'distill', 'data', 'train_images', 'seed', 'epochs',
+          'top1_val', 'top1_val_best', 'val_change_last10pct', 'top1_test', 'top5_test', 'gmacs', 'params_m',
+          'train_img_per_s_log', 'threads', 'finished', 'command', 'test_command')
+
+
+def data_root(data: str, eval_split: str) -> Path:
+    """ The layout of a fraction whose test files hold the validation split ('validation') or the test set ('test');
+    the training files of both are the same draw. """
+    root = WORK / 'data' / f'{data}-{eval_split}'
+    if not (root / 'FashionMNIST' / 'raw' / 't10k-labels-idx1-ubyte').exists():
+        prepare_fashion_mnist(root, train_fraction=FRACTIONS[data], seed=0,
+                              validation_per_class=VALIDATION_PER_CLASS, eval_split=eval_split)
+    return root
+
+
+STUDY = Study(results=RESULTS, work=WORK, recipe=RECIPE, fields=FIELDS, data_root=data_root,
+              teacher_dir=WORK / 'teacher_export', train_images=TRAIN_IMAGES)
+
+
+def _run(group: str, family_or_model: str, data: str, seed: int, suffix: str = '', **kwargs) -> Run:
+    model = MODELS.get(family_or_model, family_or_model)
+    return Run(f'{family_or_model}-{data}-s{seed}{suffix}', group, model, data, seed, EPOCHS[data], VAL_INTERVAL[data],
+               **kwargs)
+
+
+# CNT options of the proposal's ablation; the main run is the default (learned encodings, ResNet basic block)
+ABLATIONS = ('patch_pos_embed=none', 'patch_pos_embed=sincos', 'pixel_pos_embed=none', 'pixel_pos_embed=sincos',
+             'inner_block=bottleneck', 'inner_block=attn')
+TEACHER_RUN = f'teacher-{TEACHER_MODEL}-10pct-s0'
+
+
+def planned_runs() -> List[Run]:
+    """ Every run after the recipe check, most informative first: the three families on 10% (seed 0), then 1%, the
+    other seeds of both, the full set (10x the images per epoch); then the teacher, distillation, ablations. """
+    main = [_run('main', f, d, s) for s, d in ((0, '10pct'), (0, '1pct'), (1, '10pct'), (2, '10pct'),
+                                               (1, '1pct'), (2, '1pct')) for f in FAMILIES]
+    main += [_run('main', f, '100pct', s) for s in SEEDS for f in FAMILIES]
+    teacher = [Run(TEACHER_RUN, 'teacher', TEACHER_MODEL, '10pct', 0, EPOCHS['10pct'], VAL_INTERVAL['10pct'])]
+    distill = [_run('distill', f'{f}_micro_distilled_patch4_28', '10pct', s, f'-{d or "nodistill"}', distill=d)
+               for s in SEEDS for f in ('cnt', 'deit') for d in ('', 'hard', 'soft')]
+    ablation = [_run('ablation', MODELS['cnt'], '10pct', s, f'-{kv.replace("=", "-")}', model_kwargs=(kv,))
+                for s in SEEDS for kv in ABLATIONS]
+    return main + teacher + distill + ablation
+
+
+def recipe_runs() -> List[Run]:
+    """ The recipe check: learning rates for CNT and DeiT, 10% data, a short schedule, validation split only. """
+    return [Run(f'recipe-{f}-10pct-lr{lr}', 'recipe', MODELS[f], '10pct', 0, RECIPE_CHECK_EPOCHS, 2,
+                extra_args=('--lr', lr)) for lr in RECIPE_CHECK_LRS for f in ('cnt', 'deit')]
+
+
+def test_command(run: Run, validate_py: Path) -> List[str]:
+    """ timm's validate.py on the run's final checkpoint and the real test set, through `timm-hybrid run`. """
+    cmd = [sys.executable, '-m', 'timm_hybrid.cli', 'run', str(validate_py),
+           '--data-dir', str(data_root(run.data, 'test')), '--dataset', 'torch/fashion_mnist', '--split', 'test',
+           '--model', run.model, '--checkpoint', str(STUDY.run_dir(run) / 'last.pth.tar'),
+           '--num-classes', str(FASHION_MNIST_NUM_CLASSES), '--input-size', *_SIZE.split(), *_NORM.split(),
+           '--crop-pct', '1.0', '--device', 'cpu', '--batch-size', '256', '--workers', '1',
+           '--results-file', str(STUDY.run_dir(run) / 'test.json'), '--results-format', 'json']
+    if run.model_kwargs:
+        cmd += ['--model-kwargs', *run.model_kwargs]
+    return cmd
+
+
+def _complexity(run: Run) -> Dict[str, object]:
+    from timm_hybrid import count_flops
+    kwargs = dict(kv.split('=', 1) for kv in run.model_kwargs)
+    try:
+        flops = count_flops(run.model, input_size=FASHION_MNIST_INPUT_SIZE, num_classes=FASHION_MNIST_NUM_CLASSES,
+                            in_chans=FASHION_MNIST_INPUT_SIZE[0], **kwargs)
+    except Exception as e:  # the counts are re-derivable from the model name; a failed count must not lose the run
+        print(f'warning: {run.model}: no FLOP count ({e})', file=sys.stderr)
+        return dict(gmacs='', params_m='')
+    return dict(gmacs=round(flops.gmacs, 5), params_m=round(flops.mparams, 4))
+
+
+def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dict[str, object]:
+    """ Keeps the run's curve, reads the test set once (not for recipe-check runs), returns its runs.csv row. """
+    curve = save_curve(STUDY, run)
+    val = [float(r['eval_top1']) for r in curve]
+    test, shown_test = {}, ''
+    if run.group != 'recipe':
+        cmd = test_command(run, validate_py)
+        subprocess.run(cmd, check=True, capture_output=True, env=thread_env(threads), cwd=STUDY.work)
+        test = json.loads((STUDY.run_dir(run) / 'test.json').read_text())
+        shown_test = shown_command(cmd, validate_py.parent).replace('python -m timm_hybrid.cli run', 'timm-hybrid run')
+    if run.group == 'teacher':
+        export_teacher()
+    return dict(
+        run=run.name, group=run.group, model=run.model, model_kwargs=' '.join(run.model_kwargs),
+        distill=run.distill, data=run.data, train_images=TRAIN_IMAGES[run.data], seed=run.seed,
+        epochs=epochs_done(STUDY, run), top1_val=val[-1], top1_val_best=max(val),
+        val_change_last10pct=change_over_last_tenth(read_curve(STUDY, run.name)),
+        top1_test=test.get('top1', ''), top5_test=test.get('top5', ''), **_complexity(run),
+        train_img_per_s_log=train_images_per_second(STUDY.run_dir(run) / 'log.txt') or '', threads=threads,
+        finished=time.strftime('%Y-%m-%d %H:%M'), command=shown_command(command, validate_py.parent),
+        test_command=shown_test)
+
+
+def export_teacher() -> None:
+    from timm_hybrid.hub import export
+    # the recipe's data settings go into its config.json: train.py's distillation re-normalises the student's input
+    # with the teacher's mean / std
+    export(TEACHER_MODEL, STUDY.run_dir(Run(TEACHER_RUN, '', '', '')) / 'last.pth.tar', STUDY.teacher_dir,
+           num_classes=FASHION_MNIST_NUM_CLASSES, in_chans=FASHION_MNIST_INPUT_SIZE[0],
+           data_config=dict(input_size=FASHION_MNIST_INPUT_SIZE, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                            crop_pct=1.0))
+
+
+# --- report ----------------------------------------------------------------------------------------------------------
+
+def _float(row: Dict[str, str], key: str) -> Optional[float]:
+    return float(row[key]) if row.get(key) not in (None, '') else None
+
+
+def _seconds_per_epoch(model: str, data: str, speed: Dict[str, float]) -> Optional[float]:
+    return TRAIN_IMAGES[data] / speed[model] if model in speed else None
+
+
+def write_report(compare_csv: Optional[Path] = None) -> None:
+    """ README.md (tables), the recipe-check table, and the plots, from runs.csv and the kept curves. `compare_csv`
+    (a `timm-hybrid compare` CSV of the micro models, timed side by side on the final code) turns epochs into
+    training seconds: the time-to-DeiT-accuracy column and the accuracy-vs-seconds plot. """
+    rows = list(recorded_runs(STUDY).values())
+    speed = train_throughput(compare_csv) if compare_csv else {}
+    lines = ['# Fashion-MNIST micro study: CNT vs TNT vs DeiT, 4x4 pixel grid per patch, matched GMACs', '',
+             'Produced by `python benchmarks/fmnist_micro_study.py run` (timm\'s train.py; every row of '
+             '[runs.csv](runs.csv) holds its exact training and test commands). Validation: 500 images per class '
+             'carved from the training set (fixed draw); the fractions are of the 55000 images left. Curves: '
+             'validation top-1 while training ([curves/](curves)). Test top-1: timm\'s validate.py on the final '
+             'checkpoint, once per run. ± is the standard deviation over seeds.', '', f'Recipe: `{RECIPE}`', '']
+    main = [r for r in rows if r['group'] == 'main']
+    table = []
+    for family in FAMILIES:
+        mine = [r for r in main if r['model'] == MODELS[family]]
+        if not mine:
+            continue
+        cells = [f'{DISPLAY_NAMES[family]} (`{MODELS[family]}`)', mine[0]['gmacs'], mine[0]['params_m']]
+        for data in FRACTIONS:
+            of_data = [r for r in mine if r['data'] == data]
+            cells.append(mean_std([_float(r, 'top1_test') for r in of_data if _float(r, 'top1_test') is not None]))
+        for data in FRACTIONS:
+            changes = [_float(r, 'val_change_last10pct') for r in mine if r['data'] == data]
+            changes = [c for c in changes if c is not None]
+            cells.append(f'{statistics.mean(changes):+.2f}' if changes else '-')
+        table.append(cells)
+    lines += ['## Test top-1 (%), 3 seeds', '']
+    lines += markdown_table(['model', 'GMACs', 'params (M)', *(f'top-1 {d}' for d in FRACTIONS),
+                             *(f'val change, last 10% of epochs, {d}' for d in FRACTIONS)], table)
+    lines += ['', f'Epochs: {EPOCHS}; validation every {VAL_INTERVAL} epochs.', '']
+    lines += _time_to_deit(main, speed)
+    for group, title in (('teacher', 'Distillation teacher'), ('distill', 'Token distillation (10%)'),
+                         ('ablation', 'CNT ablations (10%)'), ('recipe', 'Recipe check (validation split only)')):
+        mine = [r for r in rows if r['group'] == group]
+        if mine:
+            lines += ['', f'## {title}', '']
+            lines += markdown_table(
+                ['run', 'model kwargs', 'distill', 'epochs', 'val top-1', 'best val top-1', 'test top-1', 'GMACs'],
+                [[r['run'], r['model_kwargs'] or '-', r['distill'] or '-', r['epochs'], r['top1_val'],
+                  r['top1_val_best'], r['top1_test'] or '-', r['gmacs']] for r in mine])
+    panels = []  # (data, title, {family: [curve of each seed]})
+    for data in FRACTIONS:
+        series = {f: [read_curve(STUDY, r['run']) for r in main if r['model'] == MODELS[f] and r['data'] == data]
+                  for f in FAMILIES}
+        series = {f: curves for f, curves in series.items() if curves}
+        if series:
+            panels.append((data, f'{data} ({TRAIN_IMAGES[data]} images)', series))
+    if panels:
+        lines += ['', '![validation top-1 per epoch](top1_per_epoch.png)']
+        plot_bands(RESULTS / 'top1_per_epoch.png',
+                   [(title, {DISPLAY_NAMES[f]: c for f, c in series.items()}) for _, title, series in panels],
+                   'epoch', 'validation top-1 (%)', 'Fashion-MNIST micro models: mean over seeds, band = range')
+        timed = [(title, {DISPLAY_NAMES[f]: [[(e * sec, v) for e, v in c] for c in curves]
+                          for f, curves in series.items()
+                          for sec in [_seconds_per_epoch(MODELS[f], data, speed)] if sec})
+                 for data, title, series in panels]
+        if any(series for _, series in timed):
+            plot_bands(RESULTS / 'top1_per_second.png', timed, 'training seconds (1 thread, compare img/s)',
+                       'validation top-1 (%)')
+            lines += ['', '![validation top-1 per training second](top1_per_second.png)']
+    (RESULTS / 'README.md').write_text('\n'.join(lines) + '\n')
+
+
+def _time_to_deit(main: Sequence[Dict[str, str]], speed: Dict[str, float]) -> List[str]:
+    """ Training seconds each family needs to reach DeiT's final validation top-1 (mean over seeds), epochs turned
+    into seconds with the compare CSV's img/s. """
+    if not speed:
+        return ['Time to DeiT\'s accuracy: needs `report --compare-csv` (training img/s measured side by side on the '
+                'final code).', '']
+    lines = ['## Training seconds to reach DeiT\'s final validation top-1 (mean over seeds)', '']
+    table = []
+    for data in FRACTIONS:
+        deit = [float(r['top1_val']) for r in main if r['model'] == MODELS['deit'] and r['data'] == data]
+        if not deit:
+            continue
+        target = statistics.mean(deit)
+        cells = [data, f'{target:.2f}']
+        for family in FAMILIES:
+            sec = _seconds_per_epoch(MODELS[family], data, speed)
+            times = [seconds_to_reach(read_curve(STUDY, r['run']), target, sec) for r in main
+                     if r['model'] == MODELS[family] and r['data'] == data] if sec else []
+            reached = [t for t in times if t is not None]
+            cells.append(f'{statistics.mean(reached):.0f} s ({len(reached)}/{len(times)} seeds)' if reached else
+                         f'not reached (0/{len(times)})')
+        table.append(cells)
+    return lines + markdown_table(['data', 'DeiT final val top-1', *(DISPLAY_NAMES[f] for f in FAMILIES)], table) + [
+        '', f'Training img/s (1 thread, `timm-hybrid compare`): '
+            + ', '.join(f'{m} {speed[m]:.0f}' for m in MODELS.values() if m in speed), '']
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest='command', required=True)
+    for name, help_text in (('run', 'train the planned runs not yet recorded'), ('recipe', 'the recipe check')):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument('--timm-scripts', default=os.environ.get('TIMM_SCRIPTS', '/work/timm-scripts'),
+                       help="folder holding timm's train.py and validate.py (not in the timm wheel)")
+        p.add_argument('--threads', type=int, default=1, help='torch threads of the training process')
+        p.add_argument('--only', nargs='+', default=None, help='groups (main, teacher, distill, ablation) or runs')
+    p = sub.add_parser('report', help='re-render README.md and the plots from runs.csv')
+    p.add_argument('--compare-csv', type=Path, default=None,
+                   help='`timm-hybrid compare` CSV with train_img_s of the micro models (time columns)')
+    sub.add_parser('list', help='planned runs and whether they are recorded')
+    args = parser.parse_args()
+    if args.command in ('run', 'recipe'):
+        scripts = Path(args.timm_scripts)
+        if not (scripts / 'train.py').exists() or not (scripts / 'validate.py').exists():
+            sys.exit(f'{scripts} lacks train.py / validate.py (timm\'s scripts are not in the wheel; copy them '
+                     f'from huggingface/pytorch-image-models)')
+        runs = recipe_runs() if args.command == 'recipe' else planned_runs()
+        if args.only:
+            runs = [r for r in runs if r.group in args.only or r.name in args.only]
+        WORK.mkdir(parents=True, exist_ok=True)
+        run_queue(STUDY, runs, scripts / 'train.py',
+                  lambda run, cmd: finish(run, cmd, scripts / 'validate.py', args.threads), threads=args.threads)
+        write_report()
+    elif args.command == 'report':
+        write_report(args.compare_csv)
+    else:
+        done = recorded_runs(STUDY)
+        for r in recipe_runs() + planned_runs():
+            state = 'done' if r.name in done else f'{epochs_done(STUDY, r)}/{r.epochs}'
+            print(f'{state:>9s}  {r.group:8s} {r.name}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,115 @@
+""" The Fashion-MNIST micro models (issue #14) and the study's bookkeeping (benchmarks/study_lib.py). """
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from timm.models.tnt import TNT
+
+import timm_hybrid
+from timm_hybrid.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_LABEL_NAMES, FASHION_MNIST_MEAN
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import study_lib  # noqa: E402
+
+TRIO = ('cnt_micro_patch4_28', 'tnt_micro_patch4_28', 'deit_micro_patch4_28')
+DISTILLED = ('cnt_micro_distilled_patch4_28', 'deit_micro_distilled_patch4_28')
+GRID_MODELS = ('cnt_micro_patch4_28', 'cnt_micro_distilled_patch4_28', 'tnt_micro_patch4_28')
+
+
+@pytest.fixture(scope='module')
+def counts():
+    return {name: timm_hybrid.count_flops(name, input_size=FASHION_MNIST_INPUT_SIZE) for name in TRIO + DISTILLED}
+
+
+@pytest.mark.parametrize('group', [TRIO, DISTILLED], ids=['trio', 'distilled'])
+def test_micro_models_are_matched_in_gmacs_and_params(counts, group):
+    for a, b in itertools.combinations(group, 2):
+        assert counts[a].gmacs == pytest.approx(counts[b].gmacs, rel=0.03), (a, b)
+        assert counts[a].mparams == pytest.approx(counts[b].mparams, rel=0.10), (a, b)
+
+
+@pytest.mark.parametrize('name', TRIO + DISTILLED)
+def test_micro_model_has_49_patch_tokens_and_fashion_mnist_cfg(name):
+    model = timm.create_model(name).eval()
+    embed = getattr(model, 'patch_embed', None) or model.pixel_embed
+    assert embed.num_patches == 49
+    assert model.pretrained_cfg['input_size'] == FASHION_MNIST_INPUT_SIZE
+    assert model.pretrained_cfg['mean'] == FASHION_MNIST_MEAN
+    assert tuple(model.pretrained_cfg['label_names']) == FASHION_MNIST_LABEL_NAMES
+    assert model(torch.randn(2, *FASHION_MNIST_INPUT_SIZE)).shape == (2, 10)
+
+
+def _pixel_embeddings(model, x):
+    """ (B, 49, 4, 4, C) pixel embeddings of CNT's or timm TNT's pixel embedding. """
+    if isinstance(model, TNT):  # (B*N, h*w, C), the pixel position encoding added inside, row-major pixels
+        assert model.pixel_embed.new_patch_size == [4, 4]
+        out = model.pixel_embed(x, torch.zeros_like(model.pixel_pos)).unflatten(1, (4, 4))
+    else:  # (B*N, C, h, w)
+        out = model.pixel_embed(x).permute(0, 2, 3, 1)
+    return out.reshape(x.shape[0], 49, *out.shape[1:])
+
+
+@pytest.mark.parametrize('name', GRID_MODELS)
+def test_each_patch_has_a_4x4_grid_made_from_its_own_pixels(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, *FASHION_MNIST_INPUT_SIZE)
+    with torch.no_grad():
+        before = _pixel_embeddings(model, x)
+        assert before.shape[2:4] == (4, 4)
+        # pixel (row 9, col 14) lies in patch (2, 3) = token 17; changing it changes only that patch's grid, at
+        # the pixel and its neighbours (stride 1: one pixel embedding per image pixel)
+        x[0, 0, 9, 14] += 1.
+        changed = (_pixel_embeddings(model, x) - before).abs().amax(dim=-1)[0] > 0  # (49, 4, 4)
+    assert changed.any(dim=(1, 2)).nonzero().flatten().tolist() == [17]
+    assert changed[17, 1, 2]
+
+
+# --- study bookkeeping -----------------------------------------------------------------------------------------------
+
+def test_summary_of_a_resumed_run_keeps_the_last_row_of_each_epoch(tmp_path):
+    path = tmp_path / 'summary.csv'
+    path.write_text('epoch,eval_top1\n0,50.0\n1,60.0\nepoch,eval_top1\n1,61.0\n2,70.0\n')
+    assert [(r['epoch'], r['eval_top1']) for r in study_lib.read_summary(path)] == [
+        ('0', '50.0'), ('1', '61.0'), ('2', '70.0')]
+
+
+def test_change_over_last_tenth_of_epochs():
+    curve = [(e, float(e)) for e in range(2, 101, 2)]  # evaluated every 2nd epoch, +1 per epoch
+    assert study_lib.change_over_last_tenth(curve) == 10.0  # epoch 100 vs epoch 90
+    assert study_lib.change_over_last_tenth([(100, 80.)]) is None
+
+
+def test_seconds_to_reach_a_target():
+    curve = [(2, 70.), (4, 80.), (6, 79.), (8, 85.)]
+    assert study_lib.seconds_to_reach(curve, 80., sec_per_epoch=10.) == 40.
+    assert study_lib.seconds_to_reach(curve, 90., sec_per_epoch=10.) is None
+
+
+def test_train_throughput_reads_a_compare_csv(tmp_path):
+    path = tmp_path / 'compare.csv'
+    path.write_text('model,train_img_s,infer_img_s\ncnt_micro_patch4_28,330.5,900\ntnt_micro_patch4_28,,800\n')
+    assert study_lib.train_throughput(path) == {'cnt_micro_patch4_28': 330.5}
+
+
+def test_mean_std_over_seeds():
+    assert study_lib.mean_std([80., 82., 84.]) == '82.00 ± 2.00 (n=3)'
+    assert study_lib.mean_std([80.]) == '80.00 (n=1)'
+    assert study_lib.mean_std([]) == '-'
+
+
+def test_train_log_throughput_takes_each_epochs_last_line(tmp_path):
+    log = tmp_path / 'log.txt'
+    log.write_text(
+        'Train: 0 [   0/42 (  2%)]  Loss: 2.3 (2.3)  Time: 0.5s,  250.00/s  (0.5s,  250.00/s)  LR: 1e-4\n'
+        'Train: 0 [  41/42 (100%)]  Loss: 2.0 (2.1)  Time: 0.4s,  320.00/s  (0.4s,  300.00/s)  LR: 1e-4\n'
+        'Train: 1 [  41/42 (100%)]  Loss: 1.9 (1.9)  Time: 0.4s,  330.00/s  (0.4s,  310.00/s)  LR: 2e-4\n'
+        'Train: 2 [  41/42 (100%)]  Loss: 1.8 (1.8)  Time: 0.4s,  330.00/s  (0.4s,  340.00/s)  LR: 3e-4\n')
+    assert study_lib.train_images_per_second(log) == 310.0
+
+
+def test_shown_command_is_typed_form_without_resume():
+    cmd = [sys.executable, '/s/train.py', '--model', 'x', '--resume', '/w/last.pth.tar', '--seed', '1']
+    assert study_lib.shown_command(cmd, Path('/s')) == 'python train.py --model x --seed 1'
