@@ -10,6 +10,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 
 def _compare(args: argparse.Namespace) -> int:
+    print('timm-hybrid compare: importing torch, timm and fvcore', file=sys.stderr, flush=True)  # seconds of silence
     from . import compare
     try:
         settings = compare.SpeedSettings.defaults(
