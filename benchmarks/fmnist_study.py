@@ -11,10 +11,11 @@ run uses the same timm recipe (RECIPE below); the study has four groups:
             deit_nano_distilled (hard) and without, DeiT's own recipe on the baseline
 
 Runs are resumable (train.py's --resume from the run's last checkpoint) and recorded once finished: a run already in
-runs.csv is skipped, so the study can span sessions. Each finished run appends its row, re-renders the report and
-(with --commit) commits the results folder.
+runs.csv is skipped, so the study can span sessions (benchmarks/study_lib.py). Each finished run appends its row and
+re-renders the report; the script does not commit. (The recorded runs ran two at a time; the queue now runs one.)
+The micro study (benchmarks/fmnist_micro_study.py) supersedes this one; its results stay as recorded.
 
-    python benchmarks/fmnist_study.py run --timm-scripts PATH/TO/pytorch-image-models [--parallel 2] [--commit]
+    python benchmarks/fmnist_study.py run --timm-scripts PATH/TO/pytorch-image-models
     python benchmarks/fmnist_study.py report
     python benchmarks/fmnist_study.py list
     python benchmarks/fmnist_study.py publish   # best main run per family -> weights/<arch>.fmnist, verified
@@ -22,21 +23,21 @@ runs.csv is skipped, so the study can span sessions. Each finished run appends i
 import argparse
 import csv
 import os
-import re
-import shlex
-import statistics
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_lib import (  # noqa: E402
+    REPO, Run, Study, append_row, epochs_done, read_summary, recorded_runs, run_queue, save_curve, shown_command,
+    train_images_per_second,
+)
+from timm_hybrid.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
+
 RESULTS = REPO / 'benchmarks' / 'results' / 'fmnist'
 # checkpoints and logs of unfinished runs: outside the work tree, so a later session on this machine can resume them
 WORK = Path(os.environ.get('TIMM_HYBRID_STUDY_DIR', Path.home() / '.cache' / 'timm-hybrid' / 'fmnist-study'))
-RUNS_CSV = RESULTS / 'runs.csv'
 CURVES = RESULTS / 'curves'  # per-run copies of train.py's summary.csv
 
 EPOCHS = {'full': 15, '10pct': 50}
@@ -46,7 +47,8 @@ TRAIN_FRACTION = {'full': None, '10pct': 0.1}
 # RandomResizedCrop's default 8% scale), label smoothing 0.1 (train.py default).
 RECIPE = (
     '--device cpu --device-modules timm_hybrid --dataset torch/fashion_mnist --train-split train --val-split test '
-    '--num-classes 10 --input-size 1 28 28 --mean 0.2860 --std 0.3530 --crop-pct 1.0 '
+    f'--num-classes 10 --input-size 1 28 28 --mean {FASHION_MNIST_MEAN[0]:.4f} --std {FASHION_MNIST_STD[0]:.4f} '
+    '--crop-pct 1.0 '
     '--batch-size 128 --opt adamw --lr 1e-3 --weight-decay 0.05 --sched cosine --warmup-epochs 2 --min-lr 1e-5 '
     '--scale 0.6 1.0 --hflip 0.5 --color-jitter 0 --smoothing 0.1 --workers 1 --log-interval 100 '
     '--checkpoint-hist 1'
@@ -61,54 +63,39 @@ PUBLISHED_MODELS = tuple(f'{f}_nano_patch7_28' for f in FAMILIES) + (
 
 FIELDS = ('run', 'group', 'model', 'model_kwargs', 'distill', 'data', 'train_images', 'seed', 'epochs', 'top1_last',
           'top1_best', 'gmacs', 'params_m', 'sec_per_epoch', 'train_img_per_s', 'threads', 'finished', 'command')
-# train.py's progress line; the parenthesised figures are the running averages over the epoch so far
-TRAIN_LOG_LINE = re.compile(r'^Train: (\d+) \[\s*(\d+)/(\d+) .*\(\s*[\d.]+s,\s*([\d.]+)/s\)')
 
 
-@dataclass(frozen=True)
-class Run:
-    name: str
-    group: str
-    model: str
-    data: str
-    seed: int = 0
-    model_kwargs: Tuple[str, ...] = ()
-    distill: str = ''  # '', 'hard' or 'soft'
-
-    @property
-    def epochs(self) -> int:
-        return EPOCHS[self.data]
-
-    @property
-    def val_interval(self) -> int:
-        # the main runs report the test accuracy of every epoch; the others evaluate (and checkpoint) every 5th and
-        # the last epoch, which saves about a third of a 10%-subset epoch (10k test images vs 6k training images)
-        # and leaves the recipe unchanged (the random stream differs: each evaluation's loader draws a seed)
-        return 1 if self.group == 'main' else VAL_INTERVAL
+def _run(name: str, group: str, model: str, data: str, seed: int = 0, model_kwargs=(), distill: str = '') -> Run:
+    # the main runs report the test accuracy of every epoch; the others evaluate (and checkpoint) every 5th and
+    # the last epoch, which saves about a third of a 10%-subset epoch (10k test images vs 6k training images)
+    # and leaves the recipe unchanged (the random stream differs: each evaluation's loader draws a seed)
+    return Run(name, group, model, data, seed, EPOCHS[data], 1 if group == 'main' else VAL_INTERVAL,
+               tuple(model_kwargs), distill)
 
 
 def planned_runs() -> List[Run]:
     """ All runs, in the order they are worth having: the main comparison (10% subset, then both full-set seeds: the
     long runs early keep two parallel slots evenly busy towards the end), the teacher (so distillation can start as
     soon as it is exported), ablations, distillation. """
-    runs = [Run(f'{f}-10pct-s{s}', 'main', f'{f}_nano_patch7_28', '10pct', s) for s in (0, 1) for f in FAMILIES]
-    runs += [Run(f'{f}-full-s{s}', 'main', f'{f}_nano_patch7_28', 'full', s) for s in (0, 1) for f in FAMILIES]
-    runs.append(Run(TEACHER_RUN, 'teacher', TEACHER_MODEL, '10pct', 0))
+    runs = [_run(f'{f}-10pct-s{s}', 'main', f'{f}_nano_patch7_28', '10pct', s) for s in (0, 1) for f in FAMILIES]
+    runs += [_run(f'{f}-full-s{s}', 'main', f'{f}_nano_patch7_28', 'full', s) for s in (0, 1) for f in FAMILIES]
+    runs.append(_run(TEACHER_RUN, 'teacher', TEACHER_MODEL, '10pct', 0))
     for kwargs in ('inner_block=bottleneck', 'inner_block=attn', 'patch_pos_embed=none', 'patch_pos_embed=sincos',
                    'pixel_pos_embed=none', 'pixel_pos_embed=sincos'):
-        runs.append(Run(f'cnt-10pct-s0-{kwargs.replace("=", "-")}', 'ablation', 'cnt_nano_patch7_28', '10pct', 0,
+        runs.append(_run(f'cnt-10pct-s0-{kwargs.replace("=", "-")}', 'ablation', 'cnt_nano_patch7_28', '10pct', 0,
                         (kwargs,)))
     for distill in ('', 'hard', 'soft'):
-        runs.append(Run(f'cnt_distilled-10pct-s0-{distill or "nodistill"}', 'distill',
+        runs.append(_run(f'cnt_distilled-10pct-s0-{distill or "nodistill"}', 'distill',
                         'cnt_nano_distilled_patch7_28', '10pct', 0, distill=distill))
     # DeiT's own recipe (hard token distillation) on the DeiT baseline, with its no-teacher control
     for distill in ('', 'hard'):
-        runs.append(Run(f'deit_distilled-10pct-s0-{distill or "nodistill"}', 'distill',
+        runs.append(_run(f'deit_distilled-10pct-s0-{distill or "nodistill"}', 'distill',
                         'deit_nano_distilled_patch7_28', '10pct', 0, distill=distill))
     return runs
 
 
-def data_root(data: str) -> Path:
+def data_root(data: str, eval_split: str = 'test') -> Path:
+    """ The nano study evaluated on the test set every epoch (it predates the validation split). """
     from timm_hybrid.data import prepare_fashion_mnist
     root = WORK / 'data' / data
     if not (root / 'FashionMNIST' / 'raw' / 't10k-labels-idx1-ubyte').exists():
@@ -116,133 +103,38 @@ def data_root(data: str) -> Path:
     return root
 
 
-def teacher_dir() -> Path:
-    return WORK / 'teacher_export'
+STUDY = Study(results=RESULTS, work=WORK, recipe=RECIPE, fields=FIELDS, data_root=data_root,
+              teacher_dir=WORK / 'teacher_export')
 
 
-def train_command(run: Run, train_py: Path) -> List[str]:
-    cmd = [sys.executable, str(train_py), *shlex.split(RECIPE), '--data-dir', str(data_root(run.data)),
-           '--model', run.model, '--epochs', str(run.epochs), '--seed', str(run.seed),
-           '--output', str(WORK), '--experiment', run.name]
-    if run.val_interval != 1:
-        cmd += ['--val-interval', str(run.val_interval)]
-    if run.model_kwargs:
-        cmd += ['--model-kwargs', *run.model_kwargs]
-    if run.distill:
-        cmd += ['--kd-model-name', f'local-dir:{teacher_dir()}', '--kd-distill-type', 'token',
-                '--kd-token-distill-type', run.distill]
-    return cmd
-
-
-def read_summary(run: Run) -> List[Dict[str, str]]:
-    """ train.py's per-epoch summary.csv (a resumed run may repeat the header or an epoch: last one wins). """
-    path = WORK / run.name / 'summary.csv'
-    if not path.exists():
-        return []
-    by_epoch = {}
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            if row.get('epoch', 'epoch') != 'epoch':
-                by_epoch[int(row['epoch'])] = row
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def train_images_per_second(run: Run) -> Optional[float]:
-    """ Training throughput without the per-epoch evaluation and checkpointing: the median over epochs of train.py's
-    epoch-average images/s (its last progress line of each epoch; a resumed epoch's later line wins). """
-    path = WORK / run.name / 'log.txt'
-    if not path.exists():
-        return None
-    per_epoch = {}
-    for line in path.read_text(errors='replace').splitlines():
-        match = TRAIN_LOG_LINE.match(line)
-        if match and int(match.group(2)) + 1 == int(match.group(3)):
-            per_epoch[int(match.group(1))] = float(match.group(4))
-    return round(statistics.median(per_epoch.values()), 1) if per_epoch else None
-
-
-def epochs_done(run: Run) -> int:
-    """ Epochs finished and checkpointed (train.py writes summary.csv and checkpoints only on evaluated epochs). """
-    summary = read_summary(run)
-    return int(summary[-1]['epoch']) + 1 if summary else 0
-
-
-def recorded_runs() -> Dict[str, Dict[str, str]]:
-    if not RUNS_CSV.exists():
-        return {}
-    with open(RUNS_CSV) as f:
-        return {row['run']: row for row in csv.DictReader(f)}
-
-
-def save_curve(run: Run) -> None:
-    """ Keeps the run's per-epoch test accuracy with the results (train.py's summary.csv lives in the work dir). """
-    CURVES.mkdir(parents=True, exist_ok=True)
-    rows = read_summary(run)
-    with open(CURVES / f'{run.name}.csv', 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _without_resume(args: Sequence[str]) -> List[str]:
-    """ The run's command as it would be typed for a fresh start (a session that resumed it added --resume). """
-    args = list(args)
-    if '--resume' in args:
-        i = args.index('--resume')
-        del args[i:i + 2]
-    return args
-
-
-def record(run: Run, command: Sequence[str], sec_per_epoch: float, threads: int) -> Dict[str, str]:
+def record(run: Run, command: Sequence[str], threads: int) -> Dict[str, object]:
+    """ The runs.csv row of a finished run (the recorded rows also hold the wall-clock seconds per epoch of the two
+    parallel slots they ran in; the sequential queue leaves that column empty). """
     from timm_hybrid import count_flops
-    summary = read_summary(run)
+    summary = read_summary(STUDY.run_dir(run) / 'summary.csv')
     kwargs = dict(kv.split('=', 1) for kv in run.model_kwargs)
-    flops = count_flops(run.model, input_size=(1, 28, 28), num_classes=10, in_chans=1, **kwargs)
-    train_images = 60000 if run.data == 'full' else 6000
-    row = dict(
+    flops = count_flops(run.model, input_size=FASHION_MNIST_INPUT_SIZE, num_classes=10, in_chans=1, **kwargs)
+    save_curve(STUDY, run)
+    if run.group == 'teacher':
+        export_teacher()
+    return dict(
         run=run.name, group=run.group, model=run.model, model_kwargs=' '.join(run.model_kwargs),
-        distill=run.distill, data=run.data, train_images=train_images, seed=run.seed, epochs=epochs_done(run),
-        top1_last=float(summary[-1]['eval_top1']), top1_best=max(float(r['eval_top1']) for r in summary),
-        gmacs=round(flops.gmacs, 5), params_m=round(flops.mparams, 4), sec_per_epoch=round(sec_per_epoch, 1),
-        train_img_per_s=train_images_per_second(run) or '', threads=threads, finished=time.strftime('%Y-%m-%d %H:%M'),
-        command=shlex.join(['python', 'train.py', *_without_resume(command[2:])]).replace(str(REPO) + '/', ''),
-    )
-    save_curve(run)
-    new_file = not RUNS_CSV.exists()
-    with open(RUNS_CSV, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
-    return row
+        distill=run.distill, data=run.data, train_images=60000 if run.data == 'full' else 6000, seed=run.seed,
+        epochs=epochs_done(STUDY, run), top1_last=float(summary[-1]['eval_top1']),
+        top1_best=max(float(r['eval_top1']) for r in summary), gmacs=round(flops.gmacs, 5),
+        params_m=round(flops.mparams, 4), sec_per_epoch='',
+        train_img_per_s=train_images_per_second(STUDY.run_dir(run) / 'log.txt') or '', threads=threads,
+        finished=time.strftime('%Y-%m-%d %H:%M'), command=shown_command(command).replace(
+            f'python {command[1]}', 'python train.py'))
 
 
 def export_teacher() -> None:
     from timm_hybrid.hub import export
     # the recipe's data settings go into its config.json: train.py's distillation re-normalises the student's input
     # with the teacher's mean / std
-    export(TEACHER_MODEL, WORK / TEACHER_RUN / 'model_best.pth.tar', teacher_dir(), num_classes=10, in_chans=1,
-           data_config=dict(input_size=(1, 28, 28), mean=(0.2860,), std=(0.3530,), crop_pct=1.0))
-
-
-def git_commit(message: str) -> None:
-    for _ in range(5):  # other writers may hold the index lock for a moment
-        subprocess.run(['git', 'add', str(RESULTS)], cwd=REPO, capture_output=True)
-        done = subprocess.run(['git', 'commit', '-q', '-m', message, '--', str(RESULTS)], cwd=REPO,
-                              capture_output=True, text=True)
-        if done.returncode == 0 or 'nothing' in done.stdout + done.stderr:
-            return
-        time.sleep(3)
-    print(f'warning: could not commit: {done.stderr.strip()}', file=sys.stderr)
-
-
-@dataclass
-class Active:
-    run: Run
-    proc: subprocess.Popen
-    command: List[str]
-    start: float
-    epochs_before: int
+    export(TEACHER_MODEL, WORK / TEACHER_RUN / 'model_best.pth.tar', STUDY.teacher_dir, num_classes=10, in_chans=1,
+           data_config=dict(input_size=FASHION_MNIST_INPUT_SIZE, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                            crop_pct=1.0))
 
 
 def run_study(args: argparse.Namespace) -> None:
@@ -250,54 +142,16 @@ def run_study(args: argparse.Namespace) -> None:
     if not train_py.exists():
         sys.exit(f'{train_py} not found: pass --timm-scripts, a checkout of huggingface/pytorch-image-models '
                  f'(train.py is not in the timm wheel).')
-    done = recorded_runs()
-    todo = [r for r in planned_runs() if r.name not in done and (not args.only or r.group in args.only
-                                                                  or r.name in args.only)]
-    print(f'{len(done)} runs recorded, {len(todo)} to do: {[r.name for r in todo]}', flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               PYTHONWARNINGS='ignore')
-    active: List[Active] = []
-    while todo or active:
-        while todo and len(active) < args.parallel:
-            # a distilled run needs the exported teacher: wait for it while the teacher is still training
-            ready = [r for r in todo if not r.distill or (teacher_dir() / 'config.json').exists()]
-            if not ready:
-                if not active:
-                    sys.exit('distillation runs need the teacher run: run it first (--only teacher)')
-                break
-            run = ready[0]
-            todo.remove(run)
-            command = train_command(run, train_py)
-            last = WORK / run.name / 'last.pth.tar'
-            if last.exists():
-                command += ['--resume', str(last)]
-            (WORK / run.name).mkdir(parents=True, exist_ok=True)
-            log = open(WORK / run.name / 'log.txt', 'a')
-            print(f'[{time.strftime("%H:%M")}] start {run.name}' + (' (resumed)' if last.exists() else ''),
-                  flush=True)
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=WORK)
-            active.append(Active(run, proc, command, time.time(), epochs_done(run)))
-        time.sleep(10)
-        for a in list(active):
-            if a.proc.poll() is None:
-                if args.progress:
-                    n = epochs_done(a.run)
-                    print(f'  {a.run.name}: epoch {n}/{a.run.epochs}', flush=True)
-                continue
-            active.remove(a)
-            epochs_run = epochs_done(a.run) - a.epochs_before
-            if a.proc.returncode != 0 or epochs_done(a.run) < a.run.epochs:
-                print(f'[{time.strftime("%H:%M")}] FAILED {a.run.name} (exit {a.proc.returncode}), see '
-                      f'{WORK / a.run.name / "log.txt"}', flush=True)
-                continue
-            row = record(a.run, a.command, (time.time() - a.start) / max(epochs_run, 1), args.threads)
-            print(f'[{time.strftime("%H:%M")}] done {a.run.name}: top1 {row["top1_last"]} '
-                  f'({row["sec_per_epoch"]} s/epoch)', flush=True)
-            if a.run.group == 'teacher':
-                export_teacher()
-            write_report()
-            if args.commit:
-                git_commit(f'fmnist study: {a.run.name} top1 {row["top1_last"]}')
+    runs = [r for r in planned_runs() if not args.only or r.group in args.only or r.name in args.only]
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    def finish(run: Run, command: List[str]) -> Dict[str, object]:
+        row = record(run, command, args.threads)
+        write_report()
+        return row
+
+    run_queue(STUDY, runs, train_py, finish, threads=args.threads)
+    write_report()
 
 
 # --- weights ---------------------------------------------------------------------------------------------------------
@@ -311,7 +165,7 @@ def publish() -> None:
     import timm
     from timm_hybrid.data import evaluate_fashion_mnist
     from timm_hybrid.hub import export
-    rows = recorded_runs()
+    rows = recorded_runs(STUDY)
     best = {}
     for model_name in PUBLISHED_MODELS:
         mine = [r for r in rows.values() if r['model'] == model_name and r['group'] in ('main', 'distill')]
@@ -361,7 +215,7 @@ def _mean_spread(values: Sequence[float]) -> str:
 
 
 def write_report() -> None:
-    rows = list(recorded_runs().values())
+    rows = list(recorded_runs(STUDY).values())
     if not rows:
         return
     lines = ['# Fashion-MNIST study: CNT vs TNT vs DeiT at matched GMACs', '',
@@ -468,11 +322,8 @@ def main() -> None:
     p = sub.add_parser('run', help='train the runs not yet recorded')
     p.add_argument('--timm-scripts', default=os.environ.get('TIMM_SCRIPTS', '/tmp/timm_scripts'),
                    help='folder holding timm\'s train.py (a pytorch-image-models checkout)')
-    p.add_argument('--parallel', type=int, default=2, help='runs side by side')
     p.add_argument('--threads', type=int, default=1, help='torch threads per run')
     p.add_argument('--only', nargs='+', default=None, help='groups (main, ablation, teacher, distill) or run names')
-    p.add_argument('--commit', action='store_true', help='git-commit the results folder after each finished run')
-    p.add_argument('--progress', action='store_true', help='print each active run\'s epoch every 10 s')
     sub.add_parser('report', help='re-render README.md and the plot from runs.csv')
     sub.add_parser('list', help='planned runs and whether they are recorded')
     sub.add_parser('publish', help='export and verify the best run of each family as weights/<arch>.fmnist')
@@ -484,7 +335,7 @@ def main() -> None:
     elif args.command == 'publish':
         publish()
     else:
-        done = recorded_runs()
+        done = recorded_runs(STUDY)
         for r in planned_runs():
             print(f'{"done" if r.name in done else "todo"}  {r.group:8s} {r.name}')
 

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -252,9 +253,14 @@ def train(study: Study, run: Run, train_py: Path, threads: int) -> Tuple[int, Li
     study.run_dir(run).mkdir(parents=True, exist_ok=True)
     _log(f'train {run.name}' + (f' (resumed at epoch {epochs_done(study, run)})' if last.exists() else ''))
     with open(study.run_dir(run) / 'log.txt', 'a') as log:
-        done = subprocess.run(command + (['--resume', str(last)] if last.exists() else []), stdout=log,
-                              stderr=subprocess.STDOUT, env=thread_env(threads), cwd=study.work)
-    return done.returncode, command
+        proc = subprocess.Popen(command + (['--resume', str(last)] if last.exists() else []), stdout=log,
+                                stderr=subprocess.STDOUT, env=thread_env(threads), cwd=study.work)
+        try:
+            return proc.wait(), command
+        finally:  # the queue stopped (Ctrl-C, SIGTERM): stop its training process too; it resumes next time
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
 
 
 def thread_env(threads: int) -> Dict[str, str]:
@@ -273,6 +279,7 @@ def run_queue(
     """ Trains the runs not yet in runs.csv, one at a time, in order; `finish(run, command)` evaluates a trained run
     and returns its runs.csv row. A run whose train.py fails is retried (`retries` times, `retry_wait_s` apart:
     the working tree may be mid-edit when it starts) and then left for the next invocation. """
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through `train`, which stops its process
     done = recorded_runs(study)
     todo = [r for r in runs if r.name not in done]
     _log(f'{len(done)} runs recorded, {len(todo)} to do: {" ".join(r.name for r in todo)}')
