@@ -342,6 +342,47 @@ def _timing_groups(names: Sequence[str], references: Sequence[str]) -> List[List
     return groups
 
 
+def _count(
+        counted: Sequence[str],
+        reported: Sequence[str],
+        progress: Progress,
+        estimate: bool,
+) -> Tuple[Dict[str, Dict[str, object]], Dict[str, float]]:
+    """ Params and GMACs: the rows of the `reported` models, and the GMACs of every `counted` one. """
+    rows, gmacs = {}, {}
+    progress.plan('count', len(counted), 5.)
+    for n in counted:
+        start = time.perf_counter()
+        model = timm.create_model(n)
+        f = count_flops(model, input_size=_input_size(model))
+        gmacs[n] = f.gmacs
+        if n in reported:
+            rows[n] = dict(model=n, infer_img_size=_input_size(model)[-1], param_count=round(f.mparams, 3),
+                           infer_gmacs=_round_gmacs(f.gmacs))
+        progress.finished('count', 1, time.perf_counter() - start,
+                          f'{n}: {f.mparams:.2f} M params, {_round_gmacs(f.gmacs)} GMACs', estimate=estimate)
+    return rows, gmacs
+
+
+def _speed_columns(
+        name: str,
+        infer: Mapping[str, Timing],
+        train: Mapping[str, Timing],
+        references: Sequence[str],
+        settings: SpeedSettings,
+) -> Dict[str, float]:
+    """ timm's benchmark.py columns (samples/s, step time in ms) + the spread and the ratios to the references. """
+    columns = {}
+    for prefix, timings in (('infer', infer), ('train', train)):
+        t = timings[name]
+        columns[f'{prefix}_samples_per_sec'] = round(settings.batch_size / t.median, 2)
+        columns[f'{prefix}_step_time'] = round(1000 * t.median, 3)
+        columns[f'{prefix}_spread'] = round(t.spread, 3)
+        for ref in references:
+            columns[f'{prefix}_x_{reference_short_name(ref)}'] = round(timings[ref].median / t.median, 3)
+    return columns
+
+
 def compare_models(
         names: Sequence[str] = QUICK_MODELS,
         output_dir: str = DEFAULT_OUTPUT,
@@ -372,20 +413,11 @@ def compare_models(
                   f'{meta["settings"]}; writing to {out.resolve()}')
 
     counted = list(dict.fromkeys([*names, *(m for g in groups for m in g)]))  # references' GMACs price the estimate
-    progress.plan('count', len(counted), 5.)
-    rows: Dict[str, Dict[str, object]] = {}
-    gmacs: Dict[str, float] = {}
-    for n in counted:
-        start = time.perf_counter()
-        model = timm.create_model(n)
-        f = count_flops(model, input_size=_input_size(model))
-        gmacs[n] = f.gmacs
-        if n in names:
-            rows[n] = dict(model=n, infer_img_size=_input_size(model)[-1], param_count=round(f.mparams, 3),
-                           infer_gmacs=_round_gmacs(f.gmacs))
-        progress.finished('count', 1, time.perf_counter() - start,
-                          f'{n}: {f.mparams:.2f} M params, {_round_gmacs(f.gmacs)} GMACs', estimate=not speed)
-    write_results(list(rows.values()), out, stem, meta)
+    rows, gmacs = _count(counted, names, progress, estimate=not speed)
+
+    def save():
+        write_results(list(rows.values()), out, stem, meta)
+    save()
     if not speed:
         return list(rows.values())
 
@@ -393,11 +425,10 @@ def compare_models(
     meta['matmul_gmacs_per_s'] = round(peak, 1)
     # first guesses until measured: a step runs at ~1/3 of matmul peak, a training step costs 3 forwards; a memory
     # measurement (a fresh process importing torch and timm, one step) ~10 s
-    steps = settings.repeats + settings.warmup
-    for group in groups:
-        work = sum(gmacs[m] for m in group) * settings.batch_size * steps
-        progress.plan('inference', work, 3 / peak)
-        progress.plan('train step', 3 * work, 3 / peak)
+    work = {i: sum(gmacs[m] for m in g) * settings.batch_size * (settings.repeats + settings.warmup)
+            for i, g in enumerate(groups)}
+    progress.plan('inference', sum(work.values()), 3 / peak)
+    progress.plan('train step', 3 * sum(work.values()), 3 / peak)
     if memory:
         progress.plan('memory', len(names), 10.)
 
@@ -409,34 +440,25 @@ def compare_models(
                 model = timm.create_model(m)
                 sizes[m] = _input_size(model)
                 built[m] = prepare_model(model, settings)
-        members = {m: built[m] for m in group}
-        work = sum(gmacs[m] for m in group) * settings.batch_size * steps
         timings = {}
-        for kind, train, units in (('inference', False, work), ('train step', True, 3 * work)):
+        for kind, train, units in (('inference', False, work[i]), ('train step', True, 3 * work[i])):
             start = time.perf_counter()
-            timings[kind] = time_interleaved(members, sizes, settings, train=train, progress=progress)
+            timings[kind] = time_interleaved({m: built[m] for m in group}, sizes, settings, train, progress)
             per_model = ', '.join(f'{m} {settings.batch_size / t.median:.1f}/s ±{t.spread:.0%}'
                                   for m, t in timings[kind].items())
             progress.finished(kind, units, time.perf_counter() - start,
                               f'{kind} samples/s, group {i + 1}/{len(groups)}: {per_model}')
         new = [m for m in group if m in rows and 'infer_samples_per_sec' not in rows[m]]
         for m in new:
-            row = rows[m]
-            for prefix, kind in (('infer', 'inference'), ('train', 'train step')):
-                t = timings[kind]
-                row[f'{prefix}_samples_per_sec'] = round(settings.batch_size / t[m].median, 2)
-                row[f'{prefix}_step_time'] = round(1000 * t[m].median, 3)  # ms, as timm
-                row[f'{prefix}_spread'] = round(t[m].spread, 3)
-                for ref in references:
-                    row[f'{prefix}_x_{reference_short_name(ref)}'] = round(t[ref].median / t[m].median, 3)
-            row['frac_matmul_peak'] = round(gmacs[m] * row['infer_samples_per_sec'] / peak, 3)
-        write_results(list(rows.values()), out, stem, meta)
+            rows[m].update(_speed_columns(m, timings['inference'], timings['train step'], references, settings))
+            rows[m]['frac_matmul_peak'] = round(gmacs[m] * rows[m]['infer_samples_per_sec'] / peak, 3)
+        save()
         for m in new if memory else ():
             start = time.perf_counter()
             rows[m]['train_peak_mem_mb'] = round(peak_memory_mb(m, settings), 0)
             progress.finished('memory', 1, time.perf_counter() - start,
                               f'{m}: train step peak memory {rows[m]["train_peak_mem_mb"]:.0f} MB')
-            write_results(list(rows.values()), out, stem, meta)
+            save()
         for m in group:  # keep the references for the next groups, free the rest
             if m not in references:
                 del built[m]
