@@ -86,3 +86,13 @@ def test_compare_models_params_and_gmacs_only(tmp_path):
     rows = compare.compare_models(['cnt_nano_patch7_28'], output_dir=tmp_path, speed=False)
     assert rows == [dict(model='cnt_nano_patch7_28', infer_img_size=28, param_count=0.368, infer_gmacs=0.00825)]
     assert 'params and GMACs only' in (tmp_path / 'compare.md').read_text()
+
+
+def test_resolution_sweep_counts_tokens_from_the_model(tmp_path):
+    """ A patch-7 model: 16 tokens at 28 px, 64 at 56 px (`res // 16` would say 1 and 9). """
+    settings = SpeedSettings(batch_size=2, repeats=1)
+    rows = compare.resolution_sweep(['cnt_nano_patch7_28'], resolutions=(28, 56), output_dir=tmp_path,
+                                    settings=settings)
+    assert [(r['infer_img_size'], r['tokens']) for r in rows] == [(28, 16), (56, 64)]
+    assert rows[1]['infer_gmacs'] > 3 * rows[0]['infer_gmacs']
+    assert {p.name for p in tmp_path.iterdir()} == {f'resolution.{s}' for s in ('csv', 'md', 'json', 'png')}

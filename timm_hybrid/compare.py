@@ -486,9 +486,10 @@ def resolution_sweep(
         start = time.perf_counter()
         built = {n: timm.create_model(n, img_size=res) for n in names}
         prepared = {n: prepare_model(m, settings) for n, m in built.items()}
-        timing = time_interleaved(prepared, {n: (3, res, res) for n in names}, settings, progress=progress)
+        sizes = {n: (_input_size(m)[0], res, res) for n, m in built.items()}
+        timing = time_interleaved(prepared, sizes, settings, progress=progress)
         for n, model in built.items():
-            f = count_flops(model, input_size=(3, res, res))
+            f = count_flops(model, input_size=sizes[n])
             attention = f.by_operator.get('scaled_dot_product_attention', 0.) + f.by_operator.get('matmul', 0.)
             rows.append(dict(model=n, infer_img_size=res, tokens=num_patch_tokens(model), infer_gmacs=round(f.gmacs, 3),
                              attention_gmacs=round(attention, 3),
