@@ -581,7 +581,7 @@ def plot_speed_ratios(rows: Sequence[Mapping[str, object]], path: Path, referenc
         axes[1].barh([i + .2 for i in y], [r[f'train_x_{short}'] for r in timed], height=.4, label='train step')
         axes[1].set_yticks(list(y), [r['model'] for r in timed])
         axes[1].axvline(1, color='k', lw=.8)
-        axes[1].set_xlabel(f'speed relative to {reference} (same interleaved rounds)')
+        axes[1].set_xlabel(f'speed x {reference} (same rounds)')
         axes[1].invert_yaxis()
         axes[1].legend()
     _save(plt, fig, path, settings)
