@@ -44,7 +44,11 @@ def test_export_and_push_exit_codes(checkpoint, tmp_path, monkeypatch, capsys):
     assert 'No Hugging Face token' in capsys.readouterr().err
 
 
-def test_run_executes_script_as_main_with_models_registered(tmp_path):
+@pytest.mark.parametrize('launcher', [
+    ['timm-hybrid'],  # the console script, which registers the models only for the sub-commands that need them
+    [sys.executable, '-m', 'timm_hybrid.cli'],
+])
+def test_run_executes_script_as_main_with_models_registered(launcher, tmp_path):
     """ In a fresh interpreter: the script never imports timm_hybrid, yet creates a CNT by name. """
     script = tmp_path / 'tool.py'
     (tmp_path / 'tool_helper.py').write_text('VALUE = 7\n')  # importable from the script's folder
@@ -54,8 +58,9 @@ def test_run_executes_script_as_main_with_models_registered(tmp_path):
         '    model = timm.create_model("cnt_nano_patch7_28")\n'
         '    print(type(model).__name__, tool_helper.VALUE, sys.argv[1:])\n'
         '    sys.exit(int(sys.argv[-1]))\n')
-    proc = subprocess.run([sys.executable, '-m', 'timm_hybrid.cli', 'run', str(script), '--model', 'x', '3'],
-                          capture_output=True, text=True, timeout=120)
+    launcher = [shutil.which(launcher[0]), *launcher[1:]]
+    proc = subprocess.run([*launcher, 'run', str(script), '--model', 'x', '3'], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout.strip() == "CNT 7 ['--model', 'x', '3']"
 
