@@ -47,8 +47,8 @@ QUICK_ARGS = {
 
 def readme_blocks():
     """ (language, code, reasons) of every fenced bash / python block, in order. """
-    pattern = re.compile(r'(?:<!-- readme-test: needs (?P<needs>[^>]*?) -->\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```',
-                         re.S)
+    pattern = re.compile(
+        r'(?:<!-- readme-test: needs (?P<needs>[^>]*?) -->\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```', re.S)
     return [(m['lang'], m['code'], [r.strip() for r in m['needs'].split(',')] if m['needs'] else [])
             for m in pattern.finditer(README.read_text())]
 

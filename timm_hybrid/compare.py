@@ -223,8 +223,8 @@ def make_step(
 
     def train_step():
         with settings.autocast():
-            out = model(x)
-            loss = nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, target)  # distilled: (cls, dist)
+            out = model(x)  # distilled models in training return (cls, dist) logits
+            loss = nn.functional.cross_entropy(out[0] if isinstance(out, tuple) else out, target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # frees the gradients between steps
@@ -306,7 +306,7 @@ def train_step_peak_memory_mb(name: str, settings: SpeedSettings) -> float:
 
 
 def peak_memory_mb(name: str, settings: SpeedSettings) -> float:
-    """ `train_step_peak_memory_mb` in a fresh process (spawned, so no CUDA context or allocator cache is inherited). """
+    """ `train_step_peak_memory_mb` in a fresh process (spawned: no CUDA context or allocator cache inherited). """
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn')) as pool:
         return pool.submit(train_step_peak_memory_mb, name, settings).result()
 
@@ -409,7 +409,7 @@ def compare_models(
     out = Path(output_dir)
     groups = _timing_groups(names, references) if speed else []
     meta = dict(settings=settings.describe() if speed else 'params and GMACs only', references=references)
-    progress.line(f'{len(names)} models{f", {len(groups)} timing groups" if speed else ""}; '
+    progress.line(f'models: {len(names)}{f", timing groups: {len(groups)}" if speed else ""}; '
                   f'{meta["settings"]}; writing to {out.resolve()}')
 
     counted = list(dict.fromkeys([*names, *(m for g in groups for m in g)]))  # references' GMACs price the estimate
