@@ -173,9 +173,12 @@ def test_compare_with_own_references_writes_ratios_to_them(tmp_path, capfd):
     assert {p.suffix for p in out.iterdir()} == {'.csv', '.md', '.json', '.png'}
     assert 'Settings: device=cpu, threads=1, batch_size=2, repeats=4' in (out / 'compare.md').read_text()
     stderr = capfd.readouterr().err
-    for stage in ('inference samples/s', 'train step samples/s', 'cnt_nano_patch7_28: train step peak memory',
-                  'tnt_nano_patch7_28: train step peak memory'):
-        assert re.search(rf'^\[\d+m\d\ds, ~\d+m\d\ds left\] .*{stage}', stderr, re.M), stage
+    for stage in ('inference, group 1/1 done', 'train step, group 1/1 done',
+                  'cnt_nano_patch7_28: train step peak memory', 'tnt_nano_patch7_28: train step peak memory'):
+        assert re.search(rf'^\[\d+m\d\ds, ~\d+m\d\ds left\] {stage}', stderr, re.M), stage
+    for kind in ('inference', 'train step'):
+        for model in ('cnt_nano_patch7_28', 'tnt_nano_patch7_28', 'deit_nano_patch7_28'):
+            assert re.search(rf'^\[\d+m\d\ds\]   {kind} {model}: [\d.]+ samples/s', stderr, re.M), (kind, model)
 
 
 def test_compare_interrupted_keeps_the_models_already_measured(tmp_path, monkeypatch, capsys):

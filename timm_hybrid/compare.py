@@ -444,10 +444,10 @@ def compare_models(
         for kind, train, units in (('inference', False, work[i]), ('train step', True, 3 * work[i])):
             start = time.perf_counter()
             timings[kind] = time_interleaved({m: built[m] for m in group}, sizes, settings, train, progress)
-            per_model = ', '.join(f'{m} {settings.batch_size / t.median:.1f}/s ±{t.spread:.0%}'
-                                  for m, t in timings[kind].items())
-            progress.finished(kind, units, time.perf_counter() - start,
-                              f'{kind} samples/s, group {i + 1}/{len(groups)}: {per_model}')
+            progress.finished(kind, units, time.perf_counter() - start, f'{kind}, group {i + 1}/{len(groups)} done')
+            for m, t in timings[kind].items():
+                progress.line(f'  {kind} {m}: {settings.batch_size / t.median:.1f} samples/s ±{t.spread:.0%}, '
+                              f'{t.median * 1000:.0f} ms/step')
         new = [m for m in group if m in rows and 'infer_samples_per_sec' not in rows[m]]
         for m in new:
             rows[m].update(_speed_columns(m, timings['inference'], timings['train step'], references, settings))
