@@ -19,9 +19,10 @@ def _compare(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _usage_error(e)
     progress = compare.Progress()
+    output = args.output or compare.DEFAULT_OUTPUT
     names = args.models or list(compare.FULL_MODELS if args.full else compare.QUICK_MODELS)
     try:
-        rows = compare.compare_models(names, output_dir=args.output, settings=settings, speed=not args.no_speed,
+        rows = compare.compare_models(names, output_dir=output, settings=settings, speed=not args.no_speed,
                                       references=args.references or compare.REFERENCES, progress=progress)
         print(f'\n{compare.markdown_table(rows)}\n')
         if args.full and not args.no_speed:
@@ -29,14 +30,14 @@ def _compare(args: argparse.Namespace) -> int:
             # default); the 28 px study models have no resolution to sweep
             swept = compare.SWEEP_MODELS if not args.models else [n for n in args.models if n.endswith('_224')]
             if swept:
-                sweep = compare.resolution_sweep(swept, output_dir=args.output, progress=progress, settings=(
+                sweep = compare.resolution_sweep(swept, output_dir=output, progress=progress, settings=(
                     dataclasses.replace(settings, batch_size=8, repeats=3)))
                 print(f'{compare.markdown_table(sweep)}\n')
     except KeyboardInterrupt:
-        print(f'interrupted: what was measured is in {Path(args.output).resolve()}', file=sys.stderr)
+        print(f'interrupted: what was measured is in {Path(output).resolve()}', file=sys.stderr)
         return 130
     print(f'Settings: {settings.describe() if not args.no_speed else "params and GMACs only"}')
-    print(f'Written to {Path(args.output).resolve()} (CSV, Markdown, JSON, PNG).')
+    print(f'Written to {Path(output).resolve()} (CSV, Markdown, JSON, PNG).')
     if not args.full and not args.models:
         print('Quick run: the matched S trio, small batch, few repeats. Full tables (CNT / TNT / DeiT Ti, S, B, '
               'TransCNN, HAT-Net, Refiner; batch 32, 7 repeats; 224-448 px sweep): timm-hybrid compare --full')
@@ -50,8 +51,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--references', nargs='+', default=None,
                    help='models the speed ratios are taken to, timed in the same rounds (default: TNT-S, DeiT-S; '
                         'for the 28 px models e.g. tnt_nano_patch7_28 deit_nano_patch7_28)')
-    p.add_argument('--output', default='timm-hybrid-results/compare',
-                   help='output folder (default: %(default)s, in the current folder)')
+    p.add_argument('--output', default=None,
+                   help='output folder (default: timm-hybrid-results/compare in the current folder)')
     p.add_argument('--full', action='store_true',
                    help='the real tables: the twelve default models, batch 32, 7 repeats, and a 224-448 px '
                         'resolution sweep of the requested 224 px models (hours on 2 CPU cores)')
