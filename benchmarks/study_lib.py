@@ -180,10 +180,18 @@ def seconds_to_reach(curve: Sequence[Tuple[int, float]], target: float, sec_per_
     return None
 
 
+THROUGHPUT_COLUMNS = ('train_samples_per_sec', 'train_img_s')  # compare's column, as timm's benchmark.py; older CSVs
+
+
 def train_throughput(compare_csv: Path) -> Dict[str, float]:
-    """ Training images/s per model from a `timm-hybrid compare` CSV (column train_img_s): the speeds that turn
-    epochs into seconds, measured side by side on the final code, so runs made before a speed-up stay comparable. """
-    return {row['model']: float(row['train_img_s']) for row in read_rows(compare_csv) if row.get('train_img_s')}
+    """ Training images/s per model from a `timm-hybrid compare` CSV: the speeds that turn epochs into seconds,
+    measured side by side on the final code, so runs made before a speed-up stay comparable. """
+    speeds = {}
+    for row in read_rows(compare_csv):
+        value = next((row[c] for c in THROUGHPUT_COLUMNS if row.get(c)), None)
+        if value is not None:
+            speeds[row['model']] = float(value)
+    return speeds
 
 
 def mean_std(values: Sequence[float]) -> str:

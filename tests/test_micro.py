@@ -90,8 +90,11 @@ def test_seconds_to_reach_a_target():
 
 def test_train_throughput_reads_a_compare_csv(tmp_path):
     path = tmp_path / 'compare.csv'
-    path.write_text('model,train_img_s,infer_img_s\ncnt_micro_patch4_28,330.5,900\ntnt_micro_patch4_28,,800\n')
+    path.write_text('model,train_samples_per_sec,infer_samples_per_sec\ncnt_micro_patch4_28,330.5,900\n'
+                    'tnt_micro_patch4_28,,800\n')
     assert study_lib.train_throughput(path) == {'cnt_micro_patch4_28': 330.5}
+    path.write_text('model,train_img_s\ndeit_micro_patch4_28,470\n')  # compare's CSVs before timm's column names
+    assert study_lib.train_throughput(path) == {'deit_micro_patch4_28': 470.}
 
 
 def test_mean_std_over_seeds():
