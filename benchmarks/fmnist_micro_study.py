@@ -214,7 +214,11 @@ def write_report(compare_csv: Optional[Path] = None) -> None:
              '[runs.csv](runs.csv) holds its exact training and test commands). Validation: 500 images per class '
              'carved from the training set (fixed draw); the fractions are of the 55000 images left. Curves: '
              'validation top-1 while training ([curves/](curves)). Test top-1: timm\'s validate.py on the final '
-             'checkpoint, once per run. ± is the standard deviation over seeds.', '', f'Recipe: `{RECIPE}`', '',
+             'checkpoint, once per run. ± is the standard deviation over seeds.', '',
+             'The `--data-dir` layouts of the commands: `prepare_fashion_mnist(ROOT, train_fraction=F, seed=0, '
+             f'validation_per_class={VALIDATION_PER_CLASS}, eval_split=S)` from `timm_hybrid.data`, F in '
+             f'{list(FRACTIONS.values())}, S \'validation\' for training, \'test\' for the test command.', '',
+             f'Recipe: `{RECIPE}`', '',
              RECIPE_CHOICE, '']
     main = [r for r in rows if r['group'] == 'main']
     table = []

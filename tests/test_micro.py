@@ -12,6 +12,7 @@ import timm_hybrid
 from timm_hybrid.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_LABEL_NAMES, FASHION_MNIST_MEAN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+import fmnist_micro_study  # noqa: E402
 import study_lib  # noqa: E402
 
 TRIO = ('cnt_micro_patch4_28', 'tnt_micro_patch4_28', 'deit_micro_patch4_28')
@@ -116,3 +117,30 @@ def test_train_log_throughput_takes_each_epochs_last_line(tmp_path):
 def test_shown_command_is_typed_form_without_resume():
     cmd = [sys.executable, '/s/train.py', '--model', 'x', '--resume', '/w/last.pth.tar', '--seed', '1']
     assert study_lib.shown_command(cmd, Path('/s')) == 'python train.py --model x --seed 1'
+
+
+def test_micro_study_plan_runs_the_most_informative_first():
+    runs = fmnist_micro_study.planned_runs()
+    names = [r.name for r in runs]
+    assert len(set(names)) == len(names)
+    assert names[:6] == ['deit-10pct-s0', 'cnt-10pct-s0', 'tnt-10pct-s0', 'deit-1pct-s0', 'cnt-1pct-s0', 'tnt-1pct-s0']
+    groups = [r.group for r in runs]
+    assert groups == sorted(groups, key=['main', 'teacher', 'distill', 'ablation'].index)
+    main = [r for r in runs if r.group == 'main']
+    assert [r.data for r in main][-9:] == ['100pct'] * 9 and len(main) == 27
+    assert {(r.model, r.seed) for r in main if r.data == '1pct'} == {
+        (m, s) for m in fmnist_micro_study.MODELS.values() for s in (0, 1, 2)}
+    assert all(r.distill and r.model.endswith('_distilled_patch4_28') or not r.distill for r in runs)
+
+
+def test_micro_study_trains_on_validation_and_tests_once(tmp_path, monkeypatch):
+    run = fmnist_micro_study.planned_runs()[0]
+    monkeypatch.setattr(fmnist_micro_study, 'data_root', lambda data, split: tmp_path / f'{data}-{split}')
+    study = study_lib.Study(results=tmp_path, work=tmp_path, recipe=fmnist_micro_study.RECIPE, fields=(),
+                            data_root=fmnist_micro_study.data_root)
+    train = study_lib.train_command(study, run, Path('/s/train.py'))
+    assert train[train.index('--data-dir') + 1] == str(tmp_path / '10pct-validation')
+    assert train[train.index('--val-split') + 1] == 'test'  # the layout's test files: the validation split
+    test = fmnist_micro_study.test_command(run, Path('/s/validate.py'))
+    assert test[test.index('--data-dir') + 1] == str(tmp_path / '10pct-test')
+    assert test[test.index('--checkpoint') + 1].endswith(f'{run.name}/last.pth.tar')
