@@ -30,10 +30,11 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
-    REPO, Run, Study, change_over_last_tenth, epochs_done, markdown_table, mean_std, plot_bands, read_curve,
+    REPO, Run, Study, change_over_last_tenth, epochs_done, mean_std, plot_bands, read_curve,
     read_summary, recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
     train_images_per_second, train_throughput,
 )
+from timm_hybrid.compare import markdown_table  # noqa: E402
 from timm_hybrid.data import (  # noqa: E402
     FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_NUM_CLASSES, FASHION_MNIST_STD, prepare_fashion_mnist,
 )
@@ -226,29 +227,28 @@ def write_report(compare_csv: Optional[Path] = None) -> None:
         mine = [r for r in main if r['model'] == MODELS[family]]
         if not mine:
             continue
-        cells = [f'{DISPLAY_NAMES[family]} (`{MODELS[family]}`)', mine[0]['gmacs'], mine[0]['params_m']]
+        row = {'model': f'{DISPLAY_NAMES[family]} (`{MODELS[family]}`)', 'GMACs': mine[0]['gmacs'],
+               'params (M)': mine[0]['params_m']}
         for data in FRACTIONS:
             of_data = [r for r in mine if r['data'] == data]
-            cells.append(mean_std([_float(r, 'top1_test') for r in of_data if _float(r, 'top1_test') is not None]))
+            row[f'top-1 {data}'] = mean_std(
+                [_float(r, 'top1_test') for r in of_data if _float(r, 'top1_test') is not None])
         for data in FRACTIONS:
             changes = [_float(r, 'val_change_last10pct') for r in mine if r['data'] == data]
             changes = [c for c in changes if c is not None]
-            cells.append(f'{statistics.mean(changes):+.2f}' if changes else '-')
-        table.append(cells)
-    lines += ['## Test top-1 (%), 3 seeds', '']
-    lines += markdown_table(['model', 'GMACs', 'params (M)', *(f'top-1 {d}' for d in FRACTIONS),
-                             *(f'val change, last 10% of epochs, {d}' for d in FRACTIONS)], table)
+            row[f'val change, last 10% of epochs, {data}'] = f'{statistics.mean(changes):+.2f}' if changes else '-'
+        table.append(row)
+    lines += ['## Test top-1 (%), 3 seeds', '', markdown_table(table) if table else '(no main run finished yet)']
     lines += ['', f'Epochs: {EPOCHS}; validation every {VAL_INTERVAL} epochs.', '']
     lines += _time_to_deit(main, speed)
     for group, title in (('teacher', 'Distillation teacher'), ('distill', 'Token distillation (10%)'),
                          ('ablation', 'CNT ablations (10%)'), ('recipe', 'Recipe check (validation split only)')):
         mine = [r for r in rows if r['group'] == group]
         if mine:
-            lines += ['', f'## {title}', '']
-            lines += markdown_table(
-                ['run', 'model kwargs', 'distill', 'epochs', 'val top-1', 'best val top-1', 'test top-1', 'GMACs'],
-                [[r['run'], r['model_kwargs'] or '-', r['distill'] or '-', r['epochs'], r['top1_val'],
-                  r['top1_val_best'], r['top1_test'] or '-', r['gmacs']] for r in mine])
+            lines += ['', f'## {title}', '', markdown_table([
+                {'run': r['run'], 'model kwargs': r['model_kwargs'] or '-', 'distill': r['distill'] or '-',
+                 'epochs': r['epochs'], 'val top-1': r['top1_val'], 'best val top-1': r['top1_val_best'],
+                 'test top-1': r['top1_test'] or '-', 'GMACs': r['gmacs']} for r in mine])]
     panels = []  # (data, title, {family: [curve of each seed]})
     for data in FRACTIONS:
         series = {f: [read_curve(STUDY, r['run']) for r in main if r['model'] == MODELS[f] and r['data'] == data]
@@ -285,18 +285,19 @@ def _time_to_deit(main: Sequence[Dict[str, str]], speed: Dict[str, float]) -> Li
         if not deit:
             continue
         target = statistics.mean(deit)
-        cells = [data, f'{target:.2f}']
+        row = {'data': data, 'DeiT final val top-1': f'{target:.2f}'}
         for family in FAMILIES:
             sec = _seconds_per_epoch(MODELS[family], data, speed)
             times = [seconds_to_reach(read_curve(STUDY, r['run']), target, sec) for r in main
                      if r['model'] == MODELS[family] and r['data'] == data] if sec else []
             reached = [t for t in times if t is not None]
-            cells.append(f'{statistics.mean(reached):.0f} s ({len(reached)}/{len(times)} seeds)' if reached else
-                         f'not reached (0/{len(times)})')
-        table.append(cells)
-    return lines + markdown_table(['data', 'DeiT final val top-1', *(DISPLAY_NAMES[f] for f in FAMILIES)], table) + [
-        '', f'Training img/s (1 thread, `timm-hybrid compare`): '
-            + ', '.join(f'{m} {speed[m]:.0f}' for m in MODELS.values() if m in speed), '']
+            row[DISPLAY_NAMES[family]] = (
+                f'{statistics.mean(reached):.0f} s ({len(reached)}/{len(times)} seeds)' if reached
+                else f'not reached (0/{len(times)})' if times else '-')
+        table.append(row)
+    speeds = ', '.join(f'{m} {speed[m]:.0f}' for m in MODELS.values() if m in speed)
+    return lines + [markdown_table(table) if table else '(no DeiT run finished yet)', '',
+                    f'Training img/s (1 thread, `timm-hybrid compare`): {speeds}', '']
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,12 +203,6 @@ def mean_std(values: Sequence[float]) -> str:
     return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})'
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> List[str]:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
-    return lines
-
-
 def plot_bands(
         path: Path,
         panels: Sequence[Tuple[str, Dict[str, List[List[Tuple[float, float]]]]]],
@@ -239,7 +233,7 @@ def plot_bands(
         ax.grid(alpha=.3)
         ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
