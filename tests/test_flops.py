@@ -56,9 +56,8 @@ def test_uncounted_matrix_op_is_an_error_or_a_loud_warning(caplog):
     assert 'could not count' in caplog.text
 
 
-def test_elementwise_ops_are_listed_and_training_cost_is_three_forwards():
+def test_elementwise_ops_are_listed_and_sum_to_the_total():
     result = count_flops('cnt_nano_patch7_28', input_size=(1, 28, 28))
     assert 'aten::gelu' in result.uncounted and not result.unsupported
-    assert result.train_gmacs == pytest.approx(3 * result.gmacs)
     assert result.params == sum(p.numel() for p in timm.create_model('cnt_nano_patch7_28').parameters())
     assert sum(result.by_operator.values()) == pytest.approx(result.gmacs)

@@ -30,7 +30,7 @@ def _image(model: torch.nn.Module, batch_size: int = 1) -> torch.Tensor:
 
 def test_every_family_registered():
     families = {timm.models.model_entrypoint(n).__module__.rsplit('.', 1)[-1] for n in MODELS}
-    assert {'cnt', 'baselines'} <= families
+    assert families == {'cnt', 'baselines', 'transcnn', 'refiner'}
     assert set(timm.list_models('cnt*')) >= {
         'cnt_ti_patch16_224', 'cnt_s_patch16_224', 'cnt_b_patch16_224',
         'cnt_ti_distilled_patch16_224', 'cnt_s_distilled_patch16_224', 'cnt_b_distilled_patch16_224'}
@@ -57,7 +57,9 @@ def test_head_api(name):
         torch.testing.assert_close(model.forward_head(features), logits)
         pre_logits = model.forward_head(features, pre_logits=True)
         assert pre_logits.shape == (1, model.head_hidden_size)
-        assert model.get_classifier() is not None
+        heads = model.get_classifier()
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        assert all(h.weight.shape == (model.num_classes, model.head_hidden_size) for h in heads)
         model.reset_classifier(7)
         assert model(x).shape == (1, 7)
         model.reset_classifier(0)
