@@ -10,7 +10,20 @@ comparison sizes timm lacks exist by name:
 * `*_micro_patch4_28`: the Fashion-MNIST study's models with the 224 px models' token structure: 7x7 = 49 patches of
   4x4 pixels and a stride-1 pixel embedding, so each patch carries a 4x4 grid of pixel embeddings made from its own
   16 pixels (the nano models' stride 2 gives a 4x4 grid too, but from a 7x7 patch: each pixel embedding overlaps its
-  neighbours). Sizes are in the comment above `_MICRO_TNT`.
+  neighbours). Sizes, depth 4 for all:
+
+  | model | outer / inner width, heads | fvcore GMACs | params (M) | train img/s, 1 thread |
+  | tnt_micro_patch4_28  | 64 / 4, 2 outer / 1 inner | 0.01370 | 0.226 | ~220-290 |
+  | cnt_micro_patch4_28  | 64 / 4, 2                 | 0.01352 | 0.227 | ~330     |
+  | deit_micro_patch4_28 | 70, 2                     | 0.01337 | 0.245 | ~470     |
+
+  Why: TNT keeps its own inner-to-outer width ratio (TNT-Ti 12 / 192, TNT-S 24 / 384: 1/16), so 4 / 64 with one
+  inner head of dim 4. CNT takes the same widths: on 4 channels its 3x3 basic block costs about what TNT's inner
+  attention + MLP on 16 pixels do. DeiT is widened to 70 to match (GMACs within 2.5%, params within 8.1%;
+  tests/test_micro.py holds 3% / 10%). Depth 4 (nano: 6) keeps a 10%-data run of 100 epochs near half an hour on
+  one thread (batch 128, img/s above measured on this shared 2-core machine; 5000 validation images every 2nd epoch
+  add ~15%): about 23 min for DeiT, 32 for CNT, 38-48 for TNT, whose time goes into its inner transformer (its speed
+  barely moved between outer widths 48 and 64), so a cheaper TNT would have had to lose depth or inner width.
 """
 from typing import Any, Dict
 
@@ -88,15 +101,7 @@ def _create_deit(variant: str, pretrained: bool = False, distilled: bool = False
 _NANO_TNT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, inner_dim=8, depth=6,
                  num_heads_outer=2, num_heads_inner=2, first_stride=2)
 _NANO_DEIT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=80, depth=6, num_heads=2)
-# 28 px micro sizes: depth 4, 49 patch tokens of 4x4 pixels (stride-1 pixel embedding), a 4x4 pixel grid per patch.
-# TNT keeps its own ratio of inner to outer width (TNT-Ti 12 / 192, TNT-S 24 / 384: 1/16): 4 / 64, one inner head
-# (head dim 4, TNT-Ti's 12 / 3 heads). cnt_micro_patch4_28 uses the same widths (its 3x3 basic block on 4 channels
-# costs about what TNT's inner attention + MLP on 16 pixels do); DeiT is widened to 70 to match. fvcore, 1x28x28:
-#   tnt_micro 0.01370 GMACs / 0.226 M params, cnt_micro 0.01352 / 0.227, deit_micro 0.01337 / 0.245
-# (GMACs within 2.5%, params within 8.1%; tests/test_micro.py holds the 3% / 10% bounds). Depth 4 (nano: 6) keeps a
-# 10%-data run of 100 epochs near half an hour on one thread: measured train img/s at batch 128, torch 1 thread, on a
-# shared 2-core machine: DeiT ~470, CNT ~330, TNT ~220-290. TNT's time goes into its inner transformer (the speed
-# barely moves between outer widths 48 and 64), so a smaller TNT would have had to lose depth or inner width.
+# 28 px micro sizes: why these widths and depth, in the module docstring
 _MICRO_TNT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, inner_dim=4, depth=4,
                   num_heads_outer=2, num_heads_inner=1, first_stride=1)
 _MICRO_DEIT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=70, depth=4, num_heads=2)
