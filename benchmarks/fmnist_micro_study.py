@@ -17,6 +17,12 @@ The script writes results, it does not commit them.
     python benchmarks/fmnist_micro_study.py recipe --timm-scripts /work/timm-scripts   # the recipe check
     python benchmarks/fmnist_micro_study.py report [--compare-csv benchmarks/results/compare_micro/compare.csv]
     python benchmarks/fmnist_micro_study.py list
+
+The time columns need the three models' training img/s timed side by side on the final code, e.g.
+
+    timm-hybrid compare --models deit_micro_patch4_28 cnt_micro_patch4_28 tnt_micro_patch4_28 \
+        --references deit_micro_patch4_28 --threads 1 --batch-size 128 --repeats 41 \
+        --output benchmarks/results/compare_micro
 """
 import argparse
 import json
