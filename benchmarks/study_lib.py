@@ -299,6 +299,10 @@ def run_queue(
                 time.sleep(retry_wait_s)
         else:
             continue
-        row = finish(run, command)
+        try:
+            row = finish(run, command)
+        except Exception as e:  # e.g. the test evaluation failed: keep going; the next invocation finishes it again
+            _log(f'FAILED to finish {run.name}: {type(e).__name__}: {e}')
+            continue
         append_row(study.runs_csv, study.fields, row)
         _log(f'done {run.name}: ' + ', '.join(f'{k} {row[k]}' for k in ('top1_val', 'top1_test') if k in row))
