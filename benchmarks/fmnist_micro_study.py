@@ -174,7 +174,9 @@ def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dic
     test, shown_test = {}, ''
     if run.group != 'recipe':
         cmd = test_command(run, validate_py)
-        subprocess.run(cmd, check=True, capture_output=True, env=thread_env(threads), cwd=STUDY.work)
+        with open(STUDY.run_dir(run) / 'test_log.txt', 'w') as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads),
+                           cwd=STUDY.work)
         test = json.loads((STUDY.run_dir(run) / 'test.json').read_text())
         shown_test = shown_command(cmd, validate_py.parent).replace('python -m timm_hybrid.cli run', 'timm-hybrid run')
     if run.group == 'teacher':
