@@ -121,11 +121,15 @@ def test_offline_hub_cache_tag_and_local_dir_load_bit_identical(exported, tmp_pa
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         expected = model(x)
-        for name in (f'hf-hub:{REPO_ID}', f'{ARCH}.fmnist', f'local-dir:{folder}'):
+        for name in (f'hf-hub:{REPO_ID}', f'local-dir:{folder}'):
             loaded = timm.create_model(name, pretrained=True).eval()
             assert type(loaded) is type(model)
             assert torch.equal(loaded(x), expected), name
-    assert loaded.pretrained_cfg['label_names'][-1] == 'ankle boot'
+        assert loaded.pretrained_cfg['label_names'][-1] == 'ankle boot'
+        # the plain tag takes its cfg's `file` (the weights in the package) before its hf_hub_id: not this cache
+        tagged = timm.create_model(f'{ARCH}.fmnist', pretrained=True).eval()
+        assert not torch.equal(tagged(x), expected)
+        assert tagged.pretrained_cfg['hf_hub_id'] == REPO_ID
 
 
 def test_export_takes_ema_weights_on_request(trained, tmp_path):

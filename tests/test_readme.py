@@ -25,8 +25,9 @@ README = REPO / 'README.md'
 
 # reason: (what a command or snippet that needs it looks like, whether this machine has it)
 REASONS = {
-    'network': (r'\bpip install\b|\bgit clone\b|\bhf (download|auth)\b|\bHF_TOKEN\b|timm-hybrid push|hf-hub:'
-                r"|create_model\('\w+\.\w+', pretrained=True", lambda: False),  # a tag whose cfg names a hub repo
+    # (a tag's weights ship in the package: `create_model('<arch>.<tag>', pretrained=True)` needs no network)
+    'network': (r'\bpip install\b|\bgit clone\b|\bhf (download|auth)\b|\bHF_TOKEN\b|timm-hybrid push|hf-hub:',
+                lambda: False),
     'timm-scripts': (r'timm-scripts/', lambda: bool(os.environ.get('TIMM_SCRIPTS'))),  # a folder with timm's scripts
     'fashion-mnist': (r'timm-hybrid data fashion-mnist|--data-dir data/fm', DEBIAN_FASHION_MNIST_DIR.is_dir),
     'cuda': (r'--device cuda', torch.cuda.is_available),
@@ -80,10 +81,10 @@ def needs(text: str, reasons):
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """ A fresh folder holding what the README's own skipped steps would have left: the repository's weights/ (a copy:
-    the export command writes there), benchmarks/, the checkpoint timm's train.py writes, DeiT-S weights as
-    `hf download` fetches them (random values, the same keys). """
-    shutil.copytree(REPO / 'weights', tmp_path / 'weights')
+    """ A fresh folder holding what the README's own skipped steps would have left: exported folders in weights/ (a
+    copy of the package's: the export command writes there), benchmarks/, the checkpoint timm's train.py writes, DeiT-S
+    weights as `hf download` fetches them (random values, the same keys). """
+    shutil.copytree(REPO / 'timm_hybrid' / 'weights', tmp_path / 'weights')
     (tmp_path / 'benchmarks').symlink_to(REPO / 'benchmarks')
     if os.environ.get('TIMM_SCRIPTS'):
         (tmp_path / 'timm-scripts').symlink_to(Path(os.environ['TIMM_SCRIPTS']).resolve())

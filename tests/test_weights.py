@@ -1,13 +1,135 @@
-""" The committed weights/<arch>.fmnist folders load offline and reproduce the accuracy on their cards. """
+""" The weight folders in timm_hybrid/weights/ ship in the wheel, their `.fmnist` tags load them offline from the
+installed package, and they reproduce the accuracy on their cards. """
 import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import setuptools
 import timm
+import torch
 
 from timm_hybrid.data import DEBIAN_FASHION_MNIST_DIR, evaluate_fashion_mnist, prepare_fashion_mnist
+from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR
 
-FOLDERS = sorted((Path(__file__).resolve().parents[1] / 'weights').glob('*.fmnist'))
+REPO = Path(__file__).resolve().parents[1]
+FOLDERS = sorted(PACKAGED_WEIGHTS_DIR.glob('*.fmnist'))
+FMNIST_TAGS = timm.list_pretrained('*.fmnist')
+# what a wheel build reads: the rest of the checkout (benchmarks, tests, results) is not part of the package
+SOURCE_FILES = ('pyproject.toml', 'README.md', 'LICENSE', 'model_cards', 'timm_hybrid')
+
+# Run by the installed package's interpreter, outside the source tree: every tag with a folder in the committed
+# weights (argv[1]) loads offline from the installed package and gives the logits of those committed weights.
+CHECK_INSTALLED = '''
+import socket, sys
+from pathlib import Path
+
+def refuse(*args, **kwargs):
+    raise AssertionError(f'network access attempted: {args}')
+socket.socket.connect = refuse
+socket.create_connection = refuse
+
+import safetensors.torch, timm, torch
+import timm_hybrid
+committed, site = Path(sys.argv[1]), Path(sys.argv[2])
+assert Path(timm_hybrid.__file__).is_relative_to(site), timm_hybrid.__file__
+torch.manual_seed(0)
+x = torch.randn(4, 1, 28, 28)
+for tag in sorted(p.name for p in committed.iterdir()):
+    model = timm.create_model(tag, pretrained=True).eval()
+    assert Path(model.pretrained_cfg['file']).is_relative_to(site), model.pretrained_cfg['file']
+    reference = timm.create_model(tag.split('.')[0]).eval()
+    reference.load_state_dict(safetensors.torch.load_file(committed / tag / 'model.safetensors'))
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x)), tag
+    print('ok', tag)
+'''
+
+
+def test_weights_are_published():
+    assert len(FOLDERS) == 5, 'expected timm_hybrid/weights/<arch>.fmnist for CNT, TNT, DeiT and both distilled'
+
+
+@pytest.mark.parametrize('tag', FMNIST_TAGS)
+def test_tag_names_its_packaged_file_and_hub_copy_or_no_source(tag):
+    cfg = timm.get_pretrained_cfg(tag).to_dict()
+    folder = PACKAGED_WEIGHTS_DIR / tag
+    if folder.is_dir():
+        assert cfg['file'] == str(folder / 'model.safetensors') and Path(cfg['file']).is_file()
+        assert cfg['hf_hub_id'] == f'timm-hybrid/{tag}'
+    else:  # no weights anywhere: the tag must not send timm to a file, hub repo or URL that does not exist
+        assert not (cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url')), cfg
+        with pytest.raises(RuntimeError, match='No pretrained weights exist'):
+            timm.create_model(tag, pretrained=True)
+
+
+def test_every_folder_has_a_tag():
+    assert {f.name for f in FOLDERS} <= set(FMNIST_TAGS)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """ HF_HUB_OFFLINE, and any attempt to open a connection fails the test. """
+    import socket
+
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f'network access attempted: {args}')
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+
+
+@pytest.mark.parametrize('folder', FOLDERS, ids=[f.name for f in FOLDERS])
+def test_tag_loads_the_committed_weights_offline(folder, offline):
+    model = timm.create_model(folder.name, pretrained=True).eval()
+    reference = timm.create_model(folder.name.split('.')[0]).eval()
+    reference.load_state_dict(safetensors.torch.load_file(folder / 'model.safetensors'))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
+def _pip(*args: str, cwd: Path) -> None:
+    proc = subprocess.run([sys.executable, '-m', 'pip', *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(int(setuptools.__version__.split('.')[0]) < 77,
+                    reason='the offline wheel build (--no-build-isolation) needs setuptools>=77 here, as pyproject says')
+def test_wheel_ships_the_weights_and_tags_load_from_the_installed_package(tmp_path):
+    """ Built from a copy of the sources (no stale build/ of the checkout), installed into a folder of its own, then
+    imported outside the source tree with HF_HUB_OFFLINE=1 and no network. """
+    source = tmp_path / 'source'
+    source.mkdir()
+    for name in SOURCE_FILES:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns('__pycache__'))
+        else:
+            shutil.copyfile(REPO / name, source / name)
+    _pip('wheel', '.', '--no-deps', '--no-build-isolation', '--no-index', '-q', '-w', str(tmp_path / 'dist'),
+         cwd=source)
+    wheel, = (tmp_path / 'dist').glob('timm_hybrid-*.whl')
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in FOLDERS:
+        for file in folder.iterdir():
+            assert f'timm_hybrid/weights/{folder.name}/{file.name}' in names
+    assert 'timm_hybrid/py.typed' in names and any(n.endswith('.dist-info/licenses/LICENSE') for n in names)
+
+    site = tmp_path / 'site'
+    _pip('install', '--no-deps', '--no-index', '-q', '--target', str(site), str(wheel), cwd=tmp_path)
+    env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONPATH=str(site))
+    proc = subprocess.run([sys.executable, '-c', CHECK_INSTALLED, str(PACKAGED_WEIGHTS_DIR), str(site)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == [w for f in FOLDERS for w in ('ok', f.name)]
 
 
 @pytest.fixture(scope='module')
@@ -17,10 +139,6 @@ def fashion_mnist_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('fm')
     prepare_fashion_mnist(root)
     return root
-
-
-def test_weights_are_published():
-    assert FOLDERS, 'no weights/<arch>.fmnist folder committed'
 
 
 @pytest.mark.parametrize('folder', FOLDERS, ids=[f.name for f in FOLDERS])

@@ -550,7 +550,10 @@ def _settings_caption(settings: Optional[SpeedSettings]) -> str:
 
 
 def _figure(ncols: int = 1, width: float = 6.):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:  # an optional dependency: the tables are written before any plot
+        raise ImportError("the plots need matplotlib: pip install 'timm-hybrid[bench]'") from e
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, 4.5), squeeze=False)

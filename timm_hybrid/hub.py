@@ -6,8 +6,8 @@ the folder is written by timm's `save_for_hf` (config.json + model.safetensors) 
 Loading it back is timm's business:
 
     timm.create_model('hf-hub:timm-hybrid/cnt_nano_patch7_28.fmnist', pretrained=True)  # hub (or its local cache)
-    timm.create_model('cnt_nano_patch7_28.fmnist', pretrained=True)                     # via the cfg's hf_hub_id
-    timm.create_model('local-dir:weights/cnt_nano_patch7_28.fmnist', pretrained=True)   # the exported folder
+    timm.create_model('cnt_nano_patch7_28.fmnist', pretrained=True)   # the cfg's file: the copy in the package
+    timm.create_model('local-dir:path/to/cnt_nano_patch7_28.fmnist', pretrained=True)  # an exported folder
 
 The model card is `model_cards/template.md` (one `string.Template`) filled from the model, its pretrained cfg and
 `card_data`.

@@ -25,6 +25,7 @@ comparison sizes timm lacks exist by name:
   add ~15%): about 23 min for DeiT, 32 for CNT, 38-48 for TNT, whose time goes into its inner transformer (its speed
   barely moved between outer widths 48 and 64), so a cheaper TNT would have had to lose depth or inner width.
 """
+from pathlib import Path
 from typing import Any, Dict
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -59,6 +60,18 @@ def nano_cfg(**kwargs) -> Dict[str, Any]:
     )
 
 
+# Weight folders that ship in the wheel as package data (timm_hybrid/weights/<arch>.<tag>/, written by export)
+PACKAGED_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / 'weights'
+
+
+def packaged_weights(arch: str, tag: str = 'fmnist') -> Dict[str, str]:
+    """ Where the weights of a tag that ships in the wheel come from (shared with cnt.py): timm's `file`, which its
+    builder loads before `hf_hub_id`, so the tag loads offline from the installed package; `hf_hub_id` names the
+    published copy (`timm.create_model('hf-hub:...')`). """
+    name = f'{arch}.{tag}'
+    return dict(file=str(PACKAGED_WEIGHTS_DIR / name / 'model.safetensors'), hf_hub_id=f'timm-hybrid/{name}')
+
+
 _TNT_CFG = dict(first_conv='pixel_embed.proj', classifier='head', paper_ids='arXiv:2103.00112',
                 paper_name='Transformer in Transformer')
 _DEIT_CFG = dict(first_conv='patch_embed.proj', classifier='head', paper_ids='arXiv:2012.12877',
@@ -66,13 +79,12 @@ _DEIT_CFG = dict(first_conv='patch_embed.proj', classifier='head', paper_ids='ar
 
 default_cfgs = generate_default_cfgs({
     'tnt_ti_patch16_224': _cfg(**_TNT_CFG),
-    # 28 px Fashion-MNIST weights: hub repos timm-hybrid/<arch>.<tag> (TNT-Ti at 224 has no weights, so no hub id)
-    'tnt_nano_patch7_28.fmnist': nano_cfg(hf_hub_id='timm-hybrid/tnt_nano_patch7_28.fmnist', **_TNT_CFG),
-    'deit_nano_patch7_28.fmnist': nano_cfg(hf_hub_id='timm-hybrid/deit_nano_patch7_28.fmnist', **_DEIT_CFG),
+    # 28 px Fashion-MNIST weights, in the wheel (TNT-Ti at 224 has no weights, so no source)
+    'tnt_nano_patch7_28.fmnist': nano_cfg(**packaged_weights('tnt_nano_patch7_28'), **_TNT_CFG),
+    'deit_nano_patch7_28.fmnist': nano_cfg(**packaged_weights('deit_nano_patch7_28'), **_DEIT_CFG),
     'deit_nano_distilled_patch7_28.fmnist': nano_cfg(
-        hf_hub_id='timm-hybrid/deit_nano_distilled_patch7_28.fmnist',
-        **dict(_DEIT_CFG, classifier=('head', 'head_dist'))),
-    # micro: no weights yet (the study publishes them; then the tag gets its hf_hub_id)
+        **packaged_weights('deit_nano_distilled_patch7_28'), **dict(_DEIT_CFG, classifier=('head', 'head_dist'))),
+    # micro: no weights anywhere yet, so no source (when the study exports them, the tag gets packaged_weights)
     'tnt_micro_patch4_28.fmnist': nano_cfg(**_TNT_CFG),
     'deit_micro_patch4_28.fmnist': nano_cfg(**_DEIT_CFG),
     'deit_micro_distilled_patch4_28.fmnist': nano_cfg(**dict(_DEIT_CFG, classifier=('head', 'head_dist'))),

@@ -41,7 +41,7 @@ from timm.models.vision_transformer import Block as TransformerBlock
 from ..layers import (
     TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens, summarize_keys, unwrap_checkpoint,
 )
-from .baselines import nano_cfg
+from .baselines import nano_cfg, packaged_weights
 
 __all__ = ['CNT', 'CNTDistilled', 'InnerResBlock', 'checkpoint_filter_fn', 'conv3x3_as_matrix', 'create_inner_block']
 
@@ -908,16 +908,16 @@ default_cfgs = generate_default_cfgs({
     'cnt_ti_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
     'cnt_s_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
     'cnt_b_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
-    # 28 px Fashion-MNIST weights: hub repos timm-hybrid/<arch>.<tag> (the 224 sizes have no weights, so no hub id)
+    # 28 px Fashion-MNIST weights, in the wheel (the 224 sizes have no weights, so no source)
     'cnt_nano_patch7_28.fmnist': nano_cfg(
-        hf_hub_id='timm-hybrid/cnt_nano_patch7_28.fmnist',
+        **packaged_weights('cnt_nano_patch7_28'),
         first_conv='pixel_embed.proj', classifier='head',
         paper_ids='arXiv:2103.00112', paper_name='Transformer in Transformer'),
     'cnt_nano_distilled_patch7_28.fmnist': nano_cfg(
-        hf_hub_id='timm-hybrid/cnt_nano_distilled_patch7_28.fmnist',
+        **packaged_weights('cnt_nano_distilled_patch7_28'),
         first_conv='pixel_embed.proj', classifier=('head', 'head_dist'),
         paper_ids=('arXiv:2103.00112', 'arXiv:2012.12877'), paper_name='Transformer in Transformer'),
-    # micro: no weights yet (the Fashion-MNIST study publishes them; then the tag gets its hf_hub_id)
+    # micro: no weights anywhere yet, so no source (when the study exports them, the tag gets packaged_weights)
     'cnt_micro_patch4_28.fmnist': nano_cfg(
         first_conv='pixel_embed.proj', classifier='head',
         paper_ids='arXiv:2103.00112', paper_name='Transformer in Transformer'),
