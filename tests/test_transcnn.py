@@ -77,6 +77,52 @@ def test_forward_backward_at_non_official_size_with_and_without_grad_checkpointi
     torch.testing.assert_close(grads_ckpt, grads, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize('train', [False, True])
+@pytest.mark.parametrize('size', [ODD_SIZE, (2, 3, 64, 64)])
+@pytest.mark.parametrize('name', ['transcnn_tiny', 'hatnet_tiny'])
+def test_channels_last_fast_path_equals_plain_nchw(name, size, train):
+    """ The channels-last maps (fused attention on views, one copy per window gather / scatter) against the plain
+    NCHW layout: the same weights give the same logits and gradients. """
+    torch.manual_seed(0)
+    fast = _small(name, channels_last=True).train(train)
+    plain = _small(name, channels_last=False).train(train)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(size)
+    out_fast, grads_fast = _logits_and_grads(fast, x)
+    out_plain, grads_plain = _logits_and_grads(plain, x)
+    assert (out_fast - out_plain).abs().max() < 1e-5
+    assert max((grads_fast[n] - grads_plain[n]).abs().max() for n in grads_plain) < 1e-5
+    assert fast.forward_features(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def _window_attention_loop(qkv: torch.Tensor, heads: int, ws: int) -> torch.Tensor:
+    """ Window attention written plainly: one window at a time, explicit softmax over its real pixels only. """
+    B, C3, H, W = qkv.shape
+    C = C3 // 3
+    out = torch.zeros(B, C, H, W, dtype=qkv.dtype)
+    for top in range(0, H, ws):
+        for left in range(0, W, ws):
+            cell = qkv[..., top:top + ws, left:left + ws]
+            h, w = cell.shape[-2:]
+            q, k, v = cell.reshape(B, 3, heads, C // heads, h * w).transpose(-2, -1).unbind(1)
+            attn = (q @ k.transpose(-2, -1) * (C // heads) ** -0.5).softmax(-1)
+            out[..., top:top + ws, left:left + ws] = (attn @ v).transpose(-2, -1).reshape(B, C, h, w)
+    return out
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('fused', [True, False])
+def test_window_attention_equals_per_window_loop(fused, memory_format):
+    qkv = torch.randn(2, 3 * 8, 13, 18).contiguous(memory_format=memory_format).requires_grad_()
+    grad = torch.randn(2, 8, 13, 18)
+    out = window_attention(qkv, 2, 8, fused)
+    (grad_fast,) = torch.autograd.grad((out * grad).sum(), qkv)
+    expected = _window_attention_loop(qkv, 2, 8)
+    (grad_loop,) = torch.autograd.grad((expected * grad).sum(), qkv)
+    assert (out - expected).abs().max() < 1e-5
+    assert (grad_fast - grad_loop).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize('name', ['transcnn_tiny', 'hatnet_tiny'])
 def test_features_only_at_non_official_size(name):
     model = _small(name, features_only=True).eval()
