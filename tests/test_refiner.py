@@ -234,3 +234,83 @@ def test_reset_classifier_and_pre_logits():
     assert model(x).shape == (1, 5) and model.aux_head.out_features == 5
     model.reset_classifier(0, 'avg')
     assert model(x).shape == (1, 32) and model.aux_head is None
+
+
+def _released_refiner_attention(attn_module, x, prev_attn):
+    """ The released RefinerAttention math written plainly: norm(map + inverted residual(map)) / sqrt(d) @ v. """
+    B, N, C = x.shape
+    refine = attn_module.refine
+    v = attn_module.v(x).reshape(B, N, attn_module.num_heads, attn_module.head_dim).transpose(1, 2)
+    refined = prev_attn + refine.reduce(refine.conv_dw(refine.expand(prev_attn)))
+    attn = attn_module.norm(refined) * attn_module.scale
+    return attn_module.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def _released_attention(attn_module, x, prev_attn):
+    B, N, C = x.shape
+    q, k, v = attn_module.qkv(x).reshape(B, N, 3, attn_module.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q @ k.transpose(-2, -1) * attn_module.scale).softmax(dim=-1) + prev_attn * attn_module.scale
+    return attn_module.proj((attn @ v).transpose(1, 2).reshape(B, N, C)), attn
+
+
+def _with_trained_norms(model):
+    """ Non-trivial BatchNorm affine and running stats, so that folding them is tested for real. """
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, std=0.1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 32, 32))
+    return model
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_block_attention_equals_released_math(train):
+    """ The fast paths (map sum in one pass, 1/sqrt(d) on v instead of the map) against the released formulas:
+    outputs and gradients (inputs and parameters), fp32. """
+    model = _with_trained_norms(_tiny()).train(train)
+    plain, refiner = model.blocks[0].attn, model.blocks[1].attn
+    x = torch.randn(2, 65, 32, requires_grad=True)
+    prev = torch.softmax(torch.randn(2, 4, 65, 65), -1).requires_grad_()
+    for fast_fn, released_fn in (
+            (lambda: plain(x, prev), lambda: _released_attention(plain, x, prev)),
+            (lambda: refiner(x, prev)[0], lambda: _released_refiner_attention(refiner, x, prev))):
+        results = []
+        for fn in (fast_fn, released_fn):
+            out = fn()
+            out = torch.cat([o.flatten() for o in out]) if isinstance(out, tuple) else out.flatten()
+            grads = torch.autograd.grad(out.square().sum(), [x, prev] + list(model.parameters()), allow_unused=True)
+            results.append((out, grads))
+        (out_fast, grads_fast), (out_released, grads_released) = results
+        assert (out_fast - out_released).abs().max() < 1e-5
+        for g_fast, g_released in zip(grads_fast, grads_released):
+            if g_released is not None:
+                # relative: BatchNorm over near-uniform maps makes the map gradients large (O(100))
+                assert (g_fast - g_released).abs().max() <= 1e-5 * max(1., g_released.abs().max())
+
+
+def test_reparameterize_folds_norms_with_equal_logits():
+    from timm.utils import reparameterize_model
+    model = _with_trained_norms(_tiny(aux_head=True)).eval()
+    folded = reparameterize_model(model)
+    refiner = folded.blocks[1].attn
+    assert isinstance(refiner.norm, torch.nn.Identity) and refiner.refine.shortcut_scale is not None
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.blocks.modules())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        assert (folded(x) - expected).abs().max() < 1e-5
+        torch.testing.assert_close(torch.jit.script(folded)(x), expected, atol=1e-5, rtol=1e-5)
+    assert reparameterize_model(folded).state_dict().keys() == folded.state_dict().keys()  # idempotent
+
+
+def test_reparameterized_official_weights_keep_official_logits():
+    from timm.utils import reparameterize_model
+    state_dict, cfg, io = _official()
+    model = timm.create_model('refiner_vit_small_patch16_224', aux_head=True, **cfg).eval()
+    model.load_state_dict(checkpoint_filter_fn(state_dict, model))
+    with torch.no_grad():
+        assert (reparameterize_model(model)(io['input']) - io['logits']).abs().max() < 1e-4
