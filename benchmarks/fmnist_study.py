@@ -18,7 +18,7 @@ The micro study (benchmarks/fmnist_micro_study.py) supersedes this one; its resu
     python benchmarks/fmnist_study.py run --timm-scripts PATH/TO/pytorch-image-models
     python benchmarks/fmnist_study.py report
     python benchmarks/fmnist_study.py list
-    python benchmarks/fmnist_study.py publish   # best main run per family -> weights/<arch>.fmnist, verified
+    python benchmarks/fmnist_study.py publish   # best run per model -> timm_hybrid/weights/<arch>.fmnist, verified
 """
 import argparse
 import csv
@@ -34,6 +34,7 @@ from study_lib import (  # noqa: E402
     train_images_per_second,
 )
 from timm_hybrid.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
+from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR  # noqa: E402
 
 RESULTS = REPO / 'benchmarks' / 'results' / 'fmnist'
 # checkpoints and logs of unfinished runs: outside the work tree, so a later session on this machine can resume them
@@ -57,7 +58,8 @@ FAMILIES = ('cnt', 'tnt', 'deit')
 DISPLAY_NAMES = {'cnt': 'CNT', 'tnt': 'TNT', 'deit': 'DeiT'}
 TEACHER_MODEL = 'resnet18'
 TEACHER_RUN = 'teacher-resnet18-10pct-s0'
-# weights/<arch>.fmnist folders: the three families and the distilled variants (their .fmnist tags point at them)
+# timm_hybrid/weights/<arch>.fmnist folders: the three families and the distilled variants (their .fmnist tags
+# load them)
 PUBLISHED_MODELS = tuple(f'{f}_nano_patch7_28' for f in FAMILIES) + (
     'cnt_nano_distilled_patch7_28', 'deit_nano_distilled_patch7_28')
 
@@ -158,7 +160,8 @@ def run_study(args: argparse.Namespace) -> None:
 
 def publish() -> None:
     """ Exports the best run of each published model (by final-epoch test top-1; the three families from the main
-    runs, the distilled variants from the distillation runs) as weights/<arch>.fmnist with `timm_hybrid.hub.export`,
+    runs, the distilled variants from the distillation runs) as timm_hybrid/weights/<arch>.fmnist with
+    `timm_hybrid.hub.export`,
     then re-loads the folder as a user would (`local-dir:`, timm's data config and eval transforms) and checks it
     reproduces the accuracy train.py recorded. """
     import json
@@ -173,7 +176,7 @@ def publish() -> None:
             best[model_name] = max(mine, key=lambda r: float(r['top1_last']))
     test_root = data_root('full')  # the test split is the same in every layout
     for model_name, row in best.items():
-        out = REPO / 'weights' / f'{model_name}.fmnist'
+        out = PACKAGED_WEIGHTS_DIR / f'{model_name}.fmnist'
         compare = [dict(model=f'{other} (best run)', top1=float(b['top1_last']), params=float(b['params_m']),
                         gmacs=float(b['gmacs']), input_size=(1, 28, 28)) for other, b in best.items()
                    if other != model_name]
@@ -197,7 +200,7 @@ def publish() -> None:
         (out / 'eval_results.json').write_text(json.dumps(dict(
             dataset='fashion_mnist', split='test', run=row['run'], **{k: round(v, 2) for k, v in measured.items()},
             command=f'python -c "import timm, timm_hybrid; from timm_hybrid.data import evaluate_fashion_mnist; '
-                    f'print(evaluate_fashion_mnist(timm.create_model(\'local-dir:weights/{out.name}\', '
+                    f'print(evaluate_fashion_mnist(timm.create_model(\'local-dir:timm_hybrid/weights/{out.name}\', '
                     f'pretrained=True), \'data/fm\'))"'), indent=1) + '\n')
         print(f'{out.relative_to(REPO)}: run {row["run"]}, top-1 {measured["top1"]:.2f} (recorded '
               f'{row["top1_last"]}), top-5 {measured["top5"]:.2f}')
@@ -326,7 +329,7 @@ def main() -> None:
     p.add_argument('--only', nargs='+', default=None, help='groups (main, ablation, teacher, distill) or run names')
     sub.add_parser('report', help='re-render README.md and the plot from runs.csv')
     sub.add_parser('list', help='planned runs and whether they are recorded')
-    sub.add_parser('publish', help='export and verify the best run of each family as weights/<arch>.fmnist')
+    sub.add_parser('publish', help='export and verify the best run of each model as timm_hybrid/weights/<arch>.fmnist')
     args = parser.parse_args()
     if args.command == 'run':
         run_study(args)
