@@ -161,9 +161,8 @@ def run_study(args: argparse.Namespace) -> None:
 def publish() -> None:
     """ Exports the best run of each published model (by final-epoch test top-1; the three families from the main
     runs, the distilled variants from the distillation runs) as timm_hybrid/weights/<arch>.fmnist with
-    `timm_hybrid.hub.export`,
-    then re-loads the folder as a user would (`local-dir:`, timm's data config and eval transforms) and checks it
-    reproduces the accuracy train.py recorded. """
+    `timm_hybrid.hub.export`, then re-loads the folder as a user would (`local-dir:`, timm's data config and eval
+    transforms) and checks it reproduces the accuracy train.py recorded. """
     import json
     import timm
     from timm_hybrid.data import evaluate_fashion_mnist
