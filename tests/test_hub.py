@@ -244,3 +244,24 @@ def test_cli_export_takes_train_py_data_flags(trained, tmp_path):
                  '--std', '0.25', '--crop-pct', '0.9']) == 0
     cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
     assert (cfg['mean'], cfg['std'], cfg['crop_pct'], cfg['input_size']) == ([0.5], [0.25], 0.9, [1, 28, 28])
+
+
+def test_cli_export_with_model_kwargs_reloads_equal_and_card_counts_its_size(tmp_path):
+    """ The README's `--model-kwargs img_size=56`: config.json records it, `local-dir:` re-builds the 56 px model
+    with the same logits, and the card's size and GMACs are the exported model's, not its source cfg's 28 px. """
+    from timm_hybrid.cli import main
+    torch.manual_seed(0)
+    model = timm.create_model(ARCH, img_size=56).eval()
+    checkpoint = save_train_checkpoint(model, tmp_path / 'model_best.pth.tar')
+    out = tmp_path / f'{ARCH}.fmnist'
+    assert main(['export', f'{ARCH}.fmnist', '--checkpoint', str(checkpoint), '--output', str(out),
+                 '--model-kwargs', 'img_size=56']) == 0
+    config = json.loads((out / 'config.json').read_text())
+    assert config['model_args']['img_size'] == [56, 56] and config['pretrained_cfg']['input_size'] == [1, 56, 56]
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    x = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    card = (out / 'README.md').read_text()
+    assert 'Image size: 56 x 56, 1 channel' in card
+    assert f'{count_flops(model).gmacs:.4f} (fvcore' in card

@@ -93,6 +93,43 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--seed', type=int, default=0, help='seed of the train subset')
 
 
+def _flops(args: argparse.Namespace) -> int:
+    from . import models  # noqa: F401  registers the architectures named
+    from .flops import UncountedOpError, count_flops
+    input_size = tuple(args.input_size) if args.input_size else None
+    for name in args.models:
+        try:
+            f = count_flops(name, input_size=input_size, strict=not args.allow_uncounted, **args.model_kwargs)
+        except UncountedOpError as e:
+            return _usage_error(f'{e} (--allow-uncounted reports it and goes on)')
+        except TypeError as e:  # a --model-kwargs entry the model does not take
+            return _usage_error(f'{name}: {e}')
+        except RuntimeError as e:
+            if 'Unknown model' not in str(e):
+                raise
+            return _usage_error(e)
+        c, h, w = f.input_size
+        print(f'{name}: {f.mparams:.3f} M params, {f.gmacs:.5f} GMACs per {c}x{h}x{w} image '
+              f'(fvcore, 1 multiply-add = 1; training step ~{f.train_gmacs:.5f})')
+        width = max(len(op) for op in f.by_operator) if f.by_operator else 8
+        for op, gmacs in sorted(f.by_operator.items(), key=lambda kv: -kv[1]):
+            print(f'  {op:<{width}}  {gmacs:10.5f}  {100 * gmacs / f.gmacs:5.1f} %')
+        if f.unsupported:
+            print(f'  not counted (no fvcore handle): {", ".join(sorted(f.unsupported))}')
+    return 0
+
+
+def add_flops_arguments(p: argparse.ArgumentParser) -> None:
+    from timm.utils import ParseKwargs
+    p.add_argument('models', nargs='+', metavar='MODEL', help='timm model names, e.g. cnt_nano_patch7_28')
+    p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                   help="input image size (default: the model's own, e.g. 1 28 28 for the 28 px models)")
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                   help='create_model kwargs, e.g. img_size=56 depth=4')
+    p.add_argument('--allow-uncounted', action='store_true',
+                   help='report ops fvcore cannot count instead of failing')
+
+
 def _usage_error(error) -> int:
     """ What the user can fix (a wrong name, a missing file or token): one line on stderr, exit code 2. """
     print(f'error: {error}', file=sys.stderr)
@@ -198,6 +235,7 @@ COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     'compare': ('CNT vs TNT vs DeiT: params, GMACs, speed, memory (--full: all)', add_compare_arguments, _compare),
     'data': ('lay out Fashion-MNIST for timm, offline', add_data_arguments, _data),
     'export': ('training checkpoint -> hub folder: config, weights, model card', add_export_arguments, _export),
+    'flops': ('params and fvcore GMACs by operator, at the model input size', add_flops_arguments, _flops),
     'push': ('upload an exported folder to a Hugging Face Hub repo', add_push_arguments, _push),
     'run': ("run timm's validate.py, benchmark.py, ... with our models", add_run_arguments, _run),
 }

@@ -11,7 +11,7 @@ import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -92,7 +92,7 @@ class FlopCount:
 
 def count_flops(
         model_or_name: Union[str, nn.Module],
-        input_size: Tuple[int, int, int] = (3, 224, 224),
+        input_size: Optional[Tuple[int, int, int]] = None,
         strict: bool = True,
         **create_kwargs,
 ) -> FlopCount:
@@ -100,17 +100,23 @@ def count_flops(
 
     Args:
         model_or_name: A model, or a name for `timm.create_model` (then `create_kwargs` are passed on).
-        input_size: (C, H, W) of the single input image.
+        input_size: (C, H, W) of the single input image; by default the model's own (timm's
+            `get_model_input_config`: its cfg's size, or the `img_size` / `in_chans` it was built with), so a 28 px
+            model is counted at 28 px. A module with no pretrained cfg defaults to 3x224x224.
         strict: Raise `UncountedOpError` if an op that is neither counted nor elementwise shows up; with False, log
             a warning and report it in `unsupported`.
     """
+    import timm
+    from timm.models import get_model_input_config
+
     if isinstance(model_or_name, str):
-        import timm
         model = timm.create_model(model_or_name, **create_kwargs)
     else:
         if create_kwargs:
             raise TypeError(f'create_kwargs {sorted(create_kwargs)} only apply when a model name is given.')
         model = model_or_name
+    if input_size is None:
+        input_size = get_model_input_config(model)['input_size']
     was_training = model.training
     model.eval()
     try:

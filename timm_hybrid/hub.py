@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 import timm
-from timm.data import resolve_model_data_config
 from timm.models import load_state_dict, save_for_hf
 
 from .data import FASHION_MNIST_DATASET
@@ -136,18 +135,6 @@ def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
     model.load_state_dict(state_dict, strict=True)
 
 
-def _match_cfg_channels(cfg: Dict[str, Any], in_chans: int) -> None:
-    """ A cfg written for another channel count (e.g. resnet18's RGB cfg for a 1-channel model) describes this model's
-    input: input size with `in_chans` channels, per-channel mean / std reduced to their mean. """
-    for key in ('input_size', 'test_input_size'):
-        if cfg.get(key) and cfg[key][0] != in_chans:
-            cfg[key] = (in_chans, *cfg[key][1:])
-    for key in ('mean', 'std'):
-        values = cfg.get(key)
-        if values is not None and len(values) != in_chans:
-            cfg[key] = (sum(values) / len(values),) * in_chans
-
-
 def export(
         model_name: str,
         checkpoint: Union[str, os.PathLike],
@@ -186,13 +173,7 @@ def export(
         kwargs['num_classes'] = num_classes
     if in_chans is not None:
         kwargs['in_chans'] = in_chans
-    overlay = dict(data_config or {})
-    if 'input_size' in overlay:  # the cfg's test-time size belongs to the preprocessing being replaced
-        overlay.setdefault('test_input_size', None)
-        overlay.setdefault('test_crop_pct', None)
-    model = timm.create_model(model_name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
-    if in_chans is not None:
-        _match_cfg_channels(model.pretrained_cfg, in_chans)
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
     _load_strict(model, state_dict, f'Checkpoint {checkpoint}')
     model.eval()
 
@@ -201,8 +182,13 @@ def export(
     label_names = model.pretrained_cfg.get('label_names')
     if label_names and len(label_names) == model.num_classes:
         model_config['label_names'] = list(label_names)
-    save_for_hf(model, output_dir, model_config=model_config, safe_serialization=True)
-    (output_dir / 'README.md').write_text(render_model_card(model, card_data), encoding='utf-8')
+    # timm writes the model's current input (channels, img_size) and `data_config` over the source cfg, reducing a
+    # cfg's per-channel mean / std to the model's channels as its loaders do
+    save_for_hf(model, output_dir, model_config=model_config, model_args=kwargs, data_config=data_config or None,
+                safe_serialization=True)
+    # the card describes what users get: the folder as timm loads it back (its cfg, its input size)
+    exported = timm.create_model(f'local-dir:{output_dir}', pretrained=True).eval()
+    (output_dir / 'README.md').write_text(render_model_card(exported, card_data), encoding='utf-8')
     return output_dir
 
 
@@ -277,11 +263,9 @@ def _size_text(input_size: Sequence[int]) -> str:
 
 
 def _stats_row(name: str, model_or_name: Union[str, torch.nn.Module], accuracy: Mapping[str, Any]) -> Dict[str, Any]:
-    model = timm.create_model(model_or_name) if isinstance(model_or_name, str) else model_or_name
-    input_size = tuple(resolve_model_data_config(model)['input_size'])
-    flops = count_flops(model, input_size=input_size)
+    flops = count_flops(model_or_name)  # at the model's own input size: img_size=56 counts 56 px, not its cfg's 28
     return dict(model=name, top1=accuracy.get('top1'), top5=accuracy.get('top5'), params=flops.mparams,
-                gmacs=flops.gmacs, input_size=input_size)
+                gmacs=flops.gmacs, input_size=flops.input_size)
 
 
 def _comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -317,7 +301,7 @@ def render_model_card(
     """ The README.md of a hub repo, from the one template and data.
 
     Args:
-        model: The exported model (params and fvcore GMACs are counted on it, at its cfg's input size).
+        model: The exported model (params and fvcore GMACs are counted on it, at its own input size).
         card_data: Optional entries:
             model_name: repo name (default `<arch>.<tag>`); repo_id: default `timm-hybrid/<model_name>`;
             description: a paragraph; accuracy: {'top1': .., 'top5': ..} in %, measured on `eval_split`
