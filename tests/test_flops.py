@@ -137,3 +137,17 @@ def test_cli_user_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count('\n') == 1
+
+
+def test_fvcore_is_imported_only_when_flops_are_counted():
+    """ fvcore (with iopath, yacs) takes seconds to import: loading a model and its weights does not need it. """
+    import subprocess
+    import sys
+    code = ("import sys, timm, timm_hybrid\n"
+            "timm.create_model('cnt_nano_patch7_28.fmnist', pretrained=True)\n"
+            "print('fvcore' in sys.modules, end=' ')\n"
+            "timm_hybrid.count_flops('cnt_nano_patch7_28')\n"
+            "print('fvcore' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ['False', 'True']
