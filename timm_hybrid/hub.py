@@ -25,7 +25,7 @@ from timm.models import load_state_dict, save_for_hf
 
 from .data import FASHION_MNIST_DATASET
 from .flops import count_flops
-from .layers import summarize_keys
+from .models._common import summarize_keys
 
 __all__ = ['ExportError', 'HubTokenMissing', 'export', 'push', 'read_checkpoint', 'render_model_card']
 

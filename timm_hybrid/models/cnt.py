@@ -21,7 +21,7 @@ The patch and pixel position encodings are switchable ('learned', 'sincos' or 'n
 import logging
 import math
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -34,13 +34,10 @@ from timm.layers import (
     resample_abs_pos_embed, to_2tuple, trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
-from ..layers import (
-    TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens, summarize_keys, unwrap_checkpoint,
-)
+from ._common import TokenClassifierMixin, check_global_pool, summarize_keys, unwrap_checkpoint
 from .baselines import nano_cfg, packaged_weights
 
 __all__ = ['CNT', 'CNTDistilled', 'InnerResBlock', 'checkpoint_filter_fn', 'conv3x3_as_matrix', 'create_inner_block']
@@ -396,7 +393,7 @@ class Block(nn.Module):
             dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
             attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, **dd)
 
-    def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, patch_embed: torch.Tensor, pixel_embed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         pixel_embed = self.inner(pixel_embed)
         B, L, _ = patch_embed.shape
         # explicit sizes, not -1: a -1 is ambiguous for an empty batch (B = 0)
@@ -406,7 +403,7 @@ class Block(nn.Module):
         # takes 2.5x as long on CPU and TNT's slice + add + concatenate 1.7x (batch 32, CNT-S shapes).
         patch_index = torch.arange(self.num_prefix_tokens, L, device=patch_embed.device)
         patch_embed = patch_embed.index_add(1, patch_index, pixel_to_patch.to(patch_embed.dtype))
-        return pixel_embed, self.outer(patch_embed)
+        return self.outer(patch_embed), pixel_embed
 
 
 def _fixed_or_learned(
@@ -522,8 +519,6 @@ class CNT(TokenClassifierMixin, nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if global_pool not in ('', 'token', 'avg'):
-            raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
         norm_layer = get_norm_layer(norm_layer) or nn.LayerNorm
         act_layer = get_act_layer(act_layer) or nn.GELU
         if isinstance(inner_block, str):
@@ -535,7 +530,7 @@ class CNT(TokenClassifierMixin, nn.Module):
 
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
+        self.global_pool = check_global_pool(global_pool)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.inner_dim = inner_dim
         self.num_prefix_tokens = 2 if dist_token else 1
@@ -628,8 +623,11 @@ class CNT(TokenClassifierMixin, nn.Module):
             return cls_token
         return torch.cat([cls_token, self.dist_token.expand(batch_size, -1, -1)], dim=1)
 
+    def _token_grid(self) -> Tuple[int, int]:
+        return self.pixel_embed.grid_size
+
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ Image -> (pixel tokens (B*N, h*w, C_in), patch sequence (B, prefix + N, D)). """
+        """ Image -> (patch sequence (B, prefix + N, D), pixel tokens (B*N, h*w, C_in)). """
         B = x.shape[0]
         pixel_embed = self.pixel_embed(x)
         if self.pixel_pos is not None:
@@ -640,78 +638,11 @@ class CNT(TokenClassifierMixin, nn.Module):
         patch_embed = torch.cat([self._prefix_tokens(B), patch_embed], dim=1)
         if self.patch_pos is not None:
             patch_embed = patch_embed + self.patch_pos
-        return pixel_embed, self.pos_drop(patch_embed)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """ Forward features that returns intermediates (patch tokens after the selected blocks).
-
-        Args:
-            x: Input image tensor.
-            indices: Take last n blocks if an int, if a sequence, select by matching indices.
-            return_prefix_tokens: Return both prefix and spatial intermediate tokens.
-            norm: Apply the final norm layer to all intermediates.
-            stop_early: Stop iterating over blocks when the last desired intermediate is reached.
-            output_fmt: Shape of intermediate feature outputs, 'NCHW' or 'NLC'.
-            intermediates_only: Only return intermediate features.
-        """
-        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-
-        height, width = x.shape[-2:]
-        pixel_embed, patch_embed = self._embed(x)
-
-        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
-            blocks = self.blocks
-        else:
-            blocks = self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                pixel_embed, patch_embed = checkpoint_keeping_bn_stats(blk, pixel_embed, patch_embed)
-            else:
-                pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
-            if i in take_indices:
-                intermediates.append(self.norm(patch_embed) if norm else patch_embed)
-
-        intermediates, prefix_tokens = split_prefix_tokens(
-            intermediates, self.num_prefix_tokens, self.pixel_embed.dynamic_feat_size((height, width)),
-            output_fmt == 'NCHW')
-        if not torch.jit.is_scripting() and return_prefix_tokens:
-            # return_prefix not supported in torchscript due to poor type handling
-            intermediates = list(zip(intermediates, prefix_tokens))
-
-        if intermediates_only:
-            return intermediates
-        return self.norm(patch_embed), intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        pixel_embed, patch_embed = self._embed(x)
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                pixel_embed, patch_embed = checkpoint_keeping_bn_stats(blk, pixel_embed, patch_embed)
-            else:
-                pixel_embed, patch_embed = blk(pixel_embed, patch_embed)
-        return self.norm(patch_embed)
+        return self.pos_drop(patch_embed), pixel_embed
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool:
-            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == 'avg' else x[:, 0]
-        x = self.head_drop(x)
+        x = self._pool(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
 
 
 class CNTDistilled(CNT):

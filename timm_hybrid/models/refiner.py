@@ -47,7 +47,7 @@ the position embedding to the model's grid.
 import logging
 import re
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -58,9 +58,8 @@ from timm.layers import (
     resample_abs_pos_embed, to_2tuple, trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
-from ..layers import TokenClassifierMixin, checkpoint_keeping_bn_stats, split_prefix_tokens, unwrap_checkpoint
+from ._common import TokenClassifierMixin, check_global_pool, unwrap_checkpoint
 from .cnt import _bn_scale_shift
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -429,8 +428,6 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if global_pool not in ('', 'token', 'avg'):
-            raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
         if refiner_blocks is None:
             refiner_blocks = [i % 2 == 1 for i in range(depth)]
         refiner_blocks = [bool(r) for r in refiner_blocks]
@@ -446,7 +443,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
 
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.global_pool = global_pool
+        self.global_pool = check_global_pool(global_pool)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.refiner_blocks = refiner_blocks
@@ -521,86 +518,24 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
         super().reset_classifier(num_classes, global_pool)
         self.aux_head = self._new_head(num_classes) if self.use_aux_head and num_classes > 0 else None
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _token_grid(self) -> Tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """ Image -> (token sequence (B, 1 + N, D), no attention map yet: each block refines its predecessor's). """
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + self.pos_embed)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """ Forward features that returns intermediates (patch tokens after the selected blocks).
-
-        Args:
-            x: Input image tensor.
-            indices: Take last n blocks if an int, if a sequence, select by matching indices.
-            return_prefix_tokens: Return both prefix and spatial intermediate tokens.
-            norm: Apply the final norm layer to all intermediates.
-            stop_early: Stop iterating over blocks when the last desired intermediate is reached.
-            output_fmt: Shape of intermediate feature outputs, 'NCHW' or 'NLC'.
-            intermediates_only: Only return intermediate features.
-        """
-        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-
-        x = self._embed(x)
-        attn: Optional[torch.Tensor] = None
-        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
-            blocks = self.blocks
-        else:
-            blocks = self.blocks[:max_index + 1]
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, attn = checkpoint_keeping_bn_stats(blk, x, attn)
-            else:
-                x, attn = blk(x, attn)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-
-        intermediates, prefix_tokens = split_prefix_tokens(
-            intermediates, self.num_prefix_tokens, self.patch_embed.grid_size, output_fmt == 'NCHW')
-        if not torch.jit.is_scripting() and return_prefix_tokens:
-            # return_prefix not supported in torchscript due to poor type handling
-            intermediates = list(zip(intermediates, prefix_tokens))
-
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
-        attn: Optional[torch.Tensor] = None
-        for blk in self.blocks:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, attn = checkpoint_keeping_bn_stats(blk, x, attn)
-            else:
-                x, attn = blk(x, attn)
-        return self.norm(x)
+        return self.pos_drop(x + self.pos_embed), None
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         tokens = x
-        if self.global_pool:
-            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == 'avg' else x[:, 0]
-        x = self.head_drop(x)
+        x = self._pool(x)
         if pre_logits:
             return x
         x = self.head(x)
         if self.aux_head is not None and self.global_pool:
             # token labelling (LV-ViT): each patch token predicts the class; the released eval adds half the max
             x = x + 0.5 * self.aux_head(tokens[:, self.num_prefix_tokens:]).amax(dim=1)
-        return x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
         return x
 
 

@@ -42,7 +42,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._features import feature_take_indices
 
-from ..layers import checkpoint_keeping_bn_stats, prune_sequence, unwrap_checkpoint
+from ._common import checkpoint_keeping_bn_stats, prune_sequence, unwrap_checkpoint
 
 __all__ = ['TransCNN', 'checkpoint_filter_fn']
 

@@ -9,7 +9,7 @@ from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 
-__all__ = ['TokenClassifierMixin', 'checkpoint_keeping_bn_stats', 'prune_sequence', 'split_prefix_tokens',
+__all__ = ['TokenClassifierMixin', 'check_global_pool', 'checkpoint_keeping_bn_stats', 'prune_sequence', 'split_prefix_tokens',
            'summarize_keys', 'unwrap_checkpoint']
 
 
@@ -85,9 +85,91 @@ def summarize_keys(lines: List[str]) -> List[str]:
     return [f'{line} (x{n})' if n > 1 else line for line, n in counts.items()]
 
 
+GLOBAL_POOL_TYPES = ('', 'token', 'avg')
+
+
+def check_global_pool(global_pool: str) -> str:
+    """ The pooling of a class-token model: 'token' (class token), 'avg' (mean of the patch tokens) or '' (none). """
+    if global_pool not in GLOBAL_POOL_TYPES:
+        raise ValueError(f"Unknown global_pool '{global_pool}', expected one of {GLOBAL_POOL_TYPES}.")
+    return global_pool
+
+
 class TokenClassifierMixin:
-    """ The timm classifier API of a class-token model with `blocks`, `norm`, `head`, `cls_token`, `embed_dim`,
-    `global_pool`, `num_classes` and `grad_checkpointing` (CNT, Refiner-ViT). """
+    """ timm's model API for a class-token model (CNT, Refiner-ViT): the block loop, `forward_features`,
+    `forward_intermediates`, pooling and the classifier methods.
+
+    The model provides `blocks`, `norm`, `head`, `head_drop`, `cls_token`, `embed_dim`, `global_pool`, `num_classes`,
+    `num_prefix_tokens`, `grad_checkpointing`, and two methods: `_embed(image) -> (tokens, state)`, where `state` is
+    what each block hands to the next besides the tokens (CNT: the pixel grids; Refiner: the attention map, None
+    before the first block), every block being `(tokens, state) -> (tokens, state)`; and `_token_grid()`, the
+    (rows, cols) of the patch tokens.
+    """
+
+    def _run_blocks(self, x: torch.Tensor, take_indices: List[int], max_index: int, norm: bool, stop_early: bool):
+        """ Image -> (final tokens, tokens after the blocks in take_indices). """
+        intermediates: List[torch.Tensor] = []
+        x, state = self._embed(x)
+        if torch.jit.is_scripting() or not stop_early:  # can't slice blocks in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, state = checkpoint_keeping_bn_stats(blk, x, state)
+            else:
+                x, state = blk(x, state)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        return x, intermediates
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """ Forward features that returns intermediates (patch tokens after the selected blocks).
+
+        Args:
+            x: Input image tensor.
+            indices: Take last n blocks if an int, if a sequence, select by matching indices.
+            return_prefix_tokens: Return both prefix and spatial intermediate tokens.
+            norm: Apply the final norm layer to all intermediates.
+            stop_early: Stop iterating over blocks when the last desired intermediate is reached.
+            output_fmt: Shape of intermediate feature outputs, 'NCHW' or 'NLC'.
+            intermediates_only: Only return intermediate features.
+        """
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        x, intermediates = self._run_blocks(x, take_indices, max_index, norm, stop_early)
+        intermediates, prefix_tokens = split_prefix_tokens(
+            intermediates, self.num_prefix_tokens, self._token_grid(), output_fmt == 'NCHW')
+        if not torch.jit.is_scripting() and return_prefix_tokens:
+            # return_prefix not supported in torchscript due to poor type handling
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, _ = self._run_blocks(x, [], len(self.blocks) - 1, False, False)
+        return self.norm(x)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """ Tokens (B, prefix + N, D) -> (B, D) by `global_pool`, then the head dropout. """
+        if self.global_pool:
+            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == 'avg' else x[:, 0]
+        return self.head_drop(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -100,9 +182,7 @@ class TokenClassifierMixin:
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
-            if global_pool not in ('', 'token', 'avg'):
-                raise ValueError(f"Unknown global_pool '{global_pool}', expected one of '', 'token', 'avg'.")
-            self.global_pool = global_pool
+            self.global_pool = check_global_pool(global_pool)
         self.head = self._new_head(num_classes)
 
     def _new_head(self, num_classes: int) -> nn.Module:
