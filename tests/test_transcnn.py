@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from timm.models._features_fx import create_feature_extractor
 
 from timm_hybrid import count_flops  # importing timm_hybrid registers the models
-from timm_hybrid.models.transcnn import checkpoint_filter_fn, window_attention
+from timm_hybrid.models.transcnn import avg_pool_partial, checkpoint_filter_fn, window_attention
 
 FIXTURES = Path(__file__).parent / 'fixtures'
 MODELS = timm.list_models(['transcnn_*', 'hatnet_*'])
@@ -203,3 +203,14 @@ def test_flops_fully_counted_and_equal_to_official(name):
     result = count_flops(name, input_size=size)
     assert not result.unsupported
     assert result.gmacs == pytest.approx(OFFICIAL_GMACS[name], abs=1e-3)
+
+
+@pytest.mark.parametrize('size', [(13, 10), (16, 8), (3, 5)])
+def test_avg_pool_partial_equals_ceil_mode_avg_pool(size):
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 3, -(-size[0] // 4), -(-size[1] // 4), dtype=torch.float64)
+    out = avg_pool_partial(x, 4)
+    expected = F.avg_pool2d(x, 4, ceil_mode=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(
+        torch.autograd.grad((out * grad_out).sum(), x)[0], torch.autograd.grad((expected * grad_out).sum(), x)[0])

@@ -123,6 +123,27 @@ def window_attention(qkv: torch.Tensor, num_heads: int, window_size: int, fused_
     return to_map(x)
 
 
+@register_notrace_function  # pads to whole cells only when needed: control flow on the map size
+def avg_pool_partial(x: torch.Tensor, ratio: int) -> torch.Tensor:
+    """ Average pooling over ratio x ratio cells (B, C, H, W) -> (B, C, ceil(H / ratio), ceil(W / ratio)); a partial
+    cell at the bottom / right border averages its valid pixels.
+
+    That is avg_pool2d's ceil_mode, written out: inductor's backward of ceil_mode avg_pool2d divides a partial cell's
+    gradient by ratio^2 instead of its pixel count (torch 2.14; forward right, gradients 4x too small in a 2x2 corner
+    cell), so compiled training at sizes that are not whole cells went wrong.
+    """
+    H, W = x.shape[-2], x.shape[-1]
+    pad_h, pad_w = (-H) % ratio, (-W) % ratio
+    if ratio == 1 or (pad_h == 0 and pad_w == 0):
+        return F.avg_pool2d(x, ratio) if ratio > 1 else x
+    pooled = F.avg_pool2d(F.pad(x, (0, pad_w, 0, pad_h)), ratio)  # sums over the valid pixels / ratio^2
+    rows = torch.full((pooled.shape[-2], 1), float(ratio), dtype=x.dtype, device=x.device)
+    rows[-1] = ratio - pad_h
+    cols = torch.full((pooled.shape[-1],), float(ratio), dtype=x.dtype, device=x.device)
+    cols[-1] = ratio - pad_w
+    return pooled * (ratio * ratio / (rows * cols))
+
+
 def token_attention(q: torch.Tensor, kv: torch.Tensor, num_heads: int, fused_attn: bool) -> torch.Tensor:
     """ Every position of q (B, C, H, W) attends over every position of kv (B, 2C, h, w) -> (B, C, H, W).
 
@@ -172,13 +193,13 @@ class HierarchicalAttention(nn.Module):
         self.qkv = nn.Conv2d(dim, dim * 3, 1, **dd)
         if window_size > 1:
             self.local_norm = norm_layer(dim, **dd)
-            # ceil_mode: a partial cell at the border averages its valid pixels (same result at whole multiples)
-            self.pool = nn.AvgPool2d(pool_ratio, ceil_mode=True) if pool_ratio > 1 else nn.Identity()
+            self.pool_ratio = pool_ratio
             self.pool_norm = norm_layer(dim, **dd)
             self.q = nn.Conv2d(dim, dim, 1, **dd)
             self.kv = nn.Conv2d(dim, dim * 2, 1, **dd)
         else:
-            self.local_norm = self.pool = self.pool_norm = self.q = self.kv = None
+            self.pool_ratio = 1
+            self.local_norm = self.pool_norm = self.q = self.kv = None
         self.proj = nn.Conv2d(dim, dim, 1, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +210,7 @@ class HierarchicalAttention(nn.Module):
             return self.proj(token_attention(q, kv, self.num_heads, self.fused_attn))
 
         local = self.local_norm(x + window_attention(qkv, self.num_heads, self.window_size, self.fused_attn))
-        kv = self.kv(self.pool_norm(self.pool(local)))  # (B, 2C, H / pool_ratio, W / pool_ratio)
+        kv = self.kv(self.pool_norm(avg_pool_partial(local, self.pool_ratio)))  # (B, 2C, H / ratio, W / ratio)
         return self.proj(token_attention(self.q(local), kv, self.num_heads, self.fused_attn) + local)
 
 
