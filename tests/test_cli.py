@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -14,6 +15,12 @@ import timm
 import torch
 
 from timm_hybrid.cli import main
+
+
+def console_script(name: str) -> str:
+    """ The entry point installed beside this interpreter (PATH may first hold a shell shim, e.g. pyenv's). """
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
 
 
 @pytest.fixture
@@ -58,7 +65,7 @@ def test_run_executes_script_as_main_with_models_registered(launcher, tmp_path):
         '    model = timm.create_model("cnt_nano_patch7_28")\n'
         '    print(type(model).__name__, tool_helper.VALUE, sys.argv[1:])\n'
         '    sys.exit(int(sys.argv[-1]))\n')
-    launcher = [shutil.which(launcher[0]), *launcher[1:]]
+    launcher = [console_script(launcher[0]), *launcher[1:]]
     proc = subprocess.run([*launcher, 'run', str(script), '--model', 'x', '3'], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 3, proc.stderr
@@ -79,7 +86,7 @@ def test_help_lists_every_command_without_importing_torch():
     """ `timm-hybrid --help` is answered before torch, timm or fvcore are imported (they take seconds), and names
     every sub-command with its one-line help. """
     from timm_hybrid.cli import COMMANDS
-    proc = subprocess.run([sys.executable, '-X', 'importtime', shutil.which('timm-hybrid'), '--help'],
+    proc = subprocess.run([sys.executable, '-X', 'importtime', console_script('timm-hybrid'), '--help'],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     for name, (help_line, _, _) in COMMANDS.items():
