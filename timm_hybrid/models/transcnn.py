@@ -81,8 +81,12 @@ def window_key_mask(
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """ NCHW map -> (B, H, W, C): a free view of a channels-last map (a copy of a contiguous NCHW one). """
-    return x.permute(0, 2, 3, 1)
+    """ NCHW map -> (B, H, W, C): a free view of a channels-last map (a copy of a contiguous NCHW one).
+
+    The explicit memory format (a no-op on channels-last maps) keeps traced graphs right where an op's meta strides
+    differ from its CPU kernel's (GroupNorm): AOT autograd would otherwise record the reshape after it as a view.
+    """
+    return x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
 
 
 def to_map(x: torch.Tensor) -> torch.Tensor:
