@@ -9,8 +9,10 @@ from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 
-__all__ = ['TokenClassifierMixin', 'check_global_pool', 'checkpoint_keeping_bn_stats', 'prune_sequence', 'split_prefix_tokens',
-           'summarize_keys', 'unwrap_checkpoint']
+__all__ = [
+    'TokenClassifierMixin', 'bn_scale_shift', 'check_global_pool', 'checkpoint_keeping_bn_stats',
+    'prune_sequence', 'split_prefix_tokens', 'summarize_keys', 'unwrap_checkpoint',
+]
 
 
 @contextmanager
@@ -83,6 +85,25 @@ def summarize_keys(lines: List[str]) -> List[str]:
         folded = re.sub(r'^blocks\.\d+\.', 'blocks.*.', line)
         counts[folded] = counts.get(folded, 0) + 1
     return [f'{line} (x{n})' if n > 1 else line for line, n in counts.items()]
+
+
+def bn_scale_shift(
+        bn: nn.Module,
+        conv_bias: Optional[torch.Tensor],
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """ Per-channel (scale, shift) of an inference-mode BatchNorm after a conv with `conv_bias`; (None, bias) when
+    the norm has been folded away already (Identity, after `reparameterize()`). """
+    if isinstance(bn, nn.Identity):
+        return None, conv_bias
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if conv_bias is not None:
+        shift = shift + conv_bias * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
 
 
 GLOBAL_POOL_TYPES = ('', 'token', 'avg')

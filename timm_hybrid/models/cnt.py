@@ -37,7 +37,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
-from ._common import TokenClassifierMixin, check_global_pool, summarize_keys, unwrap_checkpoint
+from ._common import TokenClassifierMixin, bn_scale_shift, check_global_pool, summarize_keys, unwrap_checkpoint
 from .baselines import nano_cfg, packaged_weights
 
 __all__ = ['CNT', 'CNTDistilled', 'InnerResBlock', 'checkpoint_filter_fn', 'conv3x3_as_matrix', 'create_inner_block']
@@ -129,25 +129,6 @@ def conv3x3_as_matrix(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     num_pixels = taps.shape[1]
     matrix = torch.einsum('tqp,oit->qipo', taps, weight.flatten(2))
     return matrix.reshape(num_pixels * c_in, num_pixels * c_out)
-
-
-def _bn_scale_shift(
-        bn: nn.Module,
-        conv_bias: Optional[torch.Tensor],
-) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """ Per-channel (scale, shift) of an inference-mode BatchNorm after a conv with `conv_bias`; (None, bias) when
-    the norm has been folded away already (Identity, after `reparameterize()`). """
-    if isinstance(bn, nn.Identity):
-        return None, conv_bias
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if conv_bias is not None:
-        shift = shift + conv_bias * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
 
 
 INNER_IMPLS = ('auto', 'conv', 'matmul')
@@ -254,7 +235,7 @@ class InnerResBlock(nn.Module):
         shortcut = y = x.reshape(BN, h, w, C).permute(0, 3, 1, 2)
         for conv_name, bn_name, act_name in self.stages:
             conv = getattr(self.conv_block, conv_name)
-            scale, shift = _bn_scale_shift(getattr(self.conv_block, bn_name), conv.bias)
+            scale, shift = bn_scale_shift(getattr(self.conv_block, bn_name), conv.bias)
             weight = conv.weight if scale is None else conv.weight * scale.reshape(-1, 1, 1, 1)
             y = F.conv2d(y, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
             if act_name:
@@ -283,7 +264,7 @@ class InnerResBlock(nn.Module):
                 out = rows @ matrix if conv.bias is None else torch.addmm(conv.bias.repeat(repeats), rows, matrix)
                 out = bn(out.reshape(BN, h, w, conv.out_channels).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             else:
-                scale, shift = _bn_scale_shift(bn, conv.bias)
+                scale, shift = bn_scale_shift(bn, conv.bias)
                 if scale is not None:
                     matrix = matrix * scale.repeat(repeats)
                 out = rows @ matrix if shift is None else torch.addmm(shift.repeat(repeats), rows, matrix)
@@ -302,7 +283,7 @@ class InnerResBlock(nn.Module):
         timm's `reparameterize_model` calls. Outputs are unchanged in eval mode; the block cannot train BN after. """
         for conv_name, bn_name, _ in self.stages:
             conv, bn = getattr(self.conv_block, conv_name), getattr(self.conv_block, bn_name)
-            scale, shift = _bn_scale_shift(bn, conv.bias)
+            scale, shift = bn_scale_shift(bn, conv.bias)
             if scale is None:
                 continue
             fused = nn.Conv2d(

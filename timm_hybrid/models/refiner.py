@@ -59,8 +59,7 @@ from timm.layers import (
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import TokenClassifierMixin, check_global_pool, unwrap_checkpoint
-from .cnt import _bn_scale_shift
+from ._common import TokenClassifierMixin, bn_scale_shift, check_global_pool, unwrap_checkpoint
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
 
@@ -221,7 +220,7 @@ def _fold_norm_into_conv(
     """ conv -> inference BatchNorm (-> act) -> optional per-channel affine (out_scale, out_shift) becomes one conv
     with a bias (-> act). """
     conv, bn = conv_norm.conv, conv_norm.bn
-    scale, shift = _bn_scale_shift(bn, conv.bias)
+    scale, shift = bn_scale_shift(bn, conv.bias)
     assert scale is not None and shift is not None, 'The norm has been folded already.'
     if out_scale is not None and out_shift is not None:
         scale, shift = scale * out_scale, shift * out_scale + out_shift
@@ -276,7 +275,7 @@ class RefinerAttention(_MapAttention):
         norms cannot train after. """
         if isinstance(self.norm, nn.Identity):
             return
-        norm_scale, norm_shift = _bn_scale_shift(self.norm, None)
+        norm_scale, norm_shift = bn_scale_shift(self.norm, None)
         _fold_norm_into_conv(self.refine.expand)
         _fold_norm_into_conv(self.refine.conv_dw)
         _fold_norm_into_conv(self.refine.reduce, norm_scale, norm_shift)
