@@ -147,7 +147,7 @@ class InnerResBlock(nn.Module):
       from the kernel (`conv3x3_as_matrix`); 1x1 convolutions as per-pixel GEMMs. It spends 16/9 of the convolution's
       multiply-adds (the matrix holds the zero padding), but a GEMM with K = N = 16*C (320 for CNT-S) is tensor-core
       shaped where cuDNN gets 3x3 convolutions on 4x4 maps with 20 channels (not a multiple of 8). BatchNorm keeps
-      its exact training statistics (run on the (B*N*h*w, C) view) and folds into the matrix in inference.
+      its exact training statistics (run on the channels-last grid view) and folds into the matrix in inference.
     * 'auto': 'matmul' on accelerators, 'conv' on CPU; and 'conv' while traced (torch.jit.trace, which fvcore
       uses), so FLOPs are counted for the convolution the block defines, not for the zeros of its matrix.
 
@@ -186,10 +186,7 @@ class InnerResBlock(nn.Module):
             self.stages = (('conv1', 'bn1', 'act1'), ('conv2', 'bn2', ''))
             self.out_act = 'act2'
         self.pixel_grid = pixel_grid
-        # the matmul form runs BatchNorm on a (rows, C, 1, 1) view: right for per-channel batch statistics only
-        self.matmul_ok = all(
-            isinstance(getattr(self.conv_block, bn), nn.modules.batchnorm._BatchNorm) for _, bn, _ in self.stages)
-        if impl == 'matmul' and not self.matmul_ok:
+        if impl == 'matmul' and not self.norms_fold():
             raise ValueError("inner_impl='matmul' needs BatchNorm in the inner block (conv_norm_layer).")
         self.impl = impl
         self.register_buffer('taps', conv3x3_taps(pixel_grid, **dd), persistent=False)
@@ -201,12 +198,24 @@ class InnerResBlock(nn.Module):
         if zero_init_last:
             self.conv_block.zero_init_last()  # ResNet practice: each block starts as the identity
 
+    @torch.jit.unused
+    def norms_fold(self) -> bool:
+        """ Every norm is a BatchNorm with running statistics (or already folded away): inference can fold it into
+        the conv, and the GEMM form applies. Other norms (e.g. GroupNorm) run the plain block. """
+        for _, bn_name, _ in self.stages:
+            bn = getattr(self.conv_block, bn_name)
+            if not (isinstance(bn, nn.Identity) or
+                    isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None):
+                return False
+        return True
+
+    @torch.jit.unused
     def _impl_for(self, x: torch.Tensor) -> str:
-        if torch.jit.is_tracing():
+        if torch.jit.is_tracing() or not self.norms_fold():
             return 'conv'
         if self.impl != 'auto':
             return self.impl
-        if not self.matmul_ok or is_fx_symbolic_tracing() or x.device.type == 'cpu':
+        if is_fx_symbolic_tracing() or x.device.type == 'cpu':
             return 'conv'
         return 'matmul'
 
@@ -216,7 +225,7 @@ class InnerResBlock(nn.Module):
         impl = self._impl_for(x)
         if impl == 'matmul':
             return self._forward_matmul(x)
-        if self.training or torch.jit.is_tracing():
+        if self.training or torch.jit.is_tracing() or not self.norms_fold():
             return self.forward_plain(x)
         return self._forward_conv_folded(x)
 
@@ -258,7 +267,7 @@ class InnerResBlock(nn.Module):
                 matrix = conv3x3_as_matrix(conv.weight, self.taps)  # per patch: rows (B*N, h*w*C_in)
             repeats = matrix.shape[1] // conv.out_channels  # output columns are (pixel, channel) pairs
             rows = y.reshape(-1, matrix.shape[0])
-            if self.training or isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is None:
+            if self.training:
                 # batch statistics: the norm itself, on the channels-last (B*N, C, h, w) view of the GEMM's output
                 # (CPU: 2.1x faster than on a (B*N*h*w, C, 1, 1) view, which takes the NCHW kernel)
                 out = rows @ matrix if conv.bias is None else torch.addmm(conv.bias.repeat(repeats), rows, matrix)
@@ -294,7 +303,6 @@ class InnerResBlock(nn.Module):
                 fused.bias.copy_(shift)
             setattr(self.conv_block, conv_name, fused)
             setattr(self.conv_block, bn_name, nn.Identity())
-        self.matmul_ok = True
 
 
 def inner_transformer(
