@@ -1,7 +1,7 @@
 """ Pieces shared by more than one family that timm.layers / timm.models do not have. """
 import re
 from contextlib import contextmanager, nullcontext
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -32,8 +32,9 @@ def _batchnorm_stats_kept(module: nn.Module) -> Iterator[None]:
 
 
 @torch.jit.ignore
-def checkpoint_keeping_bn_stats(block: nn.Module, *args: Optional[torch.Tensor]):
-    """ Gradient checkpointing of `block(*args)` that leaves BatchNorm running stats as one forward leaves them.
+def checkpoint_keeping_bn_stats(block: nn.Module, *args: Optional[torch.Tensor], run: Optional[Callable] = None):
+    """ Gradient checkpointing of `block(*args)` (or `run(*args)`, a computation of `block`'s modules) that leaves
+    BatchNorm running stats as one forward leaves them.
 
     Checkpointing re-runs the block in backward; in training mode its BatchNorms would update their running stats a
     second time (momentum applied twice per step), so eval outputs would depend on whether checkpointing was on.
@@ -41,7 +42,7 @@ def checkpoint_keeping_bn_stats(block: nn.Module, *args: Optional[torch.Tensor])
     takes a context for the re-run).
     """
     return checkpoint(
-        block, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _batchnorm_stats_kept(block)))
+        run or block, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _batchnorm_stats_kept(block)))
 
 
 def prune_sequence(model: nn.Module, attr: str, indices: Union[int, List[int]], prune_head: bool) -> List[int]:

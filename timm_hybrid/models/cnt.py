@@ -37,7 +37,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
-from ._common import TokenClassifierMixin, bn_scale_shift, check_global_pool, summarize_keys, unwrap_checkpoint
+from ._common import (
+    TokenClassifierMixin, bn_scale_shift, check_global_pool, checkpoint_keeping_bn_stats, summarize_keys,
+    unwrap_checkpoint,
+)
 from .baselines import nano_cfg, packaged_weights
 
 __all__ = ['CNT', 'CNTDistilled', 'InnerResBlock', 'checkpoint_filter_fn', 'conv3x3_as_matrix', 'create_inner_block']
@@ -350,7 +353,15 @@ def create_inner_block(
 
 
 class Block(nn.Module):
-    """ One CNT stage: inner block on the pixel grids, pixel -> patch projection, outer transformer block. """
+    """ One CNT stage: inner block on the pixel grids, pixel -> patch projection, outer transformer block.
+
+    `recompute_pixels`: in an eager training step the pixel path (inner block, norm, projection, norm) keeps only its
+    input for backward and runs again there (non-reentrant checkpoint, same RNG, BatchNorm running stats updated
+    once). Its activations are the bulk of what CNT holds beyond DeiT: at CNT-S shapes about 5 pixel-stream tensors
+    and a patch-width one per block; the pixel path is ~12% of the step's multiply-adds, so the recompute costs a few
+    percent of a step for most of that memory (figures in the README). torch.compile, FX and TorchScript run the
+    plain path (inductor plans its own recomputation).
+    """
 
     def __init__(
             self,
@@ -367,6 +378,7 @@ class Block(nn.Module):
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
+            recompute_pixels: bool = True,
             device=None,
             dtype=None,
     ):
@@ -374,6 +386,7 @@ class Block(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         num_pixels = pixel_grid[0] * pixel_grid[1]
         self.num_prefix_tokens = num_prefix_tokens
+        self.recompute_pixels = recompute_pixels
         self.inner = inner_block(inner_dim, pixel_grid, drop_path=drop_path, **dd)
         self.norm1_proj = norm_layer(num_pixels * inner_dim, **dd)
         self.proj = nn.Linear(num_pixels * inner_dim, dim, bias=False, **dd)
@@ -382,12 +395,28 @@ class Block(nn.Module):
             dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
             attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, **dd)
 
-    def forward(self, patch_embed: torch.Tensor, pixel_embed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def pixel_path(self, pixel_embed: torch.Tensor, num_patches: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """ Pixel tokens (B*N, h*w, C_in) -> (new pixel tokens, their projection onto the patches (B, N, D)). """
         pixel_embed = self.inner(pixel_embed)
-        B, L, _ = patch_embed.shape
         # explicit sizes, not -1: a -1 is ambiguous for an empty batch (B = 0)
-        pixels_per_patch = pixel_embed.reshape(B, L - self.num_prefix_tokens, self.proj.in_features)  # (B, N, h*w*C_in)
-        pixel_to_patch = self.norm2_proj(self.proj(self.norm1_proj(pixels_per_patch)))
+        pixels_per_patch = pixel_embed.reshape(
+            pixel_embed.shape[0] // num_patches, num_patches, self.proj.in_features)  # (B, N, h*w*C_in)
+        return pixel_embed, self.norm2_proj(self.proj(self.norm1_proj(pixels_per_patch)))
+
+    @torch.jit.unused
+    def _recomputed(self, pixel_embed: torch.Tensor) -> bool:
+        return (self.recompute_pixels and self.training and torch.is_grad_enabled() and pixel_embed.requires_grad
+                and not torch.compiler.is_compiling() and not is_fx_symbolic_tracing()
+                and not torch.jit.is_tracing())
+
+    def forward(self, patch_embed: torch.Tensor, pixel_embed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        L = patch_embed.shape[1]
+        num_patches = L - self.num_prefix_tokens
+        if not torch.jit.is_scripting() and self._recomputed(pixel_embed):
+            pixel_embed, pixel_to_patch = checkpoint_keeping_bn_stats(
+                self, pixel_embed, run=partial(self.pixel_path, num_patches=num_patches))
+        else:
+            pixel_embed, pixel_to_patch = self.pixel_path(pixel_embed, num_patches)
         # Prefix tokens receive nothing. One out-of-place index_add writes the sum in a single pass: zero-pad + add
         # takes 2.5x as long on CPU and TNT's slice + add + concatenate 1.7x (batch 32, CNT-S shapes).
         patch_index = torch.arange(self.num_prefix_tokens, L, device=patch_embed.device)
@@ -424,7 +453,8 @@ class CNT(TokenClassifierMixin, nn.Module):
     | model | embed / heads | inner_dim | TNT inner_dim | why |
     | cnt_ti | 192 / 3 | 8  | 12 | a basic block costs 18*C^2 MACs per pixel vs 12*C^2 + 32*C for TNT's inner
     |        |         |    |    | transformer, so C drops; a smaller C also shrinks every block's pixel->patch proj |
-    | cnt_s  | 384 / 6 | 20 | 24 | as above; 20 keeps C divisible by 4 (bottleneck width, 2D sin-cos) |
+    | cnt_s  | 384 / 6 | 16 | 24 | as above; 16 rather than the 20 the budget allows: C a multiple of 8 for bf16 |
+    |        |         |    |    | tensor cores (16*C = 256 for the GEMM form), 4.99 vs 5.16 GMACs, params -2.8% vs TNT |
     | cnt_b  | 640 / 10| 32 | 40 | as above |
 
     The measured figures are in the README (benchmarks/cnt_speed.py, `timm-hybrid compare`).
@@ -447,7 +477,7 @@ class CNT(TokenClassifierMixin, nn.Module):
             num_classes: int = 1000,
             global_pool: str = 'token',
             embed_dim: int = 384,
-            inner_dim: int = 20,
+            inner_dim: int = 16,
             depth: int = 12,
             num_heads: int = 6,
             mlp_ratio: float = 4.,
@@ -466,6 +496,7 @@ class CNT(TokenClassifierMixin, nn.Module):
             norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
             act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             zero_init_last: bool = True,
+            recompute_pixels: bool = True,
             device=None,
             dtype=None,
     ):
@@ -505,6 +536,9 @@ class CNT(TokenClassifierMixin, nn.Module):
             act_layer: Transformer MLP activation (default GELU).
             zero_init_last: Zero-init the last norm of each inner conv block (ResNet practice), so that each block
                 starts close to identity.
+            recompute_pixels: In eager training, recompute each block's pixel path in backward instead of keeping
+                its activations (same outputs and gradients; see Block). False keeps them: faster by the pixel
+                path's forward, at CNT-S about 1.2x DeiT-S's training memory instead of about 1.0x.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -569,6 +603,7 @@ class CNT(TokenClassifierMixin, nn.Module):
                 drop_path=dpr[i],
                 act_layer=act_layer,
                 norm_layer=norm_layer,
+                recompute_pixels=recompute_pixels,
                 **dd,
             )
             for i in range(depth)])
@@ -872,7 +907,7 @@ def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False,
 
 
 _CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3)
-_CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=20, depth=12, num_heads=6)
+_CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=16, depth=12, num_heads=6)
 _CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10)
 # 28x28 grayscale: 16 patches of 7x7 px, a 4x4 pixel grid each (stride-2 pixel embedding); cf. tnt_nano_patch7_28
 _CNT_NANO = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, inner_dim=8, depth=6,
@@ -887,7 +922,7 @@ def cnt_ti_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
 
 @register_model
 def cnt_s_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
-    """ CNT-S: TNT-S's outer transformer (384 wide, 6 heads), ResNet basic blocks on 20-channel pixel grids. """
+    """ CNT-S: TNT-S's outer transformer (384 wide, 6 heads), ResNet basic blocks on 16-channel pixel grids. """
     return _create_cnt('cnt_s_patch16_224', pretrained=pretrained, **dict(_CNT_S, **kwargs))
 
 
