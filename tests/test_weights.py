@@ -15,6 +15,7 @@ import timm
 import torch
 
 from timm_hybrid.data import DEBIAN_FASHION_MNIST_DIR, evaluate_fashion_mnist, prepare_fashion_mnist
+from timm_hybrid.models import refiner, transcnn
 from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,3 +152,72 @@ def test_folder_loads_and_reproduces_card_accuracy(folder, fashion_mnist_root):
     measured = evaluate_fashion_mnist(model, fashion_mnist_root)
     assert measured['top1'] == pytest.approx(results['top1'], abs=0.02)
     assert measured['top5'] == pytest.approx(results['top5'], abs=0.02)
+
+
+# --- official weights: TransCNN / HAT-Net from their release urls, Refiner-ViT from a file downloaded by hand ---------
+
+@pytest.fixture
+def unreachable(monkeypatch, tmp_path):
+    """ No network (every connection refused, as on a machine without one) and an empty download cache. """
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError(101, 'Network is unreachable')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'torch_hub'))
+    return tmp_path / 'torch_hub' / 'checkpoints'
+
+
+# small widths: the error comes before any tensor is loaded
+TINY_TRANSCNN = dict(embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), head_dim=8)
+
+
+@pytest.mark.parametrize('tag, kwargs, says', [
+    ('transcnn_tiny.in1k', TINY_TRANSCNN, 'the official release file https://github.com/yun-liu/HAT-Net/releases/'
+                                          'download/v1.0/TransCNN-Tiny.pth, which could not be downloaded (URLError'),
+    ('hatnet_tiny.in1k', TINY_TRANSCNN, 'HAT-Net/releases/download/v2.0/HAT-Net_Tiny.pth, which could not be'),
+    ('refiner_vit_large_patch16_448.in1k', dict(depth=2, embed_dim=32, num_heads=2),
+     'the official weights have no address timm can download from'),
+])
+def test_official_weights_unreachable_say_where_from_and_what_to_do_offline(tag, kwargs, says, unreachable):
+    from timm_hybrid.models._common import PretrainedWeightsUnavailable
+    with pytest.raises(PretrainedWeightsUnavailable) as e:
+        timm.create_model(tag, pretrained=True, **kwargs)
+    message = str(e.value)
+    assert message.startswith(f'{tag}: ') and says in message
+    assert f'Official release: {timm.get_pretrained_cfg(tag).origin_url}' in message
+    assert f"timm.create_model('{tag}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH/TO/" in message
+    if timm.get_pretrained_cfg(tag).url:  # a file put in timm's download cache loads as if downloaded
+        assert f'or put it at {unreachable / Path(timm.get_pretrained_cfg(tag).url).name} ' in message
+    with pytest.raises(PretrainedWeightsUnavailable, match=r'the weights file /absent\.pth .* does not exist'):
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file='/absent.pth'), **kwargs)
+
+
+@pytest.mark.parametrize('family, variant, model_kwargs', [
+    ('transcnn', 'transcnn_tiny', None), ('hatnet', 'hatnet_tiny', None),
+    ('refiner', 'refiner_vit_small_patch16_224', dict(aux_head=True)),
+])
+def test_synthetic_official_checkpoints_have_the_official_key_layout(family, variant, model_kwargs):
+    """ tests/official_checkpoints.py (the synthetic checkpoints the publish tests convert) gives exactly the key
+    names and shapes of the official code's state dicts in tests/fixtures/, and the filter maps them back. """
+    from safetensors import safe_open
+    from official_checkpoints import official_state_dict
+    fixtures = Path(__file__).parent / 'fixtures'
+    name = 'refiner_official_tiny' if family == 'refiner' else f'{family}_official'
+    with safe_open(str(fixtures / f'{name}_state_dict.safetensors'), 'pt') as f:
+        metadata = f.metadata()
+    if family == 'refiner':
+        with safe_open(str(fixtures / 'refiner_official_tiny_io.safetensors'), 'pt') as f:
+            model_args = dict(json.loads(f.metadata()['config']), **model_kwargs)
+    else:
+        model_args = json.loads(metadata['model_args'])
+    model = timm.create_model(variant, **model_args)
+    synthetic = official_state_dict(model)
+    official = safetensors.torch.load_file(fixtures / f'{name}_state_dict.safetensors')
+    assert synthetic.keys() == official.keys()
+    assert all(synthetic[k].shape == official[k].shape for k in official)
+    checkpoint_filter_fn = refiner.checkpoint_filter_fn if family == 'refiner' else transcnn.checkpoint_filter_fn
+    converted = checkpoint_filter_fn(dict(synthetic), model)
+    assert converted.keys() == model.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
