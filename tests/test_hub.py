@@ -94,18 +94,53 @@ def test_export_writes_timm_hub_folder(exported):
 def test_model_card_layout(exported):
     _, folder = exported
     card = (folder / 'README.md').read_text()
-    assert card.startswith('---\ntags:\n- image-classification\n- timm\n')
-    assert '$' not in card.split('## Citation')[0], 'unfilled template field'
+    assert '{{' not in card and '{%' not in card and '$' not in card.split('## Citation')[0], 'unfilled template field'
     for section in ('## Model Details', '### Image Classification', '### Feature Map Extraction',
                     '### Image Embeddings', '## Training', '## Model Comparison', '## Citation'):
         assert section in card
+    assert 'pip install timm-hybrid' in card and 'import timm_hybrid' in card
     assert f"timm.create_model('hf-hub:{REPO_ID}', pretrained=True)" in card
-    assert '- zalando-datasets/fashion_mnist' in card and 'Fashion-MNIST' in card
+    assert 'Fashion-MNIST' in card and 'TimmWrapperModel' in card
     assert 'top1 (test split): 85.25 %' in card and 'python train.py --model cnt_nano_patch7_28' in card
     for paper in ('2103.00112', '2012.12877', '1708.07747'):
         assert paper in card.split('## Citation')[1]
     flops = count_flops(ARCH, input_size=(1, 28, 28))
     assert f'| **{ARCH}.fmnist** (this model) | 85.25 |  | {flops.mparams:.3f} | {flops.gmacs:.4f} |' in card
+
+
+def test_model_card_metadata_is_the_hubs(exported):
+    """ The card's YAML is huggingface_hub's ModelCardData: what the Hub indexes (library, pipeline, license, data
+    set) and the accuracy as its model-index, read back with `card_accuracy`. """
+    _, folder = exported
+    data = huggingface_hub.ModelCard.load(folder / 'README.md').data
+    assert (data.library_name, data.pipeline_tag, data.license) == ('timm', 'image-classification', 'apache-2.0')
+    assert data.datasets == ['zalando-datasets/fashion_mnist'] and 'timm' in data.tags
+    assert data.base_model is None  # not a distilled student
+    result, = data.eval_results
+    assert (result.task_type, result.dataset_type, result.dataset_split, result.metric_type, result.metric_value) == (
+        'image-classification', 'zalando-datasets/fashion_mnist', 'test', 'accuracy', 85.25)
+    assert hub.card_accuracy(folder / 'README.md') == {'top1': 85.25}
+
+
+def test_distilled_student_card_names_its_teacher_as_base_model():
+    torch.manual_seed(0)
+    student = timm.create_model('cnt_nano_distilled_patch7_28.fmnist').eval()
+    card = hub.render_model_card(student, dict(teacher='timm-hybrid/resnet18.fmnist', accuracy={'top1': 80.0,
+                                                                                                'top5': 99.0}))
+    assert card.data.base_model == 'timm-hybrid/resnet18.fmnist'
+    assert 'Distilled from:** [timm-hybrid/resnet18.fmnist]' in str(card)
+    assert hub.card_accuracy(card) == {'top1': 80.0, 'top5': 99.0}
+
+
+def test_official_tag_card_has_origin_license_and_papers():
+    """ A converted official checkpoint's card: the release it came from, its license as recorded, its paper. """
+    model = timm.create_model('hatnet_tiny.in1k', embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), head_dim=8,
+                              num_classes=5).eval()
+    card = hub.render_model_card(model, dict(accuracy={'top1': 79.8}))
+    text = str(card)
+    assert '- **Original:** https://github.com/yun-liu/HAT-Net' in text and '2106.03180' in text
+    assert card.data.license == 'unknown' and card.data.datasets == ['imagenet-1k']
+    assert card.data.eval_results[0].dataset_name == 'ImageNet-1k'
 
 
 def test_offline_hub_cache_tag_and_local_dir_load_bit_identical(exported, tmp_path, monkeypatch, no_network):
@@ -265,3 +300,4 @@ def test_cli_export_with_model_kwargs_reloads_equal_and_card_counts_its_size(tmp
     card = (out / 'README.md').read_text()
     assert 'Image size: 56 x 56, 1 channel' in card
     assert f'{count_flops(model).gmacs:.4f} (fvcore' in card
+
