@@ -202,6 +202,39 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--commit-message', default='Add model', help='commit message of the upload')
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from . import models  # noqa: F401  registers the tags to publish
+    from .hub import HubTokenMissing, publish
+    sources = {}
+    for item in args.source or ():
+        tag, sep, path = item.partition('=')
+        if not sep or not path:
+            return _usage_error(f'--source takes TAG=PATH, got {item!r}')
+        sources[tag] = path
+    try:
+        results = publish(tags=args.tags, sources=sources, output_dir=args.output, dry_run=args.dry_run,
+                          token=args.token, org=args.org, private=args.private)
+    except (ValueError, HubTokenMissing, FileNotFoundError) as e:
+        return _usage_error(e)
+    for result in results:
+        print(result.describe())
+    if args.dry_run:
+        print('dry run: nothing pushed')
+    return 1 if any(r.status == 'mismatch' for r in results) else 0
+
+
+def add_publish_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--tags', nargs='+', default=None, metavar='TAG',
+                   help='only these tags (default: every packaged weight folder and official checkpoint)')
+    p.add_argument('--source', nargs='+', default=None, metavar='TAG=PATH',
+                   help="an official checkpoint downloaded by hand (default: timm's download cache of its url)")
+    p.add_argument('--output', default=None, help='folder for the hub folders (default: a temporary one)')
+    p.add_argument('--dry-run', action='store_true', help='write and check every folder, push nothing')
+    p.add_argument('--org', default='timm-hybrid', help='hub organisation of the repos (default: %(default)s)')
+    p.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN or `hf auth login`)')
+    p.add_argument('--private', action='store_true', help='create the repos private')
+
+
 def _run(args: argparse.Namespace) -> int:
     import runpy
     from pathlib import Path
@@ -236,6 +269,7 @@ COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     'data': ('lay out Fashion-MNIST for timm, offline', add_data_arguments, _data),
     'export': ('training checkpoint -> hub folder: config, weights, model card', add_export_arguments, _export),
     'flops': ('params and fvcore GMACs by operator, at the model input size', add_flops_arguments, _flops),
+    'publish': ('maintainers: check and push every tag\'s weights to the hub', add_publish_arguments, _publish),
     'push': ('upload an exported folder to a Hugging Face Hub repo', add_push_arguments, _push),
     'run': ("run timm's validate.py, benchmark.py, ... with our models", add_run_arguments, _run),
 }

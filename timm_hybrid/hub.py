@@ -12,8 +12,11 @@ Loading it back is timm's business:
 The model card is huggingface_hub's `ModelCard` with `ModelCardData` (the Hub's metadata: library, pipeline, license,
 datasets, base model, eval results as its model-index), rendered with `model_cards/template.md` (Jinja).
 """
+import dataclasses
 import importlib.resources
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -25,10 +28,12 @@ from timm.models import load_state_dict, save_for_hf
 
 from .data import FASHION_MNIST_DATASET
 from .flops import count_flops
-from .models._common import summarize_keys
+from .models._common import official_weights_cache_file, summarize_keys
+from .models.baselines import PACKAGED_WEIGHTS_DIR
 
 __all__ = [
-    'ExportError', 'HubTokenMissing', 'card_accuracy', 'export', 'push', 'read_checkpoint', 'render_model_card',
+    'ExportError', 'HubTokenMissing', 'PublishResult', 'card_accuracy', 'export', 'publish', 'publish_sources', 'push',
+    'read_checkpoint', 'render_model_card',
 ]
 
 HUB_ORG = 'timm-hybrid'
@@ -389,3 +394,149 @@ def render_model_card(
         **_output_shapes(model, this['input_size']),
     )
 
+
+# --- publish ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PublishResult:
+    """ One tag of `publish`: where its weights came from, where they go, and what the check found. """
+    tag: str
+    repo_id: str
+    source: Optional[str]  # the packaged folder or the official file; None when not given / found
+    origin: str  # 'packaged' or the official release (url / page)
+    status: str = 'pending'  # 'checked' (dry run), 'pushed', 'no source', 'mismatch'
+    max_abs_diff: Optional[float] = None
+    folder: Optional[Path] = None
+    note: str = ''
+
+    def describe(self) -> str:
+        line = f'{self.status:>9}  {self.tag} -> {self.repo_id}, from {self.source or self.origin}'
+        if self.max_abs_diff is not None:
+            line += f': re-loaded logits max abs diff {self.max_abs_diff:.2e}'
+        return line + (f' ({self.note})' if self.note else '')
+
+
+def _hybrid_tags() -> List[str]:
+    return sorted(name for name in timm.list_models(include_tags=True) if '.' in name and timm.models.model_entrypoint(
+        name.split('.')[0]).__module__.startswith('timm_hybrid.'))
+
+
+def publish_sources(
+        sources: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+        tags: Optional[Sequence[str]] = None,
+        org: str = HUB_ORG,
+) -> List[PublishResult]:
+    """ Every tag `publish` handles, with its source: each weight folder in the package (timm_hybrid/weights/), and
+    each official release (a tag whose cfg names an `origin_url`) from `sources[tag]`, else from timm's download
+    cache of its url (where `pretrained=True` puts it), else none ("source file not given").
+
+    Args:
+        sources: {tag: official checkpoint file}, e.g. a Refiner-ViT file downloaded from its drive.
+        tags: Only these tags (default: all).
+        org: Hub organisation of the repos (`<org>/<tag>`).
+    """
+    sources = {k: Path(v) for k, v in (sources or {}).items()}
+    packaged = {f.name: f for f in sorted(PACKAGED_WEIGHTS_DIR.iterdir()) if (f / 'model.safetensors').is_file()}
+    known = set(packaged) | {t for t in _hybrid_tags() if timm.get_pretrained_cfg(t).origin_url}
+    unknown = sorted(set(tags or ()) - known) + sorted(set(sources) - known)
+    if unknown:
+        raise ValueError(f'No weights to publish for {", ".join(unknown)}; known tags: {", ".join(sorted(known))}.')
+    results = []
+    for tag in sorted(known):
+        if tags and tag not in tags:
+            continue
+        repo_id = f'{org}/{tag}'
+        if tag in packaged:
+            results.append(PublishResult(tag, repo_id, str(packaged[tag]), 'packaged'))
+            continue
+        cfg = timm.get_pretrained_cfg(tag).to_dict()
+        origin = cfg.get('url') or cfg['origin_url']
+        cached = official_weights_cache_file(cfg)
+        source = sources.get(tag) or (cached if cached is not None and cached.is_file() else None)
+        result = PublishResult(tag, repo_id, str(source) if source else None, origin)
+        if source is None or not source.is_file():
+            result.status = 'no source'
+            result.note = (f'source file {source} not found' if source else 'source file not given') + (
+                f': download it, then --source {tag}=PATH')
+        results.append(result)
+    return results
+
+
+def _check_logits(source: torch.nn.Module, folder: Path, seed: int = 0) -> float:
+    """ Max abs difference of the logits of `folder` re-loaded by timm (`local-dir:`) and `source`, on two random
+    images of the source's input size. """
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(2, *source.pretrained_cfg['input_size'], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected, got = source.eval()(x), reloaded(x)
+    if got.shape != expected.shape:
+        return float('inf')
+    return (got - expected).abs().max().item()
+
+
+def _write_official_folder(result: PublishResult, folder: Path) -> torch.nn.Module:
+    """ An official checkpoint converted by the family's checkpoint_filter_fn (timm's pretrained loading of a file),
+    written as a hub folder; returns the converted model. """
+    model = timm.create_model(result.tag, pretrained=True, pretrained_cfg_overlay=dict(file=result.source)).eval()
+    save_for_hf(model, folder, safe_serialization=True)
+    cfg = model.pretrained_cfg
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    render_model_card(reloaded, dict(
+        description=f'The official {cfg.get("paper_name") or cfg["architecture"]} weights ({result.origin}), '
+                    f'converted to timm-hybrid\'s {cfg["architecture"]} by its checkpoint_filter_fn; the logits of '
+                    f'this folder were checked against the converted checkpoint before upload.',
+        training_note=f'Trained by the authors; see {cfg.get("origin_url") or result.origin}.',
+    )).save(folder / 'README.md')
+    return model
+
+
+def publish(
+        tags: Optional[Sequence[str]] = None,
+        sources: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+        output_dir: Union[str, os.PathLike, None] = None,
+        dry_run: bool = False,
+        token: Optional[str] = None,
+        org: str = HUB_ORG,
+        private: bool = False,
+        atol: float = 1e-5,
+) -> List[PublishResult]:
+    """ The maintainer's release step: for every weight folder in the package and every official checkpoint (converted
+    through its family's checkpoint_filter_fn), write the hub folder, check that timm re-loads it with the source's
+    logits, and push it to `<org>/<tag>` with huggingface_hub (`push`).
+
+    Args:
+        tags: Only these tags (default: all, see `publish_sources`).
+        sources: {tag: file} of official checkpoints downloaded by hand.
+        output_dir: Where the hub folders are written (`<output_dir>/<tag>`); default a temporary folder.
+        dry_run: Write and check, push nothing (no network needed).
+        token, private: As for `push`.
+        atol: Largest logit difference accepted.
+
+    Returns:
+        One `PublishResult` per tag; tags without a source are reported ('no source') and skipped.
+    """
+    results = publish_sources(sources, tags, org)
+    with tempfile.TemporaryDirectory(prefix='timm-hybrid-publish-') as scratch:
+        root = Path(output_dir) if output_dir is not None else Path(scratch)
+        for result in results:
+            if result.status == 'no source':
+                continue
+            result.folder = root / result.tag
+            if result.folder.exists():
+                shutil.rmtree(result.folder)
+            result.folder.parent.mkdir(parents=True, exist_ok=True)
+            if result.origin == 'packaged':  # already a hub folder (written by export); the tag as pip users get it
+                shutil.copytree(result.source, result.folder)
+                source = timm.create_model(result.tag, pretrained=True)
+            else:
+                source = _write_official_folder(result, result.folder)
+            result.max_abs_diff = _check_logits(source, result.folder)
+            if not result.max_abs_diff <= atol:
+                result.status, result.note = 'mismatch', f'above {atol:g}: not pushed'
+            elif dry_run:
+                result.status = 'checked'
+            else:
+                push(result.folder, result.repo_id, token=token, private=private,
+                     commit_message=f'{result.tag} from {result.origin}, re-loaded logits checked')
+                result.status = 'pushed'
+    return results
