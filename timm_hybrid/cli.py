@@ -144,6 +144,8 @@ def _export(args: argparse.Namespace) -> int:
         card_data['model_name'] = args.model_name
     if args.dataset:
         card_data['dataset'] = args.dataset
+    if args.teacher:
+        card_data['teacher'] = args.teacher
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in (
         ('input_size', args.input_size), ('mean', args.mean), ('std', args.std), ('crop_pct', args.crop_pct))
         if v is not None}
@@ -181,6 +183,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--compare', nargs='*', default=None, metavar='MODEL',
                    help='other models for the card comparison table (params, GMACs)')
     p.add_argument('--model-name', default=None, help='repo name in the card (default <arch>.<tag>)')
+    p.add_argument('--teacher', default=None, metavar='REPO_ID',
+                   help="a distilled student's teacher on the hub: the card's base_model")
 
 
 def _push(args: argparse.Namespace) -> int:
