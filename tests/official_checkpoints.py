@@ -1,78 +1,98 @@
-""" Synthetic official checkpoints: a model's own state dict under the official release's key names, the inverse of
-the families' `checkpoint_filter_fn`s (tests/test_weights.py holds these layouts to the key names of the official
-code's state dicts in tests/fixtures/). Tests feed them to timm's pretrained loading and to `timm-hybrid publish` as
-if downloaded, without the real (large, not redistributable) files. """
-import re
-from typing import Dict
+""" Synthetic official checkpoints: a model's own state dict under the official release's key names, for tests that
+feed timm's pretrained loading and `timm-hybrid publish` as if the real (large, not redistributable) files had been
+downloaded.
 
+The official naming is learned, not written out again: the fixtures in tests/fixtures/ are state dicts of the
+official code (reduced widths and depths, official key names); the family's `checkpoint_filter_fn` maps each of
+their tensors to one of ours, and the pairs give, per key shape (digits as '#'), the official key shape and how its
+numbers follow from ours (the same index, shifted, or a constant: `ds2.` is `stages.1.downsample.`, `conv.conv1.0.`
+is `mlp.conv_pw.`). Any size of the family then maps back to the official names.
+"""
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import safetensors
+import safetensors.torch
+import timm
 import torch
 
-# ours -> official, in the order applied (see the renames in timm_hybrid/models/transcnn.py and refiner.py)
-_TRANSCNN_FFN = {'conv_pw': 'conv1.0', 'bn1': 'conv1.1', 'conv_dw': 'conv2.0', 'bn2': 'conv2.1',
-                 'conv_pwl': 'conv3.0', 'bn3': 'conv3.1'}
-_HATNET_FFN = {'norm': 'conv1.0', 'conv_pw': 'conv1.1', 'conv_dw': 'conv2.0', 'conv_pwl': 'conv3.0',
-               'norm_out': 'conv3.1'}
-_REFINER = (
-    (r'^patch_embed\.conv(\d)\.conv\.weight$', r'patch_embed.conv\1.weight'),
-    (r'^patch_embed\.conv(\d)\.bn\.', r'patch_embed.bn\1.'),
-    (r'\.attn\.refine\.expand\.conv\.', '.attn.DLA.conv_exp.'),
-    (r'\.attn\.refine\.expand\.bn\.', '.attn.DLA.bn1.'),
-    (r'\.attn\.refine\.conv_dw\.conv\.', '.attn.DLA.depth_sep_conv.'),
-    (r'\.attn\.refine\.conv_dw\.bn\.', '.attn.DLA.bn2.'),
-    (r'\.attn\.refine\.reduce\.conv\.', '.attn.DLA.conv_pro.'),
-    (r'\.attn\.refine\.reduce\.bn\.', '.attn.DLA.bn3.'),
-    (r'\.attn\.norm\.', '.attn.adapt_bn.'),
-    (r'\.ls2\.gamma$', '.mlp.scale_channel'),
-    (r'\.attn\.v\.', '.attn.qkv.'),  # a refiner block's value projection is the released `qkv`
-)
+from timm_hybrid.models import refiner, transcnn
+
+FIXTURES = Path(__file__).parent / 'fixtures'
+# family: (official state dict fixture, the model it was made for, our filter)
+OFFICIAL_FIXTURES = {
+    'transcnn': ('transcnn_official_state_dict.safetensors', 'transcnn_tiny', transcnn.checkpoint_filter_fn),
+    'hatnet': ('hatnet_official_state_dict.safetensors', 'hatnet_tiny', transcnn.checkpoint_filter_fn),
+    'refiner': ('refiner_official_tiny_state_dict.safetensors', 'refiner_vit_small_patch16_224',
+                refiner.checkpoint_filter_fn),
+}
 
 
-def _transcnn_key(key: str, hatnet: bool) -> str:
-    m = re.match(r'stages\.(\d+)\.blocks\.(\d+)\.(.*)', key)
-    if m:
-        stage, block, rest = m.groups()
-        rest = rest.replace('attn.local_norm.', 'attn.grid_norm.').replace('attn.pool_norm.', 'attn.ds_norm.')
-        ffn = re.match(r'mlp\.(\w+)\.(.*)', rest)
-        if ffn:
-            rest = f'conv.{(_HATNET_FFN if hatnet else _TRANSCNN_FFN)[ffn.group(1)]}.{ffn.group(2)}'
-        return f'blocks.{stage}.{block}.{rest}'
-    m = re.match(r'stages\.(\d+)\.downsample\.(conv\.conv|conv\.bn|shortcut\.conv|shortcut\.bn)\.(.*)', key)
-    if m:
-        stage, layer, rest = m.groups()
-        layer = {'conv.conv': 'conv', 'conv.bn': 'norm' if hatnet else 'norm1', 'shortcut.conv': 'residual',
-                 'shortcut.bn': 'norm2'}[layer]
-        return f'ds{int(stage) + 1}.{layer}.{rest}'
-    for ours, official in (('stem.0.conv.', 'patch_embed.0.'), ('stem.0.bn.', 'patch_embed.1.'),
-                           ('stem.1.', 'patch_embed.3.'), ('head.fc.', 'classifier.1.')):
-        if key.startswith(ours):
-            return official + key[len(ours):]
-    return key
+def _shape(key: str) -> str:
+    return re.sub(r'\d+', '#', key)
+
+
+def _numbers(key: str) -> List[int]:
+    return [int(n) for n in re.findall(r'\d+', key)]
+
+
+def fixture_model(family: str) -> torch.nn.Module:
+    """ Our model at the config the official fixture was made with. """
+    name, variant, _ = OFFICIAL_FIXTURES[family]
+    if family == 'refiner':
+        with safetensors.safe_open(str(FIXTURES / 'refiner_official_tiny_io.safetensors'), 'pt') as f:
+            return timm.create_model(variant, aux_head=True, **json.loads(f.metadata()['config']))
+    with safetensors.safe_open(str(FIXTURES / name), 'pt') as f:
+        return timm.create_model(variant, **json.loads(f.metadata()['model_args']))
+
+
+@lru_cache(maxsize=None)
+def official_layout(family: str) -> Tuple[Dict[str, Tuple[str, list]], List[str]]:
+    """ {our key shape: (official key shape, one rule per official number: ('index', i, shift) or ('constant', n))},
+    and the official key shapes the filter drops (tensors the official model holds but never uses). """
+    name, _, filter_fn = OFFICIAL_FIXTURES[family]
+    official = safetensors.torch.load_file(FIXTURES / name)
+    ours = filter_fn(dict(official), fixture_model(family))
+    official_key = {id(v): k for k, v in official.items()}
+    pairs: Dict[str, List[Tuple[List[int], str]]] = {}
+    for key, tensor in ours.items():
+        pairs.setdefault(_shape(key), []).append((_numbers(key), official_key[id(tensor)]))
+    layout = {}
+    for shape, examples in pairs.items():
+        official_shape, = {_shape(o) for _, o in examples}
+        rules = []
+        for j in range(official_shape.count('#')):
+            wanted = [_numbers(o)[j] for _, o in examples]
+            shifts = [(i, {w - n[i] for (n, _), w in zip(examples, wanted)}) for i in range(len(examples[0][0]))]
+            varying = [(i, s.pop()) for i, s in shifts if len(s) == 1 and len({n[i] for n, _ in examples}) > 1]
+            rules.append(('index', *varying[0]) if varying else ('constant', wanted[0]))
+            assert varying or len(set(wanted)) == 1, f'{family}: no rule for number {j} of {official_shape}'
+        layout[shape] = (official_shape, rules)
+    used = {official_key[id(v)] for v in ours.values()}
+    return layout, sorted({_shape(k) for k in official if k not in used})
 
 
 def official_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """ `model`'s weights as the official TransCNN / HAT-Net / Refiner-ViT code names them. """
+    """ `model`'s weights under the official TransCNN / HAT-Net / Refiner-ViT key names (the unused official
+    tensors added, as the released files hold them). """
     family = type(model).__module__.rsplit('.', 1)[-1]
-    state_dict = model.state_dict()
-    if family == 'transcnn':
-        hatnet = not any('.shortcut.' in k for k in state_dict)
-        out = {_transcnn_key(k, hatnet): v for k, v in state_dict.items()}
-        if hatnet:  # the official HAT-Net holds an unused projection norm per attention (the filter drops it)
-            for k in [k for k in out if k.endswith('.attn.proj.weight')]:
-                dim = out[k].shape[0]
-                out[k.replace('.proj.weight', '.proj_norm.weight')] = torch.ones(dim)
-                out[k.replace('.proj.weight', '.proj_norm.bias')] = torch.zeros(dim)
-        return out
-    if family == 'refiner':
-        refiner_blocks = {k.split('.')[1] for k in state_dict if '.attn.refine.' in k}
-        out = {}
-        for k, v in state_dict.items():
-            for pattern, repl in _REFINER:
-                if pattern == r'\.attn\.v\.' and k.split('.')[:2] not in [['blocks', b] for b in refiner_blocks]:
-                    continue
-                k = re.sub(pattern, repl, k)
-            out[k] = v
-        return out
-    raise ValueError(f'no official layout for {type(model).__name__}')
+    if family == 'transcnn' and not any('.shortcut.' in k for k in model.state_dict()):
+        family = 'hatnet'  # HAT-Net's downsampling has no shortcut branch
+    layout, unused = official_layout(family)
+    out = {}
+    for key, tensor in model.state_dict().items():
+        official_shape, rules = layout[_shape(key)]
+        numbers = _numbers(key)
+        values = iter(numbers[r[1]] + r[2] if r[0] == 'index' else r[1] for r in rules)
+        out[re.sub('#', lambda _: str(next(values)), official_shape)] = tensor
+    for shape in unused:  # HAT-Net's attn.proj_norm (weight, bias): one per attention, as wide as its projection
+        assert '.attn.proj_norm.' in shape, shape
+        for key in [k for k in out if _shape(k) == shape.rsplit('.attn.', 1)[0] + '.attn.proj.bias']:
+            out[key.replace('.proj.bias', '.proj_norm.' + shape.rsplit('.', 1)[1])] = torch.ones_like(out[key])
+    return out
 
 
 def save_official_checkpoint(model: torch.nn.Module, path) -> Dict[str, torch.Tensor]:

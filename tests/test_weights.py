@@ -2,6 +2,7 @@
 installed package, and they reproduce the accuracy on their cards. """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,6 @@ import torch
 
 from timm_hybrid.data import DEBIAN_FASHION_MNIST_DIR, evaluate_fashion_mnist, prepare_fashion_mnist
 from timm_hybrid.hub import card_accuracy
-from timm_hybrid.models import refiner, transcnn
 from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,30 +197,21 @@ def test_official_weights_unreachable_say_where_from_and_what_to_do_offline(tag,
         timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file='/absent.pth'), **kwargs)
 
 
-@pytest.mark.parametrize('family, variant, model_kwargs', [
-    ('transcnn', 'transcnn_tiny', None), ('hatnet', 'hatnet_tiny', None),
-    ('refiner', 'refiner_vit_small_patch16_224', dict(aux_head=True)),
-])
-def test_synthetic_official_checkpoints_have_the_official_key_layout(family, variant, model_kwargs):
-    """ tests/official_checkpoints.py (the synthetic checkpoints the publish tests convert) gives exactly the key
-    names and shapes of the official code's state dicts in tests/fixtures/, and the filter maps them back. """
-    from safetensors import safe_open
-    from official_checkpoints import official_state_dict
-    fixtures = Path(__file__).parent / 'fixtures'
-    name = 'refiner_official_tiny' if family == 'refiner' else f'{family}_official'
-    with safe_open(str(fixtures / f'{name}_state_dict.safetensors'), 'pt') as f:
-        metadata = f.metadata()
-    if family == 'refiner':
-        with safe_open(str(fixtures / 'refiner_official_tiny_io.safetensors'), 'pt') as f:
-            model_args = dict(json.loads(f.metadata()['config']), **model_kwargs)
-    else:
-        model_args = json.loads(metadata['model_args'])
-    model = timm.create_model(variant, **model_args)
+@pytest.mark.parametrize('family', ['transcnn', 'hatnet', 'refiner'])
+def test_synthetic_official_checkpoints_have_the_official_key_layout(family):
+    """ tests/official_checkpoints.py (the synthetic checkpoints the publish tests convert) reproduces the official
+    code's state dict (tests/fixtures/) key for key and shape for shape, the filter's unused tensors included, and
+    the filter maps it back onto the model. """
+    from official_checkpoints import FIXTURES, OFFICIAL_FIXTURES, fixture_model, official_state_dict
+    model = fixture_model(family)
     synthetic = official_state_dict(model)
-    official = safetensors.torch.load_file(fixtures / f'{name}_state_dict.safetensors')
+    official = safetensors.torch.load_file(FIXTURES / OFFICIAL_FIXTURES[family][0])
     assert synthetic.keys() == official.keys()
     assert all(synthetic[k].shape == official[k].shape for k in official)
-    checkpoint_filter_fn = refiner.checkpoint_filter_fn if family == 'refiner' else transcnn.checkpoint_filter_fn
-    converted = checkpoint_filter_fn(dict(synthetic), model)
+    converted = OFFICIAL_FIXTURES[family][2](dict(synthetic), model)
     assert converted.keys() == model.state_dict().keys()
     assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+    # a full-size model of the family (the released one's aux head included) maps to the official key shapes
+    full = timm.create_model(OFFICIAL_FIXTURES[family][1], **(dict(aux_head=True) if family == 'refiner' else {}))
+    official_shapes = {re.sub(r'\d+', '#', k) for k in official}
+    assert {re.sub(r'\d+', '#', k) for k in official_state_dict(full)} == official_shapes
