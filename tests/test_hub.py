@@ -405,3 +405,9 @@ def test_publish_source_errors_are_clear(tmp_path, empty_download_cache, capsys)
     assert 'No weights to publish for cnt_s_patch16_224.in1k' in capsys.readouterr().err
     assert main(['publish', '--dry-run', '--source', 'hatnet_tiny.in1k']) == 2
     assert '--source takes TAG=PATH' in capsys.readouterr().err
+
+
+def test_publish_without_token_stops_before_converting(no_hf_token, capsys):
+    from timm_hybrid.cli import main
+    assert main(['publish', '--tags', 'cnt_nano_patch7_28.fmnist']) == 2
+    assert 'No Hugging Face token to publish with' in capsys.readouterr().err

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 
 import timm
 from timm.models import load_state_dict, save_for_hf
@@ -516,6 +516,9 @@ def publish(
         One `PublishResult` per tag; tags without a source are reported ('no source') and skipped.
     """
     results = publish_sources(sources, tags, org)
+    if not dry_run and not (token or get_token()):  # before minutes of conversion, not at the first upload
+        raise HubTokenMissing('No Hugging Face token to publish with: set HF_TOKEN, run `hf auth login`, or pass a '
+                              'token (--token); `timm-hybrid publish --dry-run` checks everything without one.')
     with tempfile.TemporaryDirectory(prefix='timm-hybrid-publish-') as scratch:
         root = Path(output_dir) if output_dir is not None else Path(scratch)
         for result in results:
