@@ -357,7 +357,7 @@ def render_model_card(
         license=license_id,
         datasets=[dataset_id] if dataset_id else None,
         base_model=teacher,
-        model_name=model_name,
+        model_name=model_name if accuracy else None,  # the model-index's name; alone, a stray YAML key
         eval_results=[
             EvalResult(task_type='image-classification', dataset_type=dataset_id or dataset_name or 'unknown',
                        dataset_name=dataset_name or dataset_id or 'unknown', dataset_split=eval_split,
