@@ -23,6 +23,7 @@ The micro study (benchmarks/fmnist_micro_study.py) supersedes this one; its resu
 import argparse
 import csv
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -161,12 +162,14 @@ def run_study(args: argparse.Namespace) -> None:
 def publish() -> None:
     """ Exports the best run of each published model (by final-epoch test top-1; the three families from the main
     runs, the distilled variants from the distillation runs) as timm_hybrid/weights/<arch>.fmnist with
-    `timm_hybrid.hub.export`, then re-loads the folder as a user would (`local-dir:`, timm's data config and eval
-    transforms) and checks it reproduces the accuracy train.py recorded. """
-    import json
+    `timm_hybrid.hub.export`, re-loads the folder as a user would (`local-dir:`, timm's data config, eval transforms
+    and `ClassificationEvaluator`), checks that it reproduces the top-1 train.py recorded, and writes the measured
+    top-1 / top-5 into the card's model-index. The source is the run's last checkpoint, or, once the run's work
+    folder is gone, the weights already in the package (the card is re-rendered from the same tensors). """
+    import tempfile
     import timm
     from timm_hybrid.data import evaluate_fashion_mnist
-    from timm_hybrid.hub import export
+    from timm_hybrid.hub import export, render_model_card
     rows = recorded_runs(STUDY)
     best = {}
     for model_name in PUBLISHED_MODELS:
@@ -176,6 +179,9 @@ def publish() -> None:
     test_root = data_root('full')  # the test split is the same in every layout
     for model_name, row in best.items():
         out = PACKAGED_WEIGHTS_DIR / f'{model_name}.fmnist'
+        checkpoint = WORK / row['run'] / 'last.pth.tar'
+        if not checkpoint.is_file():
+            checkpoint = out / 'model.safetensors'
         compare = [dict(model=f'{other} (best run)', top1=float(b['top1_last']), params=float(b['params_m']),
                         gmacs=float(b['gmacs']), input_size=(1, 28, 28)) for other, b in best.items()
                    if other != model_name]
@@ -185,24 +191,26 @@ def publish() -> None:
             data_text += (f', {row["distill"]} token distillation from the {TEACHER_MODEL} teacher trained in '
                           f'run `{TEACHER_RUN}` (top-1 {teacher["top1_last"]})')
         card = dict(
-            accuracy={'top1': float(row['top1_last'])},
             train_command=f'timm-hybrid data fashion-mnist --root data/fm  # {data_text}\n{row["command"]}',
             compare=compare,
             description=f'{model_name} trained from scratch on Fashion-MNIST ({data_text}, {row["epochs"]} epochs, '
                         f'seed {row["seed"]}) with timm\'s train.py, run `{row["run"]}` of the study in '
-                        f'benchmarks/fmnist_study.py. Accuracy: test split, final epoch (no checkpoint selection).')
-        export(f'{model_name}.fmnist', WORK / row['run'] / 'last.pth.tar', out, card_data=card)
-        model = timm.create_model(f'local-dir:{out}', pretrained=True)
-        measured = evaluate_fashion_mnist(model, test_root)
-        if abs(measured['top1'] - float(row['top1_last'])) > 0.02:
-            raise RuntimeError(f'{out}: re-evaluated top-1 {measured["top1"]:.2f} != recorded {row["top1_last"]}')
-        (out / 'eval_results.json').write_text(json.dumps(dict(
-            dataset='fashion_mnist', split='test', run=row['run'], **{k: round(v, 2) for k, v in measured.items()},
-            command=f'python -c "import timm, timm_hybrid; from timm_hybrid.data import evaluate_fashion_mnist; '
-                    f'print(evaluate_fashion_mnist(timm.create_model(\'local-dir:timm_hybrid/weights/{out.name}\', '
-                    f'pretrained=True), \'data/fm\'))"'), indent=1) + '\n')
+                        f'benchmarks/fmnist_study.py. Accuracy: test split, final epoch (no checkpoint selection), '
+                        f'measured on this folder with timm\'s data config and ClassificationEvaluator '
+                        f'(`timm_hybrid.data.evaluate_fashion_mnist`).')
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = export(f'{model_name}.fmnist', checkpoint, Path(scratch) / out.name, card_data=card)
+            model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+            measured = evaluate_fashion_mnist(model, test_root)
+            if abs(measured['top1'] - float(row['top1_last'])) > 0.02:
+                raise RuntimeError(f'{out}: re-evaluated top-1 {measured["top1"]:.2f} != recorded {row["top1_last"]}')
+            card['accuracy'] = {k: round(measured[k], 2) for k in ('top1', 'top5')}
+            render_model_card(model.eval(), card).save(folder / 'README.md')
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.copytree(folder, out)
         print(f'{out.relative_to(REPO)}: run {row["run"]}, top-1 {measured["top1"]:.2f} (recorded '
-              f'{row["top1_last"]}), top-5 {measured["top5"]:.2f}')
+              f'{row["top1_last"]}), top-5 {measured["top5"]:.2f}, from {checkpoint}')
 
 
 # --- report ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import timm
@@ -20,3 +21,15 @@ def hybrid_model_names(pattern: str = '*') -> list:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _card_template_under_test():
+    """ Cards render from this checkout's template (module fixtures included): an editable install of another
+    checkout maps `timm_hybrid.model_cards` (package data) to that checkout's model_cards/. """
+    from timm_hybrid import hub
+    saved = hub.MODEL_CARD_TEMPLATE
+    hub.MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / 'model_cards' / 'template.md'
+    yield
+    hub.MODEL_CARD_TEMPLATE = saved

@@ -34,11 +34,13 @@ def checkpoint(tmp_path):
 def test_export_and_push_exit_codes(checkpoint, tmp_path, monkeypatch, capsys):
     out = tmp_path / 'cnt_nano_patch7_28.fmnist'
     assert main(['export', 'cnt_nano_patch7_28', '--checkpoint', str(checkpoint), '--output', str(out),
-                 '--accuracy', 'top1=71.5', 'top5=98.25', '--train-command', 'train.py --epochs 1']) == 0
+                 '--accuracy', 'top1=71.5', 'top5=98.25', '--train-command', 'train.py --epochs 1',
+                 '--teacher', 'timm-hybrid/resnet18.fmnist']) == 0
     assert f"local-dir:{out}" in capsys.readouterr().out
     assert json.loads((out / 'config.json').read_text())['architecture'] == 'cnt_nano_patch7_28'
     card = (out / 'README.md').read_text()
     assert 'top1 (test split): 71.50 %' in card and 'top5 (test split): 98.25 %' in card
+    assert huggingface_hub.ModelCard.load(out / 'README.md').data.base_model == 'timm-hybrid/resnet18.fmnist'
 
     assert main(['export', 'cnt_nano_patch7_28', '--checkpoint', str(checkpoint), '--output', str(tmp_path / 'x'),
                  '--num-classes', '3']) == 2

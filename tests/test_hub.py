@@ -94,18 +94,53 @@ def test_export_writes_timm_hub_folder(exported):
 def test_model_card_layout(exported):
     _, folder = exported
     card = (folder / 'README.md').read_text()
-    assert card.startswith('---\ntags:\n- image-classification\n- timm\n')
-    assert '$' not in card.split('## Citation')[0], 'unfilled template field'
+    assert '{{' not in card and '{%' not in card and '$' not in card.split('## Citation')[0], 'unfilled template field'
     for section in ('## Model Details', '### Image Classification', '### Feature Map Extraction',
                     '### Image Embeddings', '## Training', '## Model Comparison', '## Citation'):
         assert section in card
+    assert 'pip install timm-hybrid' in card and 'import timm_hybrid' in card
     assert f"timm.create_model('hf-hub:{REPO_ID}', pretrained=True)" in card
-    assert '- zalando-datasets/fashion_mnist' in card and 'Fashion-MNIST' in card
+    assert 'Fashion-MNIST' in card and 'TimmWrapperModel' in card
     assert 'top1 (test split): 85.25 %' in card and 'python train.py --model cnt_nano_patch7_28' in card
     for paper in ('2103.00112', '2012.12877', '1708.07747'):
         assert paper in card.split('## Citation')[1]
     flops = count_flops(ARCH, input_size=(1, 28, 28))
     assert f'| **{ARCH}.fmnist** (this model) | 85.25 |  | {flops.mparams:.3f} | {flops.gmacs:.4f} |' in card
+
+
+def test_model_card_metadata_is_the_hubs(exported):
+    """ The card's YAML is huggingface_hub's ModelCardData: what the Hub indexes (library, pipeline, license, data
+    set) and the accuracy as its model-index, read back with `card_accuracy`. """
+    _, folder = exported
+    data = huggingface_hub.ModelCard.load(folder / 'README.md').data
+    assert (data.library_name, data.pipeline_tag, data.license) == ('timm', 'image-classification', 'apache-2.0')
+    assert data.datasets == ['zalando-datasets/fashion_mnist'] and 'timm' in data.tags
+    assert data.base_model is None  # not a distilled student
+    result, = data.eval_results
+    assert (result.task_type, result.dataset_type, result.dataset_split, result.metric_type, result.metric_value) == (
+        'image-classification', 'zalando-datasets/fashion_mnist', 'test', 'accuracy', 85.25)
+    assert hub.card_accuracy(folder / 'README.md') == {'top1': 85.25}
+
+
+def test_distilled_student_card_names_its_teacher_as_base_model():
+    torch.manual_seed(0)
+    student = timm.create_model('cnt_nano_distilled_patch7_28.fmnist').eval()
+    card = hub.render_model_card(student, dict(teacher='timm-hybrid/resnet18.fmnist', accuracy={'top1': 80.0,
+                                                                                                'top5': 99.0}))
+    assert card.data.base_model == 'timm-hybrid/resnet18.fmnist'
+    assert 'Distilled from:** [timm-hybrid/resnet18.fmnist]' in str(card)
+    assert hub.card_accuracy(card) == {'top1': 80.0, 'top5': 99.0}
+
+
+def test_official_tag_card_has_origin_license_and_papers():
+    """ A converted official checkpoint's card: the release it came from, its license as recorded, its paper. """
+    model = timm.create_model('hatnet_tiny.in1k', embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), head_dim=8,
+                              num_classes=5).eval()
+    card = hub.render_model_card(model, dict(accuracy={'top1': 79.8}))
+    text = str(card)
+    assert '- **Original:** https://github.com/yun-liu/HAT-Net' in text and '2106.03180' in text
+    assert card.data.license == 'unknown' and card.data.datasets == ['imagenet-1k']
+    assert card.data.eval_results[0].dataset_name == 'ImageNet-1k'
 
 
 def test_offline_hub_cache_tag_and_local_dir_load_bit_identical(exported, tmp_path, monkeypatch, no_network):
@@ -265,3 +300,114 @@ def test_cli_export_with_model_kwargs_reloads_equal_and_card_counts_its_size(tmp
     card = (out / 'README.md').read_text()
     assert 'Image size: 56 x 56, 1 channel' in card
     assert f'{count_flops(model).gmacs:.4f} (fvcore' in card
+
+
+# --- publish ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def empty_download_cache(tmp_path, monkeypatch):
+    """ timm's url downloads (torch.hub's checkpoints folder) go to an empty folder of the test. """
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'torch_hub'))
+    return tmp_path / 'torch_hub' / 'checkpoints'
+
+
+@pytest.fixture
+def mocked_hf_api(monkeypatch, no_hf_token):
+    """ HfApi's create_repo / upload_folder recorded instead of sent; the uploaded folders copied for inspection. """
+    calls = []
+
+    class RepoUrl(str):
+        def __new__(cls, repo_id):
+            url = super().__new__(cls, f'https://huggingface.co/{repo_id}')
+            url.repo_id = repo_id
+            return url
+
+    def upload_folder(self, **kw):
+        files = sorted(p.name for p in Path(kw['folder_path']).iterdir())
+        calls.append(('upload_folder', self.token, kw['repo_id'], files))
+        return f'commit of {kw["repo_id"]}'
+
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo',
+                        lambda self, repo_id, **kw: calls.append(('create_repo', repo_id, kw)) or RepoUrl(repo_id))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+    return calls
+
+
+def test_publish_dry_run_lists_every_tag_with_its_source(empty_download_cache, no_network, capsys):
+    """ Offline: every packaged folder is copied, re-loaded and checked (equal logits); every official release is
+    listed with where to get it. Exit code 0, nothing pushed. """
+    from timm_hybrid.cli import main
+    from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR
+    assert main(['publish', '--dry-run']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    packaged = sorted(f.name for f in PACKAGED_WEIGHTS_DIR.iterdir() if (f / 'model.safetensors').is_file())
+    official = [n for n in timm.list_models(['transcnn_*', 'hatnet_*', 'refiner_*'], include_tags=True) if '.' in n]
+    assert len(packaged) == 5 and len(official) == 9
+    for tag in packaged:
+        line, = [x for x in lines if f' {tag} -> timm-hybrid/{tag}, from ' in x]
+        assert line.lstrip().startswith('checked') and 'max abs diff 0.00e+00' in line
+    for tag in official:
+        line, = [x for x in lines if f' {tag} -> timm-hybrid/{tag}, from ' in x]
+        assert line.lstrip().startswith('no source')
+        assert f'source file not given: download it, then --source {tag}=PATH' in line
+        assert 'https://' in line  # the official url, or the page (Refiner-ViT's drive)
+    assert lines[-1] == 'dry run: nothing pushed'
+
+
+def test_publish_converts_official_checkpoints_checks_and_pushes(tmp_path, empty_download_cache, mocked_hf_api,
+                                                                 no_network, monkeypatch):
+    """ Synthetic official checkpoints (official key layout): TransCNN's in timm's download cache, HAT-Net's given with
+    --source. Each is converted by its checkpoint_filter_fn, written as a hub folder whose logits equal the model the
+    checkpoint was made from, carded with its origin, license and paper, and pushed through (mocked) HfApi. """
+    from official_checkpoints import save_official_checkpoint
+    from timm_hybrid.models._common import official_weights_cache_file
+    originals = {}
+    for tag in ('transcnn_tiny.in1k', 'hatnet_tiny.in1k'):
+        originals[tag] = timm.create_model(tag.split('.')[0]).eval()
+    cached = official_weights_cache_file(timm.get_pretrained_cfg('transcnn_tiny.in1k').to_dict())
+    cached.parent.mkdir(parents=True)
+    official = {'transcnn_tiny.in1k': save_official_checkpoint(originals['transcnn_tiny.in1k'], cached),
+                'hatnet_tiny.in1k': save_official_checkpoint(originals['hatnet_tiny.in1k'], tmp_path / 'hat.pth')}
+    monkeypatch.setenv('HF_TOKEN', 'hf_test')
+    results = hub.publish(tags=list(official), sources={'hatnet_tiny.in1k': tmp_path / 'hat.pth'},
+                          output_dir=tmp_path / 'out')
+    assert [(r.tag, r.status, r.source) for r in results] == [
+        ('hatnet_tiny.in1k', 'pushed', str(tmp_path / 'hat.pth')), ('transcnn_tiny.in1k', 'pushed', str(cached))]
+    assert [c[:3] for c in mocked_hf_api] == [
+        ('create_repo', 'timm-hybrid/hatnet_tiny.in1k', {'private': False, 'exist_ok': True}),
+        ('upload_folder', 'hf_test', 'timm-hybrid/hatnet_tiny.in1k'),
+        ('create_repo', 'timm-hybrid/transcnn_tiny.in1k', {'private': False, 'exist_ok': True}),
+        ('upload_folder', 'hf_test', 'timm-hybrid/transcnn_tiny.in1k')]
+    assert mocked_hf_api[1][3] == ['README.md', 'config.json', 'model.safetensors']
+    for result in results:
+        assert result.max_abs_diff == 0
+        loaded = timm.create_model(f'local-dir:{result.folder}', pretrained=True).eval()
+        x = torch.randn(1, *loaded.pretrained_cfg['input_size'])
+        with torch.no_grad():  # the filter inverts the official layout exactly: the logits of the original model
+            torch.testing.assert_close(loaded(x), originals[result.tag](x), rtol=0, atol=0)
+        weights = safetensors.torch.load_file(result.folder / 'model.safetensors')
+        assert weights.keys() == originals[result.tag].state_dict().keys()
+        card = huggingface_hub.ModelCard.load(result.folder / 'README.md')
+        assert card.data.license == 'unknown' and card.data.library_name == 'timm'
+        assert '**Original:** https://github.com/yun-liu/HAT-Net' in card.text and '2106.03180' in card.text
+    # the same file in timm's download cache is what `pretrained=True` reads offline
+    model = timm.create_model('transcnn_tiny.in1k', pretrained=True).eval()
+    assert torch.equal(model.stem[0].conv.weight, official['transcnn_tiny.in1k']['patch_embed.0.weight'])
+
+
+def test_publish_source_errors_are_clear(tmp_path, empty_download_cache, capsys):
+    from timm_hybrid.cli import main
+    assert main(['publish', '--dry-run', '--tags', 'hatnet_tiny.in1k', '--source',
+                 f'hatnet_tiny.in1k={tmp_path / "absent.pth"}']) == 0
+    out = capsys.readouterr().out
+    assert f'source file {tmp_path / "absent.pth"} not found' in out
+    assert main(['publish', '--dry-run', '--tags', 'cnt_s_patch16_224.in1k']) == 2
+    assert 'No weights to publish for cnt_s_patch16_224.in1k' in capsys.readouterr().err
+    assert main(['publish', '--dry-run', '--source', 'hatnet_tiny.in1k']) == 2
+    assert '--source takes TAG=PATH' in capsys.readouterr().err
+
+
+def test_publish_without_token_stops_before_converting(no_hf_token, capsys):
+    from timm_hybrid.cli import main
+    assert main(['publish', '--tags', 'cnt_nano_patch7_28.fmnist']) == 2
+    assert 'No Hugging Face token to publish with' in capsys.readouterr().err

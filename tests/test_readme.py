@@ -26,12 +26,13 @@ README = REPO / 'README.md'
 # reason: (what a command or snippet that needs it looks like, whether this machine has it)
 REASONS = {
     # (a tag's weights ship in the package: `create_model('<arch>.<tag>', pretrained=True)` needs no network)
-    'network': (r'\bpip install\b|\bgit clone\b|\bhf (download|auth)\b|\bHF_TOKEN\b|timm-hybrid push|hf-hub:',
+    'network': (r'\bpip install\b|\bgit clone\b|\bhf (download|auth)\b|\bHF_TOKEN\b|timm-hybrid push|hf-hub:|'
+                r'timm-hybrid publish(?!.*--dry-run)',  # a dry run needs no network
                 lambda: False),
     'timm-scripts': (r'timm-scripts/', lambda: bool(os.environ.get('TIMM_SCRIPTS'))),  # a folder with timm's scripts
     'fashion-mnist': (r'timm-hybrid data fashion-mnist|--data-dir data/fm', DEBIAN_FASHION_MNIST_DIR.is_dir),
     'cuda': (r'--device cuda', torch.cuda.is_available),
-    'refiner-checkpoint': (r'refiner-s\.pth', lambda: False),  # an official file, not redistributable here
+    'refiner-checkpoint': (r'refiner-l-448\.pth', lambda: False),  # an official file, not redistributable here
 }
 # what runs instead of a long command: arguments appended (argparse keeps the last value of an option)
 QUICK_ARGS = {

@@ -2,6 +2,7 @@
 installed package, and they reproduce the accuracy on their cards. """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import timm
 import torch
 
 from timm_hybrid.data import DEBIAN_FASHION_MNIST_DIR, evaluate_fashion_mnist, prepare_fashion_mnist
+from timm_hybrid.hub import card_accuracy
 from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,11 +145,73 @@ def fashion_mnist_root(tmp_path_factory):
 
 @pytest.mark.parametrize('folder', FOLDERS, ids=[f.name for f in FOLDERS])
 def test_folder_loads_and_reproduces_card_accuracy(folder, fashion_mnist_root):
-    results = json.loads((folder / 'eval_results.json').read_text())
+    """ The accuracy in the card's model-index (and its text) is what timm's evaluator measures on the folder. """
+    reported = card_accuracy(folder / 'README.md')
     config = json.loads((folder / 'config.json').read_text())
     assert f'{config["architecture"]}.{config["pretrained_cfg"]["tag"]}' == folder.name
-    assert f'top1 (test split): {results["top1"]:.2f} %' in (folder / 'README.md').read_text()
+    assert f'top1 (test split): {reported["top1"]:.2f} %' in (folder / 'README.md').read_text()
+    assert not (folder / 'eval_results.json').exists()  # the model-index holds the results
     model = timm.create_model(f'local-dir:{folder}', pretrained=True)
     measured = evaluate_fashion_mnist(model, fashion_mnist_root)
-    assert measured['top1'] == pytest.approx(results['top1'], abs=0.02)
-    assert measured['top5'] == pytest.approx(results['top5'], abs=0.02)
+    assert measured['top1'] == pytest.approx(reported['top1'], abs=0.02)
+    assert measured['top5'] == pytest.approx(reported['top5'], abs=0.02)
+
+
+# --- official weights: TransCNN / HAT-Net from their release urls, Refiner-ViT from a file downloaded by hand ---------
+
+@pytest.fixture
+def unreachable(monkeypatch, tmp_path):
+    """ No network (every connection refused, as on a machine without one) and an empty download cache. """
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError(101, 'Network is unreachable')
+    monkeypatch.setattr(socket.socket, 'connect', refuse)
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'torch_hub'))
+    return tmp_path / 'torch_hub' / 'checkpoints'
+
+
+# small widths: the error comes before any tensor is loaded
+TINY_TRANSCNN = dict(embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), head_dim=8)
+
+
+@pytest.mark.parametrize('tag, kwargs, says', [
+    ('transcnn_tiny.in1k', TINY_TRANSCNN, 'the official release file https://github.com/yun-liu/HAT-Net/releases/'
+                                          'download/v1.0/TransCNN-Tiny.pth, which could not be downloaded (URLError'),
+    ('hatnet_tiny.in1k', TINY_TRANSCNN, 'HAT-Net/releases/download/v2.0/HAT-Net_Tiny.pth, which could not be'),
+    ('refiner_vit_large_patch16_448.in1k', dict(depth=2, embed_dim=32, num_heads=2),
+     'the official weights have no address timm can download from'),
+])
+def test_official_weights_unreachable_say_where_from_and_what_to_do_offline(tag, kwargs, says, unreachable):
+    from timm_hybrid.models._common import PretrainedWeightsUnavailable
+    with pytest.raises(PretrainedWeightsUnavailable) as e:
+        timm.create_model(tag, pretrained=True, **kwargs)
+    message = str(e.value)
+    assert message.startswith(f'{tag}: ') and says in message
+    assert f'Official release: {timm.get_pretrained_cfg(tag).origin_url}' in message
+    assert f"timm.create_model('{tag}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH/TO/" in message
+    if timm.get_pretrained_cfg(tag).url:  # a file put in timm's download cache loads as if downloaded
+        assert f'or put it at {unreachable / Path(timm.get_pretrained_cfg(tag).url).name} ' in message
+    with pytest.raises(PretrainedWeightsUnavailable, match=r'the weights file /absent\.pth .* does not exist'):
+        timm.create_model(tag, pretrained=True, pretrained_cfg_overlay=dict(file='/absent.pth'), **kwargs)
+
+
+@pytest.mark.parametrize('family', ['transcnn', 'hatnet', 'refiner'])
+def test_synthetic_official_checkpoints_have_the_official_key_layout(family):
+    """ tests/official_checkpoints.py (the synthetic checkpoints the publish tests convert) reproduces the official
+    code's state dict (tests/fixtures/) key for key and shape for shape, the filter's unused tensors included, and
+    the filter maps it back onto the model. """
+    from official_checkpoints import FIXTURES, OFFICIAL_FIXTURES, fixture_model, official_state_dict
+    model = fixture_model(family)
+    synthetic = official_state_dict(model)
+    official = safetensors.torch.load_file(FIXTURES / OFFICIAL_FIXTURES[family][0])
+    assert synthetic.keys() == official.keys()
+    assert all(synthetic[k].shape == official[k].shape for k in official)
+    converted = OFFICIAL_FIXTURES[family][2](dict(synthetic), model)
+    assert converted.keys() == model.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in model.state_dict().items())
+    # a full-size model of the family (the released one's aux head included) maps to the official key shapes
+    full = timm.create_model(OFFICIAL_FIXTURES[family][1], **(dict(aux_head=True) if family == 'refiner' else {}))
+    official_shapes = {re.sub(r'\d+', '#', k) for k in official}
+    assert {re.sub(r'\d+', '#', k) for k in official_state_dict(full)} == official_shapes

@@ -144,6 +144,8 @@ def _export(args: argparse.Namespace) -> int:
         card_data['model_name'] = args.model_name
     if args.dataset:
         card_data['dataset'] = args.dataset
+    if args.teacher:
+        card_data['teacher'] = args.teacher
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in (
         ('input_size', args.input_size), ('mean', args.mean), ('std', args.std), ('crop_pct', args.crop_pct))
         if v is not None}
@@ -181,6 +183,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--compare', nargs='*', default=None, metavar='MODEL',
                    help='other models for the card comparison table (params, GMACs)')
     p.add_argument('--model-name', default=None, help='repo name in the card (default <arch>.<tag>)')
+    p.add_argument('--teacher', default=None, metavar='REPO_ID',
+                   help="a distilled student's teacher on the hub: the card's base_model")
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -200,6 +204,39 @@ def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN or `hf auth login`)')
     p.add_argument('--private', action='store_true', help='create the repo private')
     p.add_argument('--commit-message', default='Add model', help='commit message of the upload')
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from . import models  # noqa: F401  registers the tags to publish
+    from .hub import HubTokenMissing, publish
+    sources = {}
+    for item in args.source or ():
+        tag, sep, path = item.partition('=')
+        if not sep or not path:
+            return _usage_error(f'--source takes TAG=PATH, got {item!r}')
+        sources[tag] = path
+    try:
+        results = publish(tags=args.tags, sources=sources, output_dir=args.output, dry_run=args.dry_run,
+                          token=args.token, org=args.org, private=args.private)
+    except (ValueError, HubTokenMissing, FileNotFoundError) as e:
+        return _usage_error(e)
+    for result in results:
+        print(result.describe())
+    if args.dry_run:
+        print('dry run: nothing pushed')
+    return 1 if any(r.status == 'mismatch' for r in results) else 0
+
+
+def add_publish_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--tags', nargs='+', default=None, metavar='TAG',
+                   help='only these tags (default: every packaged weight folder and official checkpoint)')
+    p.add_argument('--source', nargs='+', default=None, metavar='TAG=PATH',
+                   help="an official checkpoint downloaded by hand (default: timm's download cache of its url)")
+    p.add_argument('--output', default=None, help='folder for the hub folders (default: a temporary one)')
+    p.add_argument('--dry-run', action='store_true', help='write and check every folder, push nothing')
+    p.add_argument('--org', default='timm-hybrid', help='hub organisation of the repos (default: %(default)s)')
+    p.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN or `hf auth login`)')
+    p.add_argument('--private', action='store_true', help='create the repos private')
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -236,6 +273,7 @@ COMMANDS: Dict[str, Tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     'data': ('lay out Fashion-MNIST for timm, offline', add_data_arguments, _data),
     'export': ('training checkpoint -> hub folder: config, weights, model card', add_export_arguments, _export),
     'flops': ('params and fvcore GMACs by operator, at the model input size', add_flops_arguments, _flops),
+    'publish': ('maintainers: check and push every tag\'s weights to the hub', add_publish_arguments, _publish),
     'push': ('upload an exported folder to a Hugging Face Hub repo', add_push_arguments, _push),
     'run': ("run timm's validate.py, benchmark.py, ... with our models", add_run_arguments, _run),
 }

@@ -9,25 +9,32 @@ Loading it back is timm's business:
     timm.create_model('cnt_nano_patch7_28.fmnist', pretrained=True)   # the cfg's file: the copy in the package
     timm.create_model('local-dir:path/to/cnt_nano_patch7_28.fmnist', pretrained=True)  # an exported folder
 
-The model card is `model_cards/template.md` (one `string.Template`) filled from the model, its pretrained cfg and
-`card_data`.
+The model card is huggingface_hub's `ModelCard` with `ModelCardData` (the Hub's metadata: library, pipeline, license,
+datasets, base model, eval results as its model-index), rendered with `model_cards/template.md` (Jinja).
 """
+import dataclasses
 import importlib.resources
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from string import Template
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 
 import timm
 from timm.models import load_state_dict, save_for_hf
 
 from .data import FASHION_MNIST_DATASET
 from .flops import count_flops
-from .models._common import summarize_keys
+from .models._common import official_weights_cache_file, summarize_keys
+from .models.baselines import PACKAGED_WEIGHTS_DIR
 
-__all__ = ['ExportError', 'HubTokenMissing', 'export', 'push', 'read_checkpoint', 'render_model_card']
+__all__ = [
+    'ExportError', 'HubTokenMissing', 'PublishResult', 'card_accuracy', 'export', 'publish', 'publish_sources', 'push',
+    'read_checkpoint', 'render_model_card',
+]
 
 HUB_ORG = 'timm-hybrid'
 # model_cards/ ships inside the package as timm_hybrid.model_cards (pyproject package-dir), so wheels have it too
@@ -37,6 +44,7 @@ _HUB_FILES = ('config.json', 'model.safetensors')
 # Data sets a pretrained tag stands for: (name in the card, Hugging Face dataset id, paper id)
 _TAG_DATASETS = {
     'fmnist': FASHION_MNIST_DATASET,
+    'in1k': ('ImageNet-1k', 'imagenet-1k', None),  # the id timm's own cards give
 }
 # Every card cites TNT (whose outer / inner structure CNT keeps) and DeiT (training recipe, distillation token)
 _ALWAYS_CITED = ('arXiv:2103.00112', 'arXiv:2012.12877')
@@ -188,7 +196,7 @@ def export(
                 safe_serialization=True)
     # the card describes what users get: the folder as timm loads it back (its cfg, its input size)
     exported = timm.create_model(f'local-dir:{output_dir}', pretrained=True).eval()
-    (output_dir / 'README.md').write_text(render_model_card(exported, card_data), encoding='utf-8')
+    render_model_card(exported, card_data).save(output_dir / 'README.md')
     return output_dir
 
 
@@ -237,24 +245,17 @@ def push(
 
 # --- model card ------------------------------------------------------------------------------------------------------
 
+# hub metric names of the accuracies a card reports (model-index), and back
+_METRIC_NAMES = {'top1': 'top-1 accuracy', 'top5': 'top-5 accuracy'}
+
+
 def _paper_ids(pretrained_cfg: Mapping[str, Any]) -> List[str]:
     ids = pretrained_cfg.get('paper_ids') or ()
     return [ids] if isinstance(ids, str) else list(ids)
 
 
-def _bullets(items: Mapping[str, Any]) -> str:
-    """ timm's card layout: `- **Key:** value`, nested lists / dicts as indented items. """
-    lines = []
-    for key, value in items.items():
-        if isinstance(value, Mapping):
-            lines.append(f'- **{key}:**')
-            lines.extend(f'  - {k}: {v}' for k, v in value.items())
-        elif isinstance(value, (list, tuple)):
-            lines.append(f'- **{key}:**')
-            lines.extend(f'  - {v}' for v in value)
-        else:
-            lines.append(f'- **{key}:** {value}')
-    return '\n'.join(lines)
+def _arxiv_url(paper_id: str) -> str:
+    return f'https://arxiv.org/abs/{paper_id.split(":")[-1]}'
 
 
 def _size_text(input_size: Sequence[int]) -> str:
@@ -262,21 +263,19 @@ def _size_text(input_size: Sequence[int]) -> str:
     return f'{h} x {w}, {c} channel{"s" if c > 1 else ""}'
 
 
-def _stats_row(name: str, model_or_name: Union[str, torch.nn.Module], accuracy: Mapping[str, Any]) -> Dict[str, Any]:
+def _comparison_row(name: str, model_or_name: Union[str, torch.nn.Module], accuracy: Mapping[str, Any]):
     flops = count_flops(model_or_name)  # at the model's own input size: img_size=56 counts 56 px, not its cfg's 28
     return dict(model=name, top1=accuracy.get('top1'), top5=accuracy.get('top5'), params=flops.mparams,
                 gmacs=flops.gmacs, input_size=flops.input_size)
 
 
-def _comparison_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    def number(value, fmt):
-        return '' if value is None else format(value, fmt)
-    lines = ['| model | top-1 (%) | top-5 (%) | params (M) | GMACs | image size |', '|---|---|---|---|---|---|']
-    for r in rows:
-        lines.append(f'| {r["model"]} | {number(r.get("top1"), ".2f")} | {number(r.get("top5"), ".2f")} | '
-                     f'{number(r.get("params"), ".3f")} | {number(r.get("gmacs"), ".4f")} | '
-                     f'{_size_text(r["input_size"]) if r.get("input_size") else ""} |')
-    return '\n'.join(lines)
+def _formatted(row: Mapping[str, Any]) -> Dict[str, str]:
+    """ A comparison table row as the card prints it (blank where a value was not measured). """
+    def number(key, fmt):
+        return '' if row.get(key) is None else format(row[key], fmt)
+    return dict(model=row['model'], top1=number('top1', '.2f'), top5=number('top5', '.2f'),
+                params=number('params', '.3f'), gmacs=number('gmacs', '.4f'),
+                image_size=_size_text(row['input_size']) if row.get('input_size') else '')
 
 
 def _output_shapes(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[str, str]:
@@ -293,22 +292,40 @@ def _output_shapes(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[st
         feature_shape=', '.join(f'torch.Size({list(s)})' for s in features) or 'torch.Size([1, C, H, W])')
 
 
+def card_accuracy(card: Union[ModelCard, str, os.PathLike]) -> Dict[str, float]:
+    """ The accuracies (%) a card reports in its metadata (the Hub's model-index), e.g. {'top1': 86.5, 'top5': 99.6}.
+
+    Args:
+        card: A `huggingface_hub.ModelCard` or the path of a README.md.
+    """
+    if not isinstance(card, ModelCard):
+        card = ModelCard.load(Path(card))
+    names = {v: k for k, v in _METRIC_NAMES.items()}
+    return {names.get(r.metric_name, r.metric_name): float(r.metric_value) for r in card.data.eval_results or ()}
+
+
 def render_model_card(
         model: torch.nn.Module,
         card_data: Optional[Mapping[str, Any]] = None,
-        template: Union[str, os.PathLike] = MODEL_CARD_TEMPLATE,
-) -> str:
-    """ The README.md of a hub repo, from the one template and data.
+        template: Union[str, os.PathLike, None] = None,
+) -> ModelCard:
+    """ The model card (README.md) of a hub repo: `huggingface_hub.ModelCardData` (the Hub's metadata: library,
+    pipeline, license, datasets, base model, eval results as its model-index) rendered with the one template.
 
     Args:
         model: The exported model (params and fvcore GMACs are counted on it, at its own input size).
         card_data: Optional entries:
             model_name: repo name (default `<arch>.<tag>`); repo_id: default `timm-hybrid/<model_name>`;
             description: a paragraph; accuracy: {'top1': .., 'top5': ..} in %, measured on `eval_split`
-            (default 'test'); dataset: data set name (default from the tag, 'fmnist' -> Fashion-MNIST);
-            train_command: the command that trained the weights; compare: other timm model names (params and
-            GMACs counted) or rows {'model': .., 'top1': .., ...} for the comparison table; license.
-        template: `string.Template` file with the card layout.
+            (default 'test'); dataset / dataset_id: data set name and Hub id (default from the tag: 'fmnist' ->
+            Fashion-MNIST, 'in1k' -> ImageNet-1k); teacher: the Hub repo of a distilled student's teacher (the
+            card's `base_model`); train_command: the command that trained the weights; compare: other timm model
+            names (params and GMACs counted) or rows {'model': .., 'top1': .., ...} for the comparison table;
+            license.
+        template: Jinja template of the card (default `MODEL_CARD_TEMPLATE`).
+
+    Returns:
+        The `ModelCard`; `str(card)` is the README.md, `card.save(path)` writes it.
     """
     card_data = dict(card_data or {})
     cfg = model.pretrained_cfg
@@ -318,68 +335,211 @@ def render_model_card(
     repo_id = card_data.get('repo_id') or f'{HUB_ORG}/{model_name}'
     dataset_name, dataset_id, dataset_paper = _TAG_DATASETS.get(tag, (None, None, None))
     dataset_name = card_data.get('dataset', dataset_name)
-    accuracy = dict(card_data.get('accuracy') or {})
+    dataset_id = card_data.get('dataset_id', dataset_id)
+    accuracy = {k: float(v) for k, v in (card_data.get('accuracy') or {}).items()}
+    eval_split = card_data.get('eval_split', 'test')
     license_id = card_data.get('license') or cfg.get('license') or 'apache-2.0'
+    teacher = card_data.get('teacher')
 
-    this = _stats_row(f'**{model_name}** (this model)', model, accuracy)
-    input_size = this['input_size']
-    rows = [this]
-    for other in card_data.get('compare', ()):
-        if isinstance(other, str):
-            rows.append(_stats_row(other, other, {}))
-        else:
-            rows.append(dict(other))
-
+    this = _comparison_row(f'**{model_name}** (this model)', model, accuracy)
+    rows = [this] + [_comparison_row(other, other, {}) if isinstance(other, str) else dict(other)
+                     for other in card_data.get('compare', ())]
     paper_ids = _paper_ids(cfg)
-    papers = [f'{cfg["paper_name"]}: https://arxiv.org/abs/{paper_ids[0].split(":")[-1]}'] if (
-        paper_ids and cfg.get('paper_name')) else []
-    papers += [f'https://arxiv.org/abs/{p.split(":")[-1]}' for p in paper_ids[1 if papers else 0:]]
-    details = {
-        'Model Type': 'Image classification / feature backbone',
-        'Model Stats': {
-            'Params (M)': f'{this["params"]:.3f}',
-            'GMACs': f'{this["gmacs"]:.4f} (fvcore, attention matmuls included)',
-            'Image size': _size_text(input_size),
-        },
-    }
-    if accuracy:
-        split = card_data.get('eval_split', 'test')
-        details['Accuracy'] = {f'{k} ({split} split)': f'{v:.2f} %' for k, v in accuracy.items()}
-    if papers:
-        details['Papers'] = papers
-    details['Dataset'] = dataset_name or 'not recorded'
-    if cfg.get('label_names') and len(cfg['label_names']) == model.num_classes:
-        details['Classes'] = ', '.join(cfg['label_names'])
-    details['License'] = license_id
-    details['Original'] = 'https://github.com/huggingface/pytorch-image-models (timm), with timm-hybrid'
+    papers = [f'{cfg["paper_name"]}: {_arxiv_url(paper_ids[0])}'] if paper_ids and cfg.get('paper_name') else []
+    papers += [_arxiv_url(p) for p in paper_ids[len(papers):]]
+    cited = dict.fromkeys(paper_ids + list(_ALWAYS_CITED) + ([dataset_paper] if dataset_paper else []) + ['timm'])
+    label_names = cfg.get('label_names')
 
-    train_command = card_data.get('train_command')
-    training = (f'Trained with timm\'s train.py on {dataset_name or "an unrecorded data set"}:\n\n'
-                f'```bash\n{train_command}\n```' if train_command else 'The training command was not recorded.')
-
-    cited = list(dict.fromkeys(paper_ids + list(_ALWAYS_CITED) + ([dataset_paper] if dataset_paper else []) +
-                               ['timm']))
-    citations = '\n'.join(
-        f'```bibtex\n{CITATIONS[p]}\n```' if p in CITATIONS else f'- {p}: https://arxiv.org/abs/{p.split(":")[-1]}'
-        for p in cited)
-
-    in_chans = input_size[0]
-    description = card_data.get('description') or (
-        f'A {architecture} image classification model{f" trained on {dataset_name}" if dataset_name else ""}, '
-        f'built with timm and the timm-hybrid plugin (`import timm_hybrid` registers it with timm).')
-    return Template(Path(template).read_text(encoding='utf-8')).substitute(
+    metadata = ModelCardData(
+        library_name='timm',
+        pipeline_tag='image-classification',
+        tags=['image-classification', 'timm', 'timm-hybrid'],
         license=license_id,
-        datasets_yaml=f'datasets:\n- {card_data.get("dataset_id", dataset_id)}\n' if (
-            card_data.get('dataset_id', dataset_id)) else '',
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=teacher,
+        model_name=model_name if accuracy else None,  # the model-index's name; alone, a stray YAML key
+        eval_results=[
+            EvalResult(task_type='image-classification', dataset_type=dataset_id or dataset_name or 'unknown',
+                       dataset_name=dataset_name or dataset_id or 'unknown', dataset_split=eval_split,
+                       metric_type='accuracy', metric_name=_METRIC_NAMES.get(k, k), metric_value=round(v, 2))
+            for k, v in accuracy.items()] or None,
+    )
+    return ModelCard.from_template(
+        metadata,
+        template_path=str(template or MODEL_CARD_TEMPLATE),
         model_name=model_name,
         repo_id=repo_id,
         architecture=architecture,
-        description=description,
-        details=_bullets(details),
-        pil_mode='L' if in_chans == 1 else 'RGB',
+        description=card_data.get('description') or (
+            f'A {architecture} image classification model{f" trained on {dataset_name}" if dataset_name else ""}, '
+            f'built with timm and the timm-hybrid plugin.'),
+        params=this['params'],
+        gmacs=this['gmacs'],
+        image_size=_size_text(this['input_size']),
+        accuracy=accuracy,
+        eval_split=eval_split,
+        papers=papers,
+        dataset_name=dataset_name,
+        label_names=label_names if label_names and len(label_names) == model.num_classes else None,
+        base_model=teacher,
+        license=license_id,
+        origin_url=cfg.get('origin_url') or 'https://github.com/huggingface/pytorch-image-models (timm), with '
+                                            'timm-hybrid',
+        pil_mode='L' if this['input_size'][0] == 1 else 'RGB',
         top_k=min(5, model.num_classes) if model.num_classes else 5,
-        training=training,
-        comparison=_comparison_table(rows),
-        citations=citations,
-        **_output_shapes(model, input_size),
+        train_command=card_data.get('train_command'),
+        training_note=card_data.get('training_note') or 'The training command was not recorded.',
+        comparison=[_formatted(r) for r in rows],
+        citations=[CITATIONS.get(p) or f'{p}: {_arxiv_url(p)}' for p in cited],
+        **_output_shapes(model, this['input_size']),
     )
+
+
+# --- publish ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class PublishResult:
+    """ One tag of `publish`: where its weights came from, where they go, and what the check found. """
+    tag: str
+    repo_id: str
+    source: Optional[str]  # the packaged folder or the official file; None when not given / found
+    origin: str  # 'packaged' or the official release (url / page)
+    status: str = 'pending'  # 'checked' (dry run), 'pushed', 'no source', 'mismatch'
+    max_abs_diff: Optional[float] = None
+    folder: Optional[Path] = None
+    note: str = ''
+
+    def describe(self) -> str:
+        line = f'{self.status:>9}  {self.tag} -> {self.repo_id}, from {self.source or self.origin}'
+        if self.max_abs_diff is not None:
+            line += f': re-loaded logits max abs diff {self.max_abs_diff:.2e}'
+        return line + (f' ({self.note})' if self.note else '')
+
+
+def _hybrid_tags() -> List[str]:
+    return sorted(name for name in timm.list_models(include_tags=True) if '.' in name and timm.models.model_entrypoint(
+        name.split('.')[0]).__module__.startswith('timm_hybrid.'))
+
+
+def publish_sources(
+        sources: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+        tags: Optional[Sequence[str]] = None,
+        org: str = HUB_ORG,
+) -> List[PublishResult]:
+    """ Every tag `publish` handles, with its source: each weight folder in the package (timm_hybrid/weights/), and
+    each official release (a tag whose cfg names an `origin_url`) from `sources[tag]`, else from timm's download
+    cache of its url (where `pretrained=True` puts it), else none ("source file not given").
+
+    Args:
+        sources: {tag: official checkpoint file}, e.g. a Refiner-ViT file downloaded from its drive.
+        tags: Only these tags (default: all).
+        org: Hub organisation of the repos (`<org>/<tag>`).
+    """
+    sources = {k: Path(v) for k, v in (sources or {}).items()}
+    packaged = {f.name: f for f in sorted(PACKAGED_WEIGHTS_DIR.iterdir()) if (f / 'model.safetensors').is_file()}
+    known = set(packaged) | {t for t in _hybrid_tags() if timm.get_pretrained_cfg(t).origin_url}
+    unknown = sorted(set(tags or ()) - known) + sorted(set(sources) - known)
+    if unknown:
+        raise ValueError(f'No weights to publish for {", ".join(unknown)}; known tags: {", ".join(sorted(known))}.')
+    results = []
+    for tag in sorted(known):
+        if tags and tag not in tags:
+            continue
+        repo_id = f'{org}/{tag}'
+        if tag in packaged:
+            results.append(PublishResult(tag, repo_id, str(packaged[tag]), 'packaged'))
+            continue
+        cfg = timm.get_pretrained_cfg(tag).to_dict()
+        origin = cfg.get('url') or cfg['origin_url']
+        cached = official_weights_cache_file(cfg)
+        source = sources.get(tag) or (cached if cached is not None and cached.is_file() else None)
+        result = PublishResult(tag, repo_id, str(source) if source else None, origin)
+        if source is None or not source.is_file():
+            result.status = 'no source'
+            result.note = (f'source file {source} not found' if source else 'source file not given') + (
+                f': download it, then --source {tag}=PATH')
+        results.append(result)
+    return results
+
+
+def _check_logits(source: torch.nn.Module, folder: Path, seed: int = 0) -> float:
+    """ Max abs difference of the logits of `folder` re-loaded by timm (`local-dir:`) and `source`, on two random
+    images of the source's input size. """
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(2, *source.pretrained_cfg['input_size'], generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected, got = source.eval()(x), reloaded(x)
+    if got.shape != expected.shape:
+        return float('inf')
+    return (got - expected).abs().max().item()
+
+
+def _write_official_folder(result: PublishResult, folder: Path) -> torch.nn.Module:
+    """ An official checkpoint converted by the family's checkpoint_filter_fn (timm's pretrained loading of a file),
+    written as a hub folder; returns the converted model. """
+    model = timm.create_model(result.tag, pretrained=True, pretrained_cfg_overlay=dict(file=result.source)).eval()
+    save_for_hf(model, folder, safe_serialization=True)
+    cfg = model.pretrained_cfg
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    render_model_card(reloaded, dict(
+        description=f'The official {cfg.get("paper_name") or cfg["architecture"]} weights ({result.origin}), '
+                    f'converted to timm-hybrid\'s {cfg["architecture"]} by its checkpoint_filter_fn; the logits of '
+                    f'this folder were checked against the converted checkpoint before upload.',
+        training_note=f'Trained by the authors; see {cfg.get("origin_url") or result.origin}.',
+    )).save(folder / 'README.md')
+    return model
+
+
+def publish(
+        tags: Optional[Sequence[str]] = None,
+        sources: Optional[Mapping[str, Union[str, os.PathLike]]] = None,
+        output_dir: Union[str, os.PathLike, None] = None,
+        dry_run: bool = False,
+        token: Optional[str] = None,
+        org: str = HUB_ORG,
+        private: bool = False,
+        atol: float = 1e-5,
+) -> List[PublishResult]:
+    """ The maintainer's release step: for every weight folder in the package and every official checkpoint (converted
+    through its family's checkpoint_filter_fn), write the hub folder, check that timm re-loads it with the source's
+    logits, and push it to `<org>/<tag>` with huggingface_hub (`push`).
+
+    Args:
+        tags: Only these tags (default: all, see `publish_sources`).
+        sources: {tag: file} of official checkpoints downloaded by hand.
+        output_dir: Where the hub folders are written (`<output_dir>/<tag>`); default a temporary folder.
+        dry_run: Write and check, push nothing (no network needed).
+        token, private: As for `push`.
+        atol: Largest logit difference accepted.
+
+    Returns:
+        One `PublishResult` per tag; tags without a source are reported ('no source') and skipped.
+    """
+    results = publish_sources(sources, tags, org)
+    if not dry_run and not (token or get_token()):  # before minutes of conversion, not at the first upload
+        raise HubTokenMissing('No Hugging Face token to publish with: set HF_TOKEN, run `hf auth login`, or pass a '
+                              'token (--token); `timm-hybrid publish --dry-run` checks everything without one.')
+    with tempfile.TemporaryDirectory(prefix='timm-hybrid-publish-') as scratch:
+        root = Path(output_dir) if output_dir is not None else Path(scratch)
+        for result in results:
+            if result.status == 'no source':
+                continue
+            result.folder = root / result.tag
+            if result.folder.exists():
+                shutil.rmtree(result.folder)
+            result.folder.parent.mkdir(parents=True, exist_ok=True)
+            if result.origin == 'packaged':  # already a hub folder (written by export); the tag as pip users get it
+                shutil.copytree(result.source, result.folder)
+                source = timm.create_model(result.tag, pretrained=True)
+            else:
+                source = _write_official_folder(result, result.folder)
+            result.max_abs_diff = _check_logits(source, result.folder)
+            if not result.max_abs_diff <= atol:
+                result.status, result.note = 'mismatch', f'above {atol:g}: not pushed'
+            elif dry_run:
+                result.status = 'checked'
+            else:
+                push(result.folder, result.repo_id, token=token, private=private,
+                     commit_message=f'{result.tag} from {result.origin}, re-loaded logits checked')
+                result.status = 'pushed'
+    return results

@@ -1,17 +1,21 @@
 """ Pieces shared by more than one family that timm.layers / timm.models do not have. """
+import os
 import re
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
-from timm.models import checkpoint
+from timm.models import build_model_with_cfg, checkpoint, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 
 __all__ = [
-    'TokenClassifierMixin', 'bn_scale_shift', 'check_global_pool', 'checkpoint_keeping_bn_stats',
-    'prune_sequence', 'split_prefix_tokens', 'summarize_keys', 'unwrap_checkpoint',
+    'PretrainedWeightsUnavailable', 'TokenClassifierMixin', 'bn_scale_shift', 'build_with_official_weights',
+    'check_global_pool', 'checkpoint_keeping_bn_stats', 'official_weights_cache_file', 'prune_sequence',
+    'split_prefix_tokens', 'summarize_keys', 'unwrap_checkpoint', 'weights_source_hint',
 ]
 
 
@@ -224,3 +228,63 @@ class TokenClassifierMixin:
         if prune_norm:
             self.norm = nn.Identity()
         return take_indices
+
+
+# --- official weights ------------------------------------------------------------------------------------------------
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ A tag's weights could not be loaded: no network, a file that moved, or a drive timm cannot download. """
+
+
+def official_weights_cache_file(pretrained_cfg: Mapping[str, Any]) -> Optional[Path]:
+    """ Where timm's url download keeps a tag's official file (torch.hub's checkpoints folder, file name of the url):
+    a file put there by hand loads offline as if downloaded. None for a tag without a url. """
+    url = pretrained_cfg.get('url')
+    if not url:
+        return None
+    return Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(urlparse(url).path)
+
+
+def weights_source_hint(pretrained_cfg: Mapping[str, Any], error: Optional[BaseException] = None) -> str:
+    """ Where a tag's weights come from and how to load them without network, for an error message. """
+    name = pretrained_cfg.get('architecture', 'the model')
+    if pretrained_cfg.get('tag'):
+        name = f"{name}.{pretrained_cfg['tag']}"
+    url, file, hub_id = (pretrained_cfg.get(k) for k in ('url', 'file', 'hf_hub_id'))
+    origin = pretrained_cfg.get('origin_url')
+    if file:
+        problem = 'does not exist' if not Path(file).is_file() else 'could not be read'
+        first = f'{name}: the weights file {file} (the pretrained cfg\'s file) {problem}'
+    elif hub_id:  # timm's order: file, then the hub, then the url
+        first = f'{name}: the weights come from the Hugging Face Hub repo {hub_id}, which could not be reached'
+    elif url:
+        first = f'{name}: the weights are the official release file {url}, which could not be downloaded'
+    else:  # timm's own error would say "No pretrained weights exist", which is not so
+        first, error = f'{name}: the official weights have no address timm can download from', None
+    message = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else ''
+    lines = [f'{first}{f" ({type(error).__name__}: {message})" if message else ""}.']
+    if origin:
+        lines.append(f'Official release: {origin} (the model\'s checkpoint_filter_fn converts the official file on '
+                     f'load).')
+    example = os.path.basename(urlparse(url).path) if url else 'checkpoint.pth'
+    lines.append(f"Offline: download the file on a machine with network, then timm.create_model('{name}', "
+                 f"pretrained=True, pretrained_cfg_overlay=dict(file='PATH/TO/{example}'))")
+    cached = official_weights_cache_file(pretrained_cfg)
+    if cached is not None:
+        lines.append(f'or put it at {cached} (timm\'s download cache, read without network).')
+    return '\n'.join(lines)
+
+
+def build_with_official_weights(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, **kwargs):
+    """ timm's `build_model_with_cfg`, for a family whose tags load official release files: when the weights cannot
+    be fetched (no network, a moved or missing file, no downloadable source), the error says where they come from
+    and how to load them offline instead of timm's bare download error or "No pretrained weights exist". """
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    except (OSError, RuntimeError) as e:  # urllib / huggingface_hub / missing-file errors are all OSErrors
+        if not pretrained or not isinstance(e, OSError) and 'No pretrained weights exist' not in str(e):
+            raise
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+            pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+        raise PretrainedWeightsUnavailable(weights_source_hint(cfg.to_dict(), e)) from e

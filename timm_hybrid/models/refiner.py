@@ -57,9 +57,11 @@ from timm.layers import (
     ConvNormAct, DropPath, LayerScale, Mlp, _assert, calculate_drop_path_rates, get_act_layer, get_norm_layer,
     resample_abs_pos_embed, to_2tuple, trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._common import TokenClassifierMixin, bn_scale_shift, check_global_pool, unwrap_checkpoint
+from ._common import (
+    TokenClassifierMixin, bn_scale_shift, build_with_official_weights, check_global_pool, unwrap_checkpoint,
+)
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
 
@@ -620,8 +622,9 @@ default_cfgs = generate_default_cfgs({
     'refiner_vit_small_patch16_224': _cfg(),
     'refiner_vit_medium_patch16_224': _cfg(crop_pct=1.0),
     'refiner_vit_large_patch16_224': _cfg(crop_pct=1.13),
-    # Google Drive only (not downloadable by timm): fetch it, then pass pretrained_cfg_overlay=dict(file=<path>)
-    'refiner_vit_large_patch16_448': _cfg(
+    # the one released checkpoint, on Google Drive only (timm cannot download it): fetch it, then pass
+    # pretrained_cfg_overlay=dict(file=<path>); `timm-hybrid publish --source` converts it for the hub
+    'refiner_vit_large_patch16_448.in1k': _cfg(
         input_size=(3, 448, 448), crop_pct=1.0, classifier=('head', 'aux_head'),
         origin_url='https://drive.google.com/file/d/12v1WbxG6_mZQ0FYnXIhKiqbtg5bI4pGL/view?usp=sharing',
         notes=('Released ImageNet-1k top-1 86.0 (token labelling).',)),
@@ -630,7 +633,7 @@ default_cfgs = generate_default_cfgs({
 
 def _create_refiner(variant: str, pretrained: bool = False, **kwargs) -> RefinerViT:
     out_indices = kwargs.pop('out_indices', 3)
-    model = build_model_with_cfg(
+    model = build_with_official_weights(
         RefinerViT,
         variant,
         pretrained,

@@ -38,11 +38,11 @@ from timm.layers import (
     ClassifierHead, ConvNormAct, DropPath, _assert, calculate_drop_path_rates, create_act_layer, create_conv2d,
     get_act_layer, get_norm_layer, register_notrace_function, trunc_normal_, use_fused_attn,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._features import feature_take_indices
 
-from ._common import checkpoint_keeping_bn_stats, prune_sequence, unwrap_checkpoint
+from ._common import build_with_official_weights, checkpoint_keeping_bn_stats, prune_sequence, unwrap_checkpoint
 
 __all__ = ['TransCNN', 'checkpoint_filter_fn']
 
@@ -687,11 +687,13 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 
 
 def _transcnn_cfg(file: str) -> Dict[str, Any]:
+    # the v1.0 release of yun-liu/TransCNN, which was renamed yun-liu/HAT-Net (GitHub keeps a renamed repository's
+    # releases under its new name); its README also links Google Drive copies
     return _cfg(
-        url=f'https://github.com/yun-liu/TransCNN/releases/download/v1.0/{file}',
+        url=f'https://github.com/yun-liu/HAT-Net/releases/download/v1.0/{file}',
         input_size=(3, 256, 256), pool_size=(8, 8),
         paper_name='Transformer in Convolutional Neural Networks',
-        origin_url='https://github.com/yun-liu/TransCNN',
+        origin_url='https://github.com/yun-liu/HAT-Net',
     )
 
 
@@ -716,7 +718,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_transcnn(variant: str, pretrained: bool = False, **kwargs) -> TransCNN:
-    return build_model_with_cfg(
+    return build_with_official_weights(
         TransCNN,
         variant,
         pretrained,
