@@ -168,6 +168,37 @@ def test_model_logits_and_flops_do_not_depend_on_inner_impl(inner_impl):
     assert count_flops(other, input_size=(1, 28, 28)).gmacs == count_flops(auto, input_size=(1, 28, 28)).gmacs
 
 
+@pytest.mark.parametrize('inner_block', ['basic', 'attn'])
+def test_recomputed_pixel_path_gives_the_same_step_with_less_saved(inner_block):
+    """ recompute_pixels (default) vs kept activations, one training step with drop path on: same logits, gradients
+    and BatchNorm running stats (updated once), and backward holds less. """
+    def saved_bytes_and_step(recompute):
+        torch.manual_seed(0)
+        model = _small_cnt(inner_block=inner_block, drop_path_rate=0.3, recompute_pixels=recompute).train()
+        _randomize(model)
+        x = torch.randn(4, 3, 32, 32)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+        torch.manual_seed(1)  # the drop-path draws
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        out.square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return sum(saved), out, grads, {k: v for k, v in model.state_dict().items() if 'running' in k}
+
+    saved_r, out_r, grads_r, stats_r = saved_bytes_and_step(True)
+    saved_k, out_k, grads_k, stats_k = saved_bytes_and_step(False)
+    assert torch.allclose(out_r, out_k, atol=1e-6)
+    for n in grads_k:
+        assert torch.allclose(grads_r[n], grads_k[n], atol=1e-6), n
+    for k in stats_k:
+        assert torch.equal(stats_r[k], stats_k[k]), k
+    assert saved_r < 0.8 * saved_k, (saved_r, saved_k)
+
+
 @pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])
 def test_reparameterize_model_folds_batchnorm_with_equal_logits(inner_impl):
     """ timm's reparameterize_model folds each inner BatchNorm into its conv; eval logits stay the same. """

@@ -409,12 +409,16 @@ class Block(nn.Module):
                 and not torch.compiler.is_compiling() and not is_fx_symbolic_tracing()
                 and not torch.jit.is_tracing())
 
+    @torch.jit.unused
+    def _pixel_path_recomputed(
+            self, pixel_embed: torch.Tensor, num_patches: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return checkpoint_keeping_bn_stats(self, pixel_embed, num_patches, run=self.pixel_path)
+
     def forward(self, patch_embed: torch.Tensor, pixel_embed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         L = patch_embed.shape[1]
         num_patches = L - self.num_prefix_tokens
         if not torch.jit.is_scripting() and self._recomputed(pixel_embed):
-            pixel_embed, pixel_to_patch = checkpoint_keeping_bn_stats(
-                self, pixel_embed, run=partial(self.pixel_path, num_patches=num_patches))
+            pixel_embed, pixel_to_patch = self._pixel_path_recomputed(pixel_embed, num_patches)
         else:
             pixel_embed, pixel_to_patch = self.pixel_path(pixel_embed, num_patches)
         # Prefix tokens receive nothing. One out-of-place index_add writes the sum in a single pass: zero-pad + add
