@@ -217,3 +217,64 @@ def test_compare_without_references_is_an_error():
     from timm_hybrid.compare import compare_models
     with pytest.raises(ValueError, match='at least one reference'):
         compare_models(['cnt_nano_patch7_28'], references=[])
+
+
+# --- one error convention: every user error is one line on stderr and exit code 2 ---------------------------------
+
+def _export(checkpoint, output, *extra):
+    return ['export', 'cnt_nano_patch7_28', '--checkpoint', str(checkpoint), '--output', str(output), *extra]
+
+
+USER_ERRORS = {
+    # name: (argv with {ck} / {out} / {file} placeholders, what the line says)
+    'unknown model': (['export', 'nope_model', '--checkpoint', '{ck}', '--output', '{out}'], 'Unknown model'),
+    'unknown tag': (['export', 'cnt_nano_patch7_28.nope', '--checkpoint', '{ck}', '--output', '{out}'],
+                    r'Invalid pretrained tag \(nope\)'),
+    'output is a file': (_export('{ck}', '{file}'), 'is a file, not a folder'),
+    'output not empty': (_export('{ck}', '{full}'), r'is not empty .*--overwrite'),
+    'accuracy without =': (_export('{ck}', '{out}', '--accuracy', 'top1'), "'top1' is not KEY=VALUE"),
+    'accuracy not a number': (_export('{ck}', '{out}', '--accuracy', 'top1=abc'), r'percentage in \[0, 100\]'),
+    'model-kwargs without =': (_export('{ck}', '{out}', '--model-kwargs', 'depth'), "'depth' is not KEY=VALUE"),
+    'model-kwargs not a number': (_export('{ck}', '{out}', '--model-kwargs', 'depth=abc'),
+                                  "depth must be an integer >= 1, got 'abc'"),
+    'compare unknown model': (_export('{ck}', '{out}', '--compare', 'unknown_model'), 'unknown model name'),
+    'input size 0': (_export('{ck}', '{out}', '--input-size', '0', '28', '28'), '0 is out of range: it must be >= 1'),
+    'input size of another model': (_export('{ck}', '{out}', '--input-size', '1', '32', '32'),
+                                    r'not the size the model was built for \(\(1, 28, 28\)\)'),
+    'std 0': (_export('{ck}', '{out}', '--std', '0'), '0 is out of range: it must be > 0'),
+    'crop-pct -1': (_export('{ck}', '{out}', '--crop-pct', '-1'), '-1 is out of range: it must be > 0'),
+    'num-classes -1': (_export('{ck}', '{out}', '--num-classes', '-1'), '-1 is out of range: it must be >= 0'),
+    'compare unknown': (['compare', '--models', 'nope_model', '--no-speed'], r'unknown model\(s\): nope_model'),
+    'compare threads 0': (['compare', '--threads', '0'], 'argument --threads: 0 is out of range'),
+    'compare batch size 0': (['compare', '--batch-size', '0'], 'argument --batch-size: 0 is out of range'),
+    'compare batch size -1': (['compare', '--batch-size', '-1'], 'argument --batch-size: -1 is out of range'),
+    'compare repeats -2': (['compare', '--repeats', '-2'], 'argument --repeats: -2 is out of range'),
+    'compare repeats 0': (['compare', '--repeats', '0'], 'argument --repeats: 0 is out of range'),
+    'data train fraction 2': (['data', 'fashion-mnist', '--root', '{out}', '--train-fraction', '2'],
+                              r'2 is out of range: it must be > 0 and <= 1'),
+    'push bad repo id': (['push', '{full}', '--repo-id', 'not a repo id!', '--token', 'hf_x'],
+                         r"repo id 'not a repo id!' is not ORG/NAME"),
+}
+
+
+@pytest.mark.parametrize('case', list(USER_ERRORS))
+def test_user_error_is_one_line_on_stderr_and_exit_2(case, checkpoint, tmp_path, capsys):
+    argv, message = USER_ERRORS[case]
+    full = tmp_path / 'full'
+    if '{full}' in argv:
+        full.mkdir()
+        for name in ('README.md', 'config.json', 'model.safetensors'):
+            (full / name).write_text('{}')
+    (tmp_path / 'a_file').write_text('x')
+    argv = [a.format(ck=checkpoint, out=tmp_path / 'out', file=tmp_path / 'a_file', full=full) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    if argv[0] == 'compare' and 'importing torch' in err:  # its progress note while timm imports, not an error
+        lines = lines[1:]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / 'out').exists()

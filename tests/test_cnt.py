@@ -84,7 +84,8 @@ def test_cnt_checkpoint_at_224_loads_at_384_with_resampled_position_embedding(tm
     assert loaded['patch_pos'].shape == (1, 1 + 24 * 24, 192)
     expected = resample_abs_pos_embed(src['patch_pos'], new_size=[24, 24], num_prefix_tokens=1)
     torch.testing.assert_close(loaded['patch_pos'], expected)
-    assert all(torch.equal(loaded[k], v) for k, v in src.items() if k != 'patch_pos')
+    assert loaded['token_grid'].tolist() == [24, 24]  # the grid the embedding was resampled to
+    assert all(torch.equal(loaded[k], v) for k, v in src.items() if k not in ('patch_pos', 'token_grid'))
     assert model(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
 
 

@@ -25,7 +25,8 @@ def save_train_checkpoint(model: torch.nn.Module, path: Path, ema: bool = False)
     checkpoint = {'epoch': 0, 'arch': type(model).__name__, 'state_dict': state_dict, 'version': 2,
                   'args': argparse.Namespace(model=ARCH, lr=1e-3), 'optimizer': {'state': {}, 'param_groups': []}}
     if ema:
-        checkpoint['state_dict_ema'] = {k: v + 1 for k, v in model.state_dict().items()}
+        # timm's EMA averages the floating-point tensors and copies the rest (num_batches_tracked, token_grid)
+        checkpoint['state_dict_ema'] = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     torch.save(checkpoint, path)
     return path
 
@@ -231,6 +232,8 @@ def test_push_uploads_the_folder_with_huggingface_hub(exported, monkeypatch, no_
     class RepoUrl(str):
         repo_id = REPO_ID
 
+    monkeypatch.setattr(huggingface_hub.HfApi, 'whoami', lambda self: {'name': 'tester'})
+    monkeypatch.setattr(huggingface_hub.HfApi, 'repo_exists', lambda self, repo_id: False)
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo',
                         lambda self, repo_id, **kw: calls.append(('create_repo', repo_id, kw)) or RepoUrl())
     monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder',
@@ -411,3 +414,200 @@ def test_publish_without_token_stops_before_converting(no_hf_token, capsys):
     from timm_hybrid.cli import main
     assert main(['publish', '--tags', 'cnt_nano_patch7_28.fmnist']) == 2
     assert 'No Hugging Face token to publish with' in capsys.readouterr().err
+
+
+# --- export is atomic: the target is the previous folder or the new complete one, never a mix ---------------------
+
+def folder_bytes(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_failing_in_the_card_leaves_the_previous_folder_as_it_was(exported, trained, tmp_path, monkeypatch):
+    """ Re-exporting into an existing folder used to write new weights, then fail on the card: old card, new
+    weights. A card failure now leaves the previous folder byte for byte, and nothing hidden beside it. """
+    _, checkpoint = trained
+    folder = tmp_path / 'cnt.fmnist'
+    shutil.copytree(exported[1], folder)
+    before = folder_bytes(folder)
+
+    def broken_card(model, card_data=None):
+        raise ValueError('the card template broke')
+    monkeypatch.setattr(hub, 'render_model_card', broken_card)
+    with pytest.raises(hub.ExportError, match='Cannot render the model card: ValueError: the card template broke'):
+        hub.export(ARCH, checkpoint, folder, overwrite=True, card_data=dict(accuracy={'top1': 99.0}))
+    with pytest.raises(hub.ExportError, match='shape mismatch: head.weight'):
+        hub.export(ARCH, checkpoint, folder, num_classes=5, overwrite=True)  # a wrong head: before any write
+    assert folder_bytes(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['cnt.fmnist']
+
+
+def test_export_needs_overwrite_for_a_non_empty_folder_and_then_replaces_it_whole(trained, tmp_path):
+    _, checkpoint = trained
+    folder = tmp_path / 'out'
+    folder.mkdir()
+    (folder / 'pytorch_model.bin').write_bytes(b'stale weights of another export')
+    with pytest.raises(hub.ExportError, match=r'Output folder .* is not empty \(pytorch_model.bin\); pass '
+                                              r'overwrite=True \(--overwrite\)'):
+        hub.export(ARCH, checkpoint, folder)
+    assert (folder / 'pytorch_model.bin').exists()
+    hub.export(ARCH, checkpoint, folder, overwrite=True)
+    assert sorted(p.name for p in folder.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    (tmp_path / 'empty').mkdir()
+    hub.export(ARCH, checkpoint, tmp_path / 'empty')  # an empty folder needs no overwrite
+    with pytest.raises(hub.ExportError, match='is a file, not a folder'):
+        hub.export(ARCH, checkpoint, folder / 'README.md')
+
+
+def test_export_keeps_fp16_and_re_exports_its_own_weights_in_place(trained, tmp_path):
+    """ `--checkpoint OUT/model.safetensors --output OUT` overwrote its own input, and fp16 became fp32. """
+    model, _ = trained
+    half = tmp_path / 'half.safetensors'
+    safetensors.torch.save_file(model.half().state_dict(), half)
+    model.float()
+    folder = hub.export(ARCH, half, tmp_path / 'out', card_data=dict(accuracy={'top1': 10.0}))
+    weights = safetensors.torch.load_file(folder / 'model.safetensors')
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    reference = safetensors.torch.load_file(half)
+    hub.export(ARCH, folder / 'model.safetensors', folder, overwrite=True, card_data=dict(accuracy={'top1': 20.0}))
+    again = safetensors.torch.load_file(folder / 'model.safetensors')
+    assert again.keys() == reference.keys() and all(torch.equal(again[k], reference[k]) for k in reference)
+    assert 'top1 (test split): 20.00 %' in (folder / 'README.md').read_text()
+    (folder / 'last.pth.tar').write_bytes((tmp_path / 'half.safetensors').read_bytes())
+    with pytest.raises(hub.ExportError, match='lies inside the output folder'):
+        hub.export(ARCH, folder / 'last.pth.tar', folder, overwrite=True)
+
+
+def test_export_card_of_a_shallow_model_lists_its_own_features(tmp_path):
+    """ `--model-kwargs depth=2` failed rendering the card: "last-n (3) is out of range (1 to 2)". """
+    model = timm.create_model(ARCH, depth=2)
+    checkpoint = save_train_checkpoint(model, tmp_path / 'model_best.pth.tar')
+    folder = hub.export(ARCH, checkpoint, tmp_path / 'out', model_args=dict(depth=2))
+    card = (folder / 'README.md').read_text()
+    assert '# e.g.: torch.Size([1, 64, 4, 4]), torch.Size([1, 64, 4, 4])\n' in card
+    features = timm.create_model(f'local-dir:{folder}', pretrained=True, features_only=True)
+    assert len(features(torch.randn(1, 1, 28, 28))) == 2
+
+
+KILLED_EXPORT = '''
+import sys, time
+from pathlib import Path
+
+import safetensors.torch
+
+from timm_hybrid import hub
+from timm_hybrid.cli import main
+
+stage, ready = sys.argv[1], Path(sys.argv[2])
+
+
+def stall():
+    ready.write_text('killing time')
+    time.sleep(600)
+
+
+if stage == 'weights':  # half the weight file on disk, then the kill
+    save_file = safetensors.torch.save_file
+
+    def half_written(tensors, filename, *args, **kwargs):
+        save_file(tensors, filename, *args, **kwargs)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[:len(data) // 2])
+        stall()
+    safetensors.torch.save_file = half_written
+else:  # weights and config written, the card being rendered
+    render = hub.render_model_card
+
+    def slow_card(*args, **kwargs):
+        render(*args, **kwargs)
+        stall()
+    hub.render_model_card = slow_card
+sys.exit(main(sys.argv[3:]))
+'''
+
+
+@pytest.mark.parametrize('stage, previous', [('weights', True), ('card', False)])
+def test_export_killed_leaves_the_previous_folder_or_none(stage, previous, exported, trained, tmp_path):
+    """ SIGKILL while the weights are written (a previous export in the target) and while the card is rendered
+    (no previous folder): the target is the previous folder byte for byte, or absent; the next export completes
+    and removes what the killed one left beside the target. """
+    import signal
+    import subprocess
+    import sys
+    import time
+    _, checkpoint = trained
+    folder = tmp_path / f'{ARCH}.fmnist'
+    if previous:
+        shutil.copytree(exported[1], folder)
+    before = folder_bytes(folder) if previous else None
+    script, ready = tmp_path / 'killed_export.py', tmp_path / 'ready'
+    script.write_text(KILLED_EXPORT)
+    argv = ['export', ARCH, '--checkpoint', str(checkpoint), '--output', str(folder), '--overwrite',
+            '--accuracy', 'top1=99.5']
+    proc = subprocess.Popen([sys.executable, str(script), stage, str(ready), *argv], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else 'no stall'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    if previous:
+        assert folder_bytes(folder) == before
+    else:
+        assert not folder.exists()
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(f'.{folder.name}.partial-')]
+    assert len(left) == 1  # the killed export's hidden folder, never the target
+    hub.export(ARCH, checkpoint, folder, overwrite=True, card_data=dict(accuracy={'top1': 99.5}))
+    assert sorted(folder_bytes(folder)) == ['README.md', 'config.json', 'model.safetensors']
+    assert 'top1 (test split): 99.50 %' in (folder / 'README.md').read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(f'.{folder.name}.partial-')]
+
+
+# --- push: the hub is checked first, a failed upload leaves no empty repo -----------------------------------------
+
+@pytest.fixture
+def mocked_hub(monkeypatch, no_hf_token, no_network):
+    """ HfApi with recorded calls; `calls['fail']` names the method that raises a connection error. """
+    calls = {'made': [], 'fail': None}
+
+    class RepoUrl(str):
+        repo_id = REPO_ID
+
+    def method(name, result):
+        def call(self, *args, **kwargs):
+            calls['made'].append(name)
+            if calls['fail'] == name:
+                raise ConnectionError(f'{name}: network is unreachable')
+            return result
+        return call
+    for name, result in (('whoami', {'name': 'tester'}), ('repo_exists', False), ('create_repo', RepoUrl()),
+                         ('upload_folder', 'commit'), ('delete_repo', None)):
+        monkeypatch.setattr(huggingface_hub.HfApi, name, method(name, result))
+    monkeypatch.setenv('HF_TOKEN', 'hf_test')
+    return calls
+
+
+def test_push_whose_upload_fails_deletes_the_repo_it_created(exported, mocked_hub):
+    mocked_hub['fail'] = 'upload_folder'
+    with pytest.raises(hub.PushError, match=r'upload of .* failed \(ConnectionError: upload_folder: network is '
+                                            r'unreachable\); check the network .* The repo created for it was deleted'):
+        hub.push(exported[1], REPO_ID)
+    assert mocked_hub['made'] == ['whoami', 'repo_exists', 'create_repo', 'upload_folder', 'delete_repo']
+
+
+def test_push_to_an_unreachable_hub_creates_nothing(exported, mocked_hub, capsys):
+    from timm_hybrid.cli import main
+    mocked_hub['fail'] = 'whoami'
+    assert main(['push', str(exported[1]), '--repo-id', REPO_ID]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: cannot reach the Hugging Face Hub')
+    assert 'check the network (HF_ENDPOINT, proxies)' in err and 'Nothing was uploaded' in err
+    assert mocked_hub['made'] == ['whoami']
+
+
+def test_push_into_an_existing_repo_that_fails_deletes_nothing(exported, mocked_hub, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.HfApi, 'repo_exists', lambda self, repo_id: True)
+    mocked_hub['fail'] = 'upload_folder'
+    with pytest.raises(hub.PushError, match='upload of'):
+        hub.push(exported[1], REPO_ID)
+    assert mocked_hub['made'] == ['whoami', 'upload_folder']

@@ -137,3 +137,119 @@ def test_eval_is_independent_of_batch_composition(name):
         alone = model(x[:1])
         together = model(x)
     torch.testing.assert_close(together[:1], alone, atol=1e-5, rtol=1e-4)
+
+
+# --- timm's model contract (issue 18), on shallow configs: every block type, a fraction of the depth --------------
+
+def _shallow(name: str, **kwargs) -> torch.nn.Module:
+    """ The model with 2 blocks (1 per stage for TransCNN / HAT-Net), at the small size. """
+    depth = dict(depths=(1, 1, 1, 1)) if name.startswith(('transcnn', 'hatnet')) else dict(depth=2)
+    return _create(name, **depth, **kwargs)
+
+
+def _modules_and_tensors(model: torch.nn.Module):
+    floating = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()]
+    return [n for n, m in model.named_modules() if m.training != model.training], floating
+
+
+@pytest.mark.parametrize('mode', ['eval', 'train'])
+@pytest.mark.parametrize('name', MODELS)
+def test_reset_classifier_builds_the_head_on_the_models_device_dtype_and_mode(name, mode):
+    """ timm's models build a new head where the model lives (meta, float64 here) and leave every module's train /
+    eval mode as it was; ours made it on CPU / float32 (TransCNN) or in training mode (CNT, Refiner). """
+    model = timm.create_model(name, device='meta', **({'img_size': SMALL_SIZE} if 'patch16_224' in name else {}))
+    model.to(device='meta', dtype=torch.float64)
+    getattr(model, mode)()
+    model.reset_classifier(0)
+    assert model.get_classifier() is not None
+    model.reset_classifier(2)
+    wrong_mode, floating = _modules_and_tensors(model)
+    assert not wrong_mode, f'modules not in {mode} mode after reset_classifier: {wrong_mode}'
+    off = [(n, t.device.type, t.dtype) for n, t in floating if t.device.type != 'meta' or t.dtype != torch.float64]
+    assert not off, f'tensors off the model device / dtype after reset_classifier: {off}'
+    heads = model.get_classifier()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    assert [h.out_features for h in heads] == [2] * len(heads) and model.num_classes == 2
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_default_cfg_names_real_modules_and_matching_sizes(name):
+    """ first_conv / classifier name modules of the model (timm adapts and drops weights by these names), mean / std
+    have one value per input channel, pool_size is the unpooled map at the cfg's input size. """
+    model = timm.create_model(name, device='meta').eval()
+    cfg = model.pretrained_cfg
+    modules = dict(model.named_modules())
+    first_convs = (cfg['first_conv'],) if isinstance(cfg['first_conv'], str) else cfg['first_conv']
+    for conv in first_convs:
+        assert isinstance(modules.get(conv), torch.nn.Conv2d), conv
+        assert modules[conv].in_channels == cfg['input_size'][0]
+    classifiers = (cfg['classifier'],) if isinstance(cfg['classifier'], str) else cfg['classifier']
+    for classifier in classifiers:
+        assert isinstance(modules.get(classifier), torch.nn.Linear), classifier
+        assert modules[classifier].out_features == cfg['num_classes'] == model.num_classes
+    assert len(cfg['mean']) == len(cfg['std']) == cfg['input_size'][0]
+    features = model.forward_features(torch.empty(1, *cfg['input_size'], device='meta'))
+    if cfg.get('pool_size'):
+        assert tuple(features.shape[-2:]) == tuple(cfg['pool_size'])
+    else:
+        assert features.ndim == 3  # a token sequence: nothing to pool spatially
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_features_only_takes_each_out_index(name):
+    model = _shallow(name).eval()
+    x = _image(model)
+    num_features = len(model.feature_info)
+    for index in range(num_features):
+        features = _shallow(name, features_only=True, out_indices=(index,)).eval()
+        features.load_state_dict(model.state_dict(), strict=False)
+        (feature_map,) = features(x)
+        info = model.feature_info[index]
+        assert feature_map.shape[1] == info['num_chs'], index
+        assert feature_map.shape[-1] == x.shape[-1] // info['reduction'], index
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_intermediates_stop_early_and_prune_agree_with_forward_features(name):
+    model = _shallow(name).eval()
+    x = _image(model)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x, indices=[0])
+        torch.testing.assert_close(final, model.forward_features(x))
+        early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], intermediates[0])
+        assert model.prune_intermediate_layers(indices=[0], prune_head=True) == [0]
+        pruned = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+        torch.testing.assert_close(pruned[0], intermediates[0])
+        assert model.num_classes == 0
+
+
+# timm's own TNT / VisionTransformer classes (the baselines) name tokens they may lack ('reg_token'): not ours
+OUR_CLASSES = [n for n in MODELS if not timm.models.model_entrypoint(n).__module__.endswith('.baselines')]
+
+
+@pytest.mark.parametrize('name', OUR_CLASSES)
+def test_no_weight_decay_names_only_parameters(name):
+    model = timm.create_model(name, device='meta')
+    params = {n for n, _ in model.named_parameters()}
+    names = model.no_weight_decay()
+    assert names and names <= params, f'not parameters: {names - params}'
+
+
+@pytest.mark.parametrize('pos_embed', ['sincos', 'none'])
+def test_no_weight_decay_of_cnt_without_learned_encodings(pos_embed):
+    model = timm.create_model('cnt_nano_patch7_28', patch_pos_embed=pos_embed, pixel_pos_embed=pos_embed, depth=1)
+    assert model.no_weight_decay() == {'cls_token'}
+
+
+@pytest.mark.parametrize('name', OUR_CLASSES)
+def test_torchscript_and_fx_match_eager_in_training_mode(name):
+    """ Training mode takes other branches (batch-statistics BatchNorm, the plain inner block, distilled heads);
+    dropout and drop path are off by default, so outputs are deterministic. """
+    model = _shallow(name).train()
+    x = _image(model, 2)
+    expected = model(x)
+    torch.testing.assert_close(torch.jit.script(model).train()(x), expected, atol=1e-4, rtol=1e-4)
+    train_nodes, _ = get_graph_node_names(model)
+    fx_model = create_feature_extractor(model, return_nodes=[train_nodes[-1]]).train()
+    torch.testing.assert_close(next(iter(fx_model(x).values())), expected, atol=1e-4, rtol=1e-4)

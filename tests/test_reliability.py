@@ -14,6 +14,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
+from timm.layers import resample_abs_pos_embed
 
 from timm_hybrid import hub
 
@@ -362,3 +363,209 @@ def test_fuzz_create_and_forward_work_or_raise_the_documented_error(
         with torch.no_grad():
             out = model(x)
         assert out.shape == (batch_size, 5) and torch.isfinite(out).all()
+
+
+# --- checkpoint filters: a checkpoint of another layout, or one that barely fits, is an error naming both --------
+
+def _save(state_dict: Dict[str, torch.Tensor], path) -> str:
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize('family, source, layout', [
+    ('cnt', 'refiner', 'Refiner-ViT'),  # loaded 0 of 71 tensors without an exception
+    ('cnt_distilled', 'transcnn', 'TransCNN / HAT-Net'),
+    ('refiner', 'cnt', 'CNT'),
+    ('transcnn', 'cnt', 'CNT'),
+    ('hatnet', 'refiner', 'Refiner-ViT'),
+])
+def test_checkpoint_of_another_family_is_refused_naming_its_layout(family, source, layout, tmp_path):
+    path = _save(create(source).state_dict(), tmp_path / 'other.safetensors')
+    with pytest.raises(ValueError, match=f'checkpoint_filter_fn: .*{re.escape(layout)}'):
+        create(family, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+
+
+def test_deit_checkpoint_that_barely_fits_cnt_is_refused_with_the_share_and_the_misfits(tmp_path):
+    """ DeiT-Ti's 192-wide blocks into the 64-wide nano CNT: 70 of 71 tensors kept their random init before. """
+    deit_ti = timm.create_model('deit_tiny_patch16_224', img_size=28, patch_size=7, in_chans=1, num_classes=10)
+    path = _save(deit_ti.state_dict(), tmp_path / 'deit_ti.safetensors')
+    with pytest.raises(ValueError, match=r'a timm ViT / DeiT checkpoint, of which \d+\.\d% of CNT\'s weights would '
+                                         r'load .* at least 50% needed\). Did not fit: .*blocks\.\*\.outer\.attn\.qkv'
+                                         r'\.weight: shape \(576, 192\) != model \(192, 64\)'):
+        create('cnt', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+
+
+def test_deit_of_the_same_width_still_fine_tunes_cnt_and_logs_what_kept_its_init(tmp_path, caplog):
+    deit = timm.create_model('deit_nano_patch7_28', embed_dim=64, depth=2)
+    path = _save(deit.state_dict(), tmp_path / 'deit.safetensors')
+    with caplog.at_level('WARNING', logger='timm_hybrid.models.cnt'):
+        model = create('cnt', pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    loaded, source = model.state_dict(), deit.state_dict()
+    assert torch.equal(loaded['blocks.1.outer.mlp.fc1.weight'], source['blocks.1.mlp.fc1.weight'])
+    assert 'timm ViT / DeiT -> CNT: ' in caplog.text and 'keep their fresh initialisation' in caplog.text
+    assert 'blocks.*.inner.conv_block.conv1.weight (x2)' in caplog.text
+
+
+# --- position embeddings resample from the checkpoint's own grid --------------------------------------------------
+
+@pytest.mark.parametrize('source, target, source_size, target_size', [
+    ('cnt', 'cnt', (14, 56), (28, 56)),  # loaded silently with a scrambled embedding (a 16-token grid taken as 4x4)
+    ('cnt', 'cnt_distilled', (14, 56), (28, 28)),  # failed: shape '[1, 3, 3, -1]' is invalid
+    ('refiner', 'refiner', (32, 64), (64, 32)),  # failed naming 33 tokens
+])
+def test_position_embedding_is_resampled_from_the_checkpoints_own_grid(source, target, source_size, target_size,
+                                                                       tmp_path):
+    trained = create(source, img_size=source_size)
+    key = 'patch_pos' if hasattr(trained, 'patch_pos') else 'pos_embed'
+    path = _save(trained.state_dict(), tmp_path / 'trained.safetensors')
+    model = create(target, img_size=target_size, pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    patch = 7 if key == 'patch_pos' else 16
+    pos = trained.state_dict()[key]
+    if model.num_prefix_tokens == 2:  # the distillation token's position starts from the class token's
+        pos = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
+    expected = resample_abs_pos_embed(
+        pos, new_size=[s // patch for s in target_size], old_size=[s // patch for s in source_size],
+        num_prefix_tokens=model.num_prefix_tokens)
+    torch.testing.assert_close(model.state_dict()[key], expected)
+    assert model.token_grid.tolist() == [s // patch for s in target_size]
+
+
+def test_a_non_square_grid_without_a_stored_grid_is_an_error_not_a_guess(tmp_path):
+    """ A checkpoint written before the grid was stored, trained at (14, 28): 2x4 = 8 tokens, neither square nor the
+    cfg's 28x28 grid; that grid is given, the checkpoint loads. """
+    state_dict = create('cnt', img_size=(14, 28)).state_dict()
+    del state_dict['token_grid']
+    path = _save(state_dict, tmp_path / 'old.safetensors')
+    with pytest.raises(ValueError, match='8 patch tokens, not a square grid, and the checkpoint does not store'):
+        create('cnt', img_size=(28, 56), pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    model = create('cnt', img_size=(28, 56), pretrained=True,
+                   pretrained_cfg_overlay=dict(file=path, input_size=(1, 14, 28)))
+    expected = resample_abs_pos_embed(state_dict['patch_pos'], new_size=[4, 8], old_size=[2, 4])
+    torch.testing.assert_close(model.patch_pos.detach(), expected)
+
+
+def test_direct_load_of_another_grid_with_the_same_token_count_is_an_error():
+    """ (14, 56) and (28, 28) both give 16 patch tokens: the shapes fit, the positions do not. """
+    model = create('cnt', img_size=(28, 28))
+    with pytest.raises(RuntimeError, match='trained on a 2x8 token grid, the model has 4x4'):
+        model.load_state_dict(create('cnt', img_size=(14, 56)).state_dict())
+
+
+# --- constructor arguments: out of range is a ValueError that states the range ------------------------------------
+
+CONSTRUCTOR_CASES = [
+    # (families, kwargs, message): each a case the old code accepted or failed on deep inside
+    (OURS, dict(num_classes=-1), r'num_classes must be an integer >= 0, got -1'),
+    (OURS, dict(in_chans=0), r'in_chans must be an integer >= 1, got 0'),
+    (OURS, dict(drop_path_rate=-0.1), r'drop_path_rate must be a probability in \[0, 1\], got -0.1'),
+    (OURS, dict(drop_path_rate=1.5), r'drop_path_rate must be a probability in \[0, 1\], got 1.5'),
+    (OURS, dict(drop_rate=2.), r'drop_rate must be a probability in \[0, 1\], got 2.0'),
+    (['cnt', 'cnt_distilled', 'refiner'], dict(patch_size=0), r'patch_size must hold integers >= 1'),
+    (['cnt', 'cnt_distilled', 'refiner'], dict(num_heads=0), r'num_heads must be an integer >= 1, got 0'),
+    (['cnt', 'cnt_distilled', 'refiner'], dict(num_heads=5), r'embed_dim \(\d+\) must be a multiple of num_heads'),
+    (['cnt', 'cnt_distilled', 'refiner'], dict(depth=-1), r'depth must be an integer >= 1, got -1'),
+    (['cnt', 'cnt_distilled', 'refiner'], dict(depth='abc'), r"depth must be an integer >= 1, got 'abc'"),
+    (['cnt', 'cnt_distilled', 'refiner'], dict(img_size=0), r'img_size must hold integers >= 1'),
+    (['cnt', 'cnt_distilled'], dict(inner_dim=0), r'inner_dim must be an integer >= 1, got 0'),
+    (['refiner'], dict(refine_kernel_size=2), r'refine_kernel_size must be odd'),
+    (['transcnn', 'hatnet'], dict(window_sizes=(8, 8, 0, 1)), r'window_sizes must hold integers >= 1'),
+    (['transcnn', 'hatnet'], dict(pool_ratios=(0, 4, 2, 1)), r'pool_ratios must hold integers >= 1'),
+    (['transcnn', 'hatnet'], dict(head_dim=0), r'head_dim must be an integer >= 1, got 0'),
+    (['transcnn', 'hatnet'], dict(head_dim=24), r'embed_dims\[0\] \(32\) must be a multiple of head_dim \(24\)'),
+    (['transcnn', 'hatnet'], dict(depths=(1, -1, 1, 1)), r'depths must hold integers >= 1'),
+    (['transcnn', 'hatnet'], dict(kernel_sizes=(3, 4, 3, 3)), r'kernel_sizes must be odd'),
+]
+
+
+@pytest.mark.parametrize('family, kwargs, message', [
+    (family, kwargs, message) for families, kwargs, message in CONSTRUCTOR_CASES for family in families])
+def test_constructor_arguments_out_of_range_name_the_valid_range(family, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create(family, **kwargs)
+
+
+@pytest.mark.parametrize('size', [(0, 32), (30, 32), (1, 1)])
+def test_refiner_size_error_suggests_no_impossible_size(size):
+    model = create('refiner').eval()
+    with pytest.raises(AssertionError) as e:
+        model(torch.randn(1, 3, *size))
+    assert 'img_size=' not in str(e.value)  # it used to suggest img_size=(0, 32)
+    assert f'({size[0]}x{size[1]} is no model size: each side must be a positive multiple of patch_size (16, 16))' \
+        in str(e.value)
+    with pytest.raises(AssertionError, match=r'create the model with img_size=\(64, 32\) for this size'):
+        model(torch.randn(1, 3, 64, 32))
+
+
+@pytest.mark.parametrize('family', ['transcnn', 'hatnet'])
+def test_pyramid_training_batch_limit_is_the_documented_one(family):
+    """ The docstring's limit: TransCNN's BatchNorms need batch * ceil(H / 32) * ceil(W / 32) > 1 in training (it
+    said any size works); HAT-Net's GroupNorm and eval mode have none. """
+    from timm_hybrid.models import transcnn
+    assert 'batch * ceil(H / 32) * ceil(W / 32) > 1' in transcnn.__doc__
+    model = create(family).train()
+    for size in ((33, 33), (32, 64)):
+        assert model(torch.randn(1, 3, *size)).shape == (1, 1000)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    if family == 'transcnn':
+        with pytest.raises(ValueError, match='Expected more than 1 value per channel when training'):
+            model(torch.randn(1, 3, 32, 32))
+    else:
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 1, 1)).shape == (1, 1000)
+
+
+# --- a checkpoint whose unpickling would run code ---------------------------------------------------------------
+
+class _WritesMarker:
+    """ Unpickled with weights_only=False, this object would create `marker` (any code could run the same way). """
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+        return Path.write_text, (Path(self.marker), 'code ran while loading a checkpoint')
+
+
+@pytest.mark.parametrize('family', OURS)
+def test_malicious_pickle_is_refused_by_every_loading_path(family, tmp_path):
+    from timm_hybrid.cli import main
+    marker = tmp_path / 'marker'
+    path = tmp_path / 'evil.pth.tar'
+    torch.save({'epoch': 1, 'state_dict': create(family).state_dict(), 'args': _WritesMarker(marker)}, path)
+    # timm's pretrained file (load_pretrained -> our checkpoint_filter_fn), weights_only=True
+    with pytest.raises(Exception, match='[Ww]eights only load failed|Unsupported global'):
+        create(family, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    # timm's load_checkpoint into a built model
+    with pytest.raises(Exception, match='[Ww]eights only load failed|Unsupported global'):
+        timm.models.load_checkpoint(create(family), str(path))
+    # export, from Python and from the command line
+    name, tiny = FAMILIES[family]
+    with pytest.raises(hub.ExportError, match='Could not read checkpoint'):
+        hub.export(name, path, tmp_path / 'out', model_args=tiny)
+    assert main(['export', name, '--checkpoint', str(path), '--output', str(tmp_path / 'out'),
+                 '--model-kwargs', *[f'{k}={v!r}'.replace(' ', '') for k, v in tiny.items()]]) == 2
+    assert not marker.exists() and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('family, kwargs, new_size', [
+    ('cnt', {}, (14, 56)),
+    ('cnt', dict(patch_pos_embed='sincos'), (56, 28)),
+    ('cnt_distilled', {}, (42, 28)),
+    ('refiner', {}, (64, 32)),
+])
+def test_set_input_size_equals_a_model_built_at_that_size_from_the_checkpoint(family, kwargs, new_size, tmp_path):
+    """ timm's ViT API: set_input_size resamples the position embedding as loading the weights into a model built at
+    the new size does, and the model's input config follows. """
+    model = create(family, **kwargs).eval()
+    path = _save(model.state_dict(), tmp_path / 'weights.safetensors')
+    built = create(family, img_size=new_size, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+    model.set_input_size(new_size)
+    assert timm.models.get_model_input_config(model)['input_size'][1:] == new_size
+    assert model.token_grid.tolist() == built.token_grid.tolist()
+    x = torch.randn(2, model.in_chans, *new_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), built.eval()(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r'must be a \(non-zero\) multiple of patch_size'):
+        model.set_input_size((30, 30))

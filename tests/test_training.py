@@ -77,7 +77,8 @@ def test_finetune_from_cnt_checkpoint_to_new_head_channels_and_resolution(tmp_pa
                        adapt_input_conv(3, src['pixel_embed.proj.weight'], base_chans=1))
     assert torch.equal(loaded['patch_pos'],
                        resample_abs_pos_embed(src['patch_pos'], new_size=[8, 8], num_prefix_tokens=1))
-    adapted = {'head.weight', 'head.bias', 'pixel_embed.proj.weight', 'patch_pos'}
+    assert src['token_grid'].tolist() == [4, 4] and loaded['token_grid'].tolist() == [8, 8]  # the grid it now has
+    adapted = {'head.weight', 'head.bias', 'pixel_embed.proj.weight', 'patch_pos', 'token_grid'}
     assert loaded.keys() == src.keys()
     assert all(torch.equal(loaded[k], src[k]) for k in src if k not in adapted)
 

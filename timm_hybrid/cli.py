@@ -3,15 +3,77 @@
 Each sub-command is a thin argparse front for a public function of the package, listed in `COMMANDS`.
 """
 import argparse
+import ast
 import dataclasses
+import math
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """ argparse with the CLI's one error convention: one line on stderr, exit code 2 (argparse's own error prints
+    the usage block first). """
+
+    def error(self, message: str):
+        self.exit(2, f'error: {self.prog}: {message} (see {self.prog} --help)\n')
+
+
+def _number(kind: Callable[[str], Any], minimum: float, inclusive: bool = True, maximum: Optional[float] = None):
+    """ An argparse type: `kind(text)` within [minimum, maximum] (or above minimum); 0 is a value, never a default. """
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {"an integer" if kind is int else "a number"}')
+        if not math.isfinite(value) or (value < minimum if inclusive else value <= minimum) or (
+                maximum is not None and value > maximum):
+            bound = f'>= {minimum}' if inclusive else f'> {minimum}'
+            raise argparse.ArgumentTypeError(
+                f'{text} is out of range: it must be {bound}{f" and <= {maximum}" if maximum is not None else ""}')
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE_FLOAT = _number(float, 0, inclusive=False)
+FRACTION = _number(float, 0, inclusive=False, maximum=1)
+
+
+class KeyValues(argparse.Action):
+    """ KEY=VALUE pairs into a dict, values as Python literals (else strings), as timm's ParseKwargs, but a word
+    without '=' is a usage error instead of a traceback. With `percent=True` values must be numbers in [0, 100]. """
+
+    def __init__(self, *args, percent: bool = False, **kwargs):
+        self.percent = percent
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pairs = {}
+        for item in values:
+            key, sep, text = item.partition('=')
+            if not sep or not key:
+                raise argparse.ArgumentError(self, f'{item!r} is not KEY=VALUE')
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a plain word, e.g. act_layer=gelu
+            if self.percent and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or not 0 <= value <= 100):
+                raise argparse.ArgumentError(self, f'{item!r}: the value must be a percentage in [0, 100]')
+            pairs[key] = value
+        setattr(namespace, self.dest, pairs)
 
 
 def _compare(args: argparse.Namespace) -> int:
     print('timm-hybrid compare: importing torch, timm and fvcore', file=sys.stderr, flush=True)  # seconds of silence
     from . import compare
+    import timm
+    unknown = [n for n in (args.models or []) + (args.references or []) if not timm.is_model(n)]
+    if unknown:
+        return _usage_error(f'unknown model(s): {", ".join(unknown)} (timm.list_models() lists them)')
     try:
         settings = compare.SpeedSettings.defaults(
             full=args.full, device=args.device, batch_size=args.batch_size, repeats=args.repeats,
@@ -61,12 +123,12 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='autocast to this dtype (default: float32)')
     p.add_argument('--compile', action='store_true', help='time torch.compile(model) (inductor)')
     p.add_argument('--channels-last', action='store_true', help='model and input in channels-last memory format')
-    p.add_argument('--threads', type=int, default=None,
+    p.add_argument('--threads', type=POSITIVE_INT, default=None,
                    help="torch threads (default: torch's thread count capped by the cores the 1-minute load "
                         'average leaves free, at least 1)')
-    p.add_argument('--batch-size', type=int, default=None,
+    p.add_argument('--batch-size', type=POSITIVE_INT, default=None,
                    help='batch size for timing (default 8; 32 with --full; 256 on cuda)')
-    p.add_argument('--repeats', type=int, default=None,
+    p.add_argument('--repeats', type=POSITIVE_INT, default=None,
                    help='interleaved timing rounds (default 3, or 7 with --full); short steps such as the 28 px '
                         'models on a shared machine need more for a stable median')
 
@@ -76,9 +138,8 @@ def _data(args: argparse.Namespace) -> int:
     try:
         counts = prepare_fashion_mnist(
             args.root, source=args.source, train_fraction=args.train_fraction, seed=args.seed)
-    except FashionMNISTMissing as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    except (FashionMNISTMissing, ValueError) as e:
+        return _usage_error(e)
     print(f'Fashion-MNIST laid out in {args.root} ({counts["train"]} train / {counts["test"]} test images); '
           f'use: --dataset torch/fashion_mnist --data-dir {args.root} --val-split test')
     return 0
@@ -89,8 +150,9 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('dataset', choices=['fashion-mnist'])
     p.add_argument('--root', required=True, help='folder to give timm as --data-dir')
     p.add_argument('--source', default=str(DEBIAN_FASHION_MNIST_DIR), help='folder with the IDX(.gz) files')
-    p.add_argument('--train-fraction', type=float, default=None, help='keep a class-balanced fraction of train')
-    p.add_argument('--seed', type=int, default=0, help='seed of the train subset')
+    p.add_argument('--train-fraction', type=FRACTION, default=None,
+                   help='keep a class-balanced fraction of train, in (0, 1]')
+    p.add_argument('--seed', type=NON_NEGATIVE_INT, default=0, help='seed of the train subset')
 
 
 def _flops(args: argparse.Namespace) -> int:
@@ -102,7 +164,7 @@ def _flops(args: argparse.Namespace) -> int:
             f = count_flops(name, input_size=input_size, strict=not args.allow_uncounted, **args.model_kwargs)
         except UncountedOpError as e:
             return _usage_error(f'{e} (--allow-uncounted reports it and goes on)')
-        except TypeError as e:  # a --model-kwargs entry the model does not take
+        except (TypeError, ValueError) as e:  # a --model-kwargs entry the model does not take, or out of range
             return _usage_error(f'{name}: {e}')
         except RuntimeError as e:
             if 'Unknown model' not in str(e):
@@ -120,11 +182,10 @@ def _flops(args: argparse.Namespace) -> int:
 
 
 def add_flops_arguments(p: argparse.ArgumentParser) -> None:
-    from timm.utils import ParseKwargs
     p.add_argument('models', nargs='+', metavar='MODEL', help='timm model names, e.g. cnt_nano_patch7_28')
-    p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+    p.add_argument('--input-size', type=POSITIVE_INT, nargs=3, default=None, metavar=('C', 'H', 'W'),
                    help="input image size (default: the model's own, e.g. 1 28 28 for the 28 px models)")
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValues,
                    help='create_model kwargs, e.g. img_size=56 depth=4')
     p.add_argument('--allow-uncounted', action='store_true',
                    help='report ops fvcore cannot count instead of failing')
@@ -132,7 +193,7 @@ def add_flops_arguments(p: argparse.ArgumentParser) -> None:
 
 def _usage_error(error) -> int:
     """ What the user can fix (a wrong name, a missing file or token): one line on stderr, exit code 2. """
-    print(f'error: {error}', file=sys.stderr)
+    print('error: ' + ' '.join(str(error).split()), file=sys.stderr)  # the error's own line breaks folded
     return 2
 
 
@@ -152,7 +213,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         folder = export(args.model, args.checkpoint, args.output, num_classes=args.num_classes,
                         in_chans=args.in_chans, model_args=args.model_kwargs, card_data=card_data,
-                        use_ema=args.use_ema, data_config=data_config)
+                        use_ema=args.use_ema, data_config=data_config, overwrite=args.overwrite)
     except ExportError as e:
         return _usage_error(e)
     print(f'{args.model} exported to {folder} ({", ".join(sorted(p.name for p in folder.iterdir()))}); '
@@ -161,22 +222,23 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    from timm.utils import ParseKwargs
     p.add_argument('model', help="timm model name the checkpoint was trained as (e.g. cnt_nano_patch7_28.fmnist)")
     p.add_argument('--checkpoint', required=True, help='model_best.pth.tar / last.pth.tar / .safetensors')
     p.add_argument('--output', required=True, help='folder to write, by convention named <arch>.<tag>')
-    p.add_argument('--num-classes', type=int, default=None, help='classes of the trained head, if not the default')
-    p.add_argument('--in-chans', type=int, default=None, help='input channels, if not the default')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    p.add_argument('--overwrite', action='store_true', help='replace a non-empty --output folder as a whole')
+    p.add_argument('--num-classes', type=NON_NEGATIVE_INT, default=None,
+                   help='classes of the trained head, if not the default')
+    p.add_argument('--in-chans', type=POSITIVE_INT, default=None, help='input channels, if not the default')
+    p.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValues,
                    help='further create_model kwargs the model was trained with, e.g. img_size=56')
     p.add_argument('--use-ema', action='store_true', help="export the checkpoint's EMA weights (--model-ema)")
     # the data settings of timm's train.py, when the model was trained with others than its cfg's
-    p.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+    p.add_argument('--input-size', type=POSITIVE_INT, nargs=3, default=None, metavar=('C', 'H', 'W'),
                    help='input size the model was trained at, e.g. 1 28 28')
     p.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean used in training')
-    p.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std used in training')
-    p.add_argument('--crop-pct', type=float, default=None, help='eval crop fraction used in training')
-    p.add_argument('--accuracy', nargs='*', default={}, action=ParseKwargs, metavar='METRIC=VALUE',
+    p.add_argument('--std', type=POSITIVE_FLOAT, nargs='+', default=None, help='normalisation std used in training')
+    p.add_argument('--crop-pct', type=POSITIVE_FLOAT, default=None, help='eval crop fraction used in training')
+    p.add_argument('--accuracy', nargs='*', default={}, action=KeyValues, percent=True, metavar='METRIC=VALUE',
                    help='measured accuracy for the model card, e.g. top1=88.1 top5=99.7 (validate.py, in %%)')
     p.add_argument('--train-command', default=None, help='the command that trained the weights, for the card')
     p.add_argument('--dataset', default=None, help='data set name for the card (default from the tag)')
@@ -188,11 +250,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from .hub import HubTokenMissing, push
+    from .hub import HubTokenMissing, PushError, push
     try:
         commit = push(args.folder, args.repo_id, token=args.token, private=args.private,
                       commit_message=args.commit_message)
-    except (HubTokenMissing, FileNotFoundError) as e:
+    except (HubTokenMissing, FileNotFoundError, PushError) as e:
         return _usage_error(e)
     print(f'pushed {args.folder} to {args.repo_id}: {getattr(commit, "commit_url", commit)}')
     return 0
@@ -283,7 +345,7 @@ def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
     """ The `timm-hybrid` parser. Only the sub-commands in `commands` get their arguments: some defaults import
     torch or timm (seconds), which `timm-hybrid --help` and the other sub-commands need not wait for. """
     from . import __version__
-    parser = argparse.ArgumentParser(prog='timm-hybrid', description=__doc__.strip().splitlines()[0])
+    parser = ArgumentParser(prog='timm-hybrid', description=__doc__.strip().splitlines()[0])
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
     subparsers = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name, (help_line, add_arguments, run) in COMMANDS.items():

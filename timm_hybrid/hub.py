@@ -12,6 +12,8 @@ Loading it back is timm's business:
 The model card is huggingface_hub's `ModelCard` with `ModelCardData` (the Hub's metadata: library, pipeline, license,
 datasets, base model, eval results as its model-index), rendered with `model_cards/template.md` (Jinja).
 """
+import copy
+import ctypes
 import dataclasses
 import importlib.resources
 import os
@@ -24,7 +26,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 
 import timm
-from timm.models import load_state_dict, save_for_hf
+from timm.models import get_model_input_config, load_state_dict, save_for_hf
 
 from .data import FASHION_MNIST_DATASET
 from .flops import count_flops
@@ -32,14 +34,14 @@ from .models._common import official_weights_cache_file, summarize_keys
 from .models.baselines import PACKAGED_WEIGHTS_DIR
 
 __all__ = [
-    'ExportError', 'HubTokenMissing', 'PublishResult', 'card_accuracy', 'export', 'publish', 'publish_sources', 'push',
-    'read_checkpoint', 'render_model_card',
+    'ExportError', 'HubTokenMissing', 'PublishResult', 'PushError', 'card_accuracy', 'export', 'publish',
+    'publish_sources', 'push', 'read_checkpoint', 'render_model_card',
 ]
 
 HUB_ORG = 'timm-hybrid'
 # model_cards/ ships inside the package as timm_hybrid.model_cards (pyproject package-dir), so wheels have it too
 MODEL_CARD_TEMPLATE = importlib.resources.files('timm_hybrid.model_cards') / 'template.md'
-_HUB_FILES = ('config.json', 'model.safetensors')
+_HUB_FILES = ('config.json', 'model.safetensors', 'README.md')
 
 # Data sets a pretrained tag stands for: (name in the card, Hugging Face dataset id, paper id)
 _TAG_DATASETS = {
@@ -93,6 +95,10 @@ class HubTokenMissing(RuntimeError):
     """ No Hugging Face token (argument, HF_TOKEN or `hf auth login`) to push with. """
 
 
+class PushError(RuntimeError):
+    """ A push that could not start (bad repo id, hub unreachable) or finish; it leaves no empty repo behind. """
+
+
 def read_checkpoint(checkpoint: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """ The model state dict of a timm training checkpoint (.pth / .pth.tar / .bin / .safetensors).
 
@@ -124,11 +130,17 @@ def _names(keys: Sequence[str], most: int = 16) -> str:
 def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """ `load_state_dict(strict=True)`, failing with every missing / unexpected / mis-shaped key named at once. """
     model_state = model.state_dict()
-    missing = [k for k in model_state if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in model_state]
+    fitting = {k: v for k, v in state_dict.items() if k not in model_state or v.shape == model_state[k].shape}
     mismatched = [
         f'{k} {tuple(v.shape)} (model {tuple(model_state[k].shape)})'
-        for k, v in state_dict.items() if k in model_state and v.shape != model_state[k].shape]
+        for k, v in state_dict.items() if k not in fitting]
+    try:
+        # the model's own load hooks fill what they own (e.g. a token_grid older checkpoints lack) or refuse it
+        result = model.load_state_dict(fitting, strict=False)
+    except RuntimeError as e:
+        raise ExportError(f'{source} does not fit {model.pretrained_cfg["architecture"]}: {e}') from e
+    missing = [k for k in result.missing_keys if k not in state_dict]  # mis-shaped keys are listed as such
+    unexpected = list(result.unexpected_keys)
     if missing or unexpected or mismatched:
         lines = [f'{source} does not fit {model.pretrained_cfg["architecture"]}:']
         if missing:
@@ -140,7 +152,109 @@ def _load_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor],
         lines.append('Export it as the model it was trained as: same model name and the same num_classes / in_chans / '
                      'model_args (e.g. img_size) that were passed to train.py.')
         raise ExportError('\n'.join(lines))
-    model.load_state_dict(state_dict, strict=True)
+
+
+def _check_output(output_dir: Path, checkpoint: Path, overwrite: bool) -> None:
+    """ Refuses, before anything is read or written, an output that export may not replace. """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExportError(f'Output {output_dir} is a file, not a folder; give a folder to write (by convention '
+                          f'<arch>.<tag>).')
+    contents = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if contents and not overwrite:
+        raise ExportError(f'Output folder {output_dir} is not empty ({", ".join(contents[:5])}); pass overwrite=True '
+                          f'(--overwrite) to replace it as a whole, or give another folder.')
+    own_weights = (output_dir / 'model.safetensors').resolve()  # a re-export of the folder's own weights
+    if output_dir.resolve() in checkpoint.resolve().parents and checkpoint.resolve() != own_weights:
+        raise ExportError(f'Checkpoint {checkpoint} lies inside the output folder {output_dir}, which export replaces '
+                          f'as a whole; move it out first, or export to another folder.')
+
+
+def _check_card_data(card_data: Mapping[str, Any]) -> None:
+    """ What the card is rendered from, checked before the export starts (a bad entry would fail after it). """
+    for metric, value in (card_data.get('accuracy') or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+            raise ExportError(f'accuracy {metric}={value!r} is not a percentage: give a number in [0, 100], e.g. '
+                              f'top1=88.1.')
+    unknown = [m for m in card_data.get('compare', ()) if isinstance(m, str) and not timm.is_model(m)]
+    if unknown:
+        raise ExportError(f'compare: unknown model name(s) {", ".join(unknown)} (timm.list_models() lists them).')
+
+
+def _check_data_config(data_config: Mapping[str, Any], model: torch.nn.Module) -> None:
+    """ The training-time data settings written into config.json: sizes and std positive, crop_pct > 0, as many
+    mean / std values as channels (or one), and a fixed-size model's own input size. """
+    input_size = data_config.get('input_size')
+    model_input = get_model_input_config(model)
+    if input_size is not None:
+        if len(input_size) != 3 or any(not isinstance(v, int) or v < 1 for v in input_size):
+            raise ExportError(f'input_size {tuple(input_size)} must be three integers C H W, each >= 1.')
+        if input_size[0] != model_input['input_size'][0]:
+            raise ExportError(f'input_size {tuple(input_size)} has {input_size[0]} channels, the model '
+                              f'{model_input["input_size"][0]} (in_chans).')
+        if model_input['fixed_input_size'] and tuple(input_size) != tuple(model_input['input_size']):
+            raise ExportError(
+                f'input_size {tuple(input_size)} is not the size the model was built for '
+                f'({tuple(model_input["input_size"])}); export it with model_args img_size=({input_size[1]}, '
+                f'{input_size[2]}) (--model-kwargs) if it was trained at that size.')
+    channels = (input_size or model_input['input_size'])[0]
+    for key in ('mean', 'std'):
+        values = data_config.get(key)
+        if values is not None and len(values) not in (1, channels):
+            raise ExportError(f'{key} has {len(values)} values; give 1 or {channels} (one per channel).')
+    if any(v <= 0 for v in data_config.get('std') or ()):
+        raise ExportError(f'std {tuple(data_config["std"])} must be > 0 (inputs are divided by it).')
+    crop_pct = data_config.get('crop_pct')
+    if crop_pct is not None and not crop_pct > 0:
+        raise ExportError(f'crop_pct {crop_pct} must be > 0 (the fraction of the resized image kept).')
+
+
+def _checkpoint_dtype(state_dict: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """ The dtype the weights are written in: the checkpoint's, when all its floating-point tensors share one (fp16
+    stays fp16); float32 when they mix (e.g. fp16 weights with fp32 BatchNorm statistics), which holds each exactly. """
+    dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _swap_into_place(staging: Path, output_dir: Path) -> None:
+    """ Puts the complete folder `staging` at `output_dir` in one rename; the previous folder, if any, ends up at
+    `staging` (for the caller to delete). Linux's renameat2(RENAME_EXCHANGE) swaps two folders atomically, so a kill
+    at any moment leaves one of the two complete folders at `output_dir`; elsewhere an empty (or absent) target is
+    replaced atomically by rename and a non-empty one by two renames (a window of two system calls). """
+    if not output_dir.exists():
+        os.rename(staging, output_dir)
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        rename_exchange = 2  # linux/fs.h RENAME_EXCHANGE
+        at_fdcwd = -100
+        if libc.renameat2(at_fdcwd, os.fsencode(staging), at_fdcwd, os.fsencode(output_dir), rename_exchange) == 0:
+            return
+    except (AttributeError, OSError):
+        pass  # no renameat2 (not Linux / old glibc): two renames
+    previous = staging.with_name(staging.name + '-previous')
+    os.rename(output_dir, previous)
+    os.rename(staging, output_dir)
+    os.rename(previous, staging)
+
+
+def _remove_stale_staging(output_dir: Path) -> None:
+    """ Deletes what a killed export left beside `output_dir` (its hidden `.<name>.partial-<pid>-*` folder), once
+    that process is gone. """
+    for stale in output_dir.parent.glob(f'.{output_dir.name}.partial-*'):
+        try:
+            pid = int(stale.name[len(f'.{output_dir.name}.partial-'):].split('-')[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+def _same_logits(model: torch.nn.Module, exported: torch.nn.Module) -> bool:
+    """ The model and its re-loaded folder give identical logits on one random batch at the model's input size. """
+    x = torch.randn((2, *get_model_input_config(model)['input_size']), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return torch.allclose(model(x), exported(x), rtol=0, atol=0, equal_nan=True)  # bit-equal, NaN included
 
 
 def export(
@@ -153,14 +267,21 @@ def export(
         card_data: Optional[Dict[str, Any]] = None,
         use_ema: bool = False,
         data_config: Optional[Dict[str, Any]] = None,
+        overwrite: bool = False,
 ) -> Path:
     """ Writes a hub-ready folder (config.json, model.safetensors, README.md) for a trained checkpoint.
+
+    The folder is written beside `output_dir` under a hidden name and renamed into place only when the weights,
+    config and card are written and the folder re-loads (`local-dir:`) with logits equal to the checkpoint's: an
+    error, or a kill at any moment, leaves `output_dir` as it was. The weights keep the checkpoint's dtype (see
+    `_checkpoint_dtype`).
 
     Args:
         model_name: timm model name the checkpoint was trained as, optionally with its tag
             ('cnt_nano_patch7_28.fmnist'); the tag's pretrained cfg (mean / std, labels, license, papers) goes into
             config.json.
-        checkpoint: timm training checkpoint or state dict file.
+        checkpoint: timm training checkpoint or state dict file. It may be `output_dir`'s own model.safetensors (a
+            re-export, e.g. with a new card); no other file inside `output_dir`, which is replaced as a whole.
         output_dir: Folder to write; by convention `<arch>.<tag>`, which is also the default hub repo name.
         num_classes: Classes of the trained head, if not the cfg's.
         in_chans: Input channels of the trained model, if not the cfg's.
@@ -171,32 +292,59 @@ def export(
             `std`, `crop_pct`, `interpolation`): written into config.json, so `timm.data.resolve_data_config` gives
             users the training-time preprocessing. With `in_chans` alone, the cfg's input size and mean / std are
             reduced to that many channels (mean of the cfg's values, as timm's data config does).
+        overwrite: Replace a non-empty `output_dir` (without it, that is an ExportError).
 
     Returns:
         The output folder.
     """
+    output_dir, checkpoint = Path(output_dir), Path(checkpoint)
+    card_data, data_config = dict(card_data or {}), dict(data_config or {})
+    _check_output(output_dir, checkpoint, overwrite)
+    _check_card_data(card_data)
     state_dict = read_checkpoint(checkpoint, use_ema=use_ema)
     kwargs = dict(model_args or {})
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     if in_chans is not None:
         kwargs['in_chans'] = in_chans
-    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    try:
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as e:  # unknown name or tag, a kwarg it does not take or allow
+        raise ExportError(f'Cannot build {model_name} with {kwargs or "its defaults"}: {e}') from e
     _load_strict(model, state_dict, f'Checkpoint {checkpoint}')
     model.eval()
+    _check_data_config(data_config, model)
 
-    output_dir = Path(output_dir)
     model_config = {}
     label_names = model.pretrained_cfg.get('label_names')
     if label_names and len(label_names) == model.num_classes:
         model_config['label_names'] = list(label_names)
-    # timm writes the model's current input (channels, img_size) and `data_config` over the source cfg, reducing a
-    # cfg's per-channel mean / std to the model's channels as its loaders do
-    save_for_hf(model, output_dir, model_config=model_config, model_args=kwargs, data_config=data_config or None,
-                safe_serialization=True)
-    # the card describes what users get: the folder as timm loads it back (its cfg, its input size)
-    exported = timm.create_model(f'local-dir:{output_dir}', pretrained=True).eval()
-    render_model_card(exported, card_data).save(output_dir / 'README.md')
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(output_dir)
+        staging = Path(tempfile.mkdtemp(prefix=f'.{output_dir.name}.partial-{os.getpid()}-', dir=output_dir.parent))
+    except OSError as e:
+        raise ExportError(f'Cannot write beside {output_dir}: {e}') from e
+    try:
+        reference = copy.deepcopy(model)  # float32 with the checkpoint's values: what the folder must give
+        # timm writes the model's current input (channels, img_size) and `data_config` over the source cfg, reducing
+        # a cfg's per-channel mean / std to the model's channels as its loaders do
+        save_for_hf(model.to(_checkpoint_dtype(state_dict)), staging, model_config=model_config, model_args=kwargs,
+                    data_config=data_config or None, safe_serialization=True)
+        # the card describes what users get: the folder as timm loads it back (its cfg, its input size, its depth)
+        exported = timm.create_model(f'local-dir:{staging}', pretrained=True).eval()
+        if not _same_logits(reference, exported):
+            raise ExportError(f'{staging} does not re-load with the logits of {checkpoint}; nothing was exported.')
+        try:
+            card = render_model_card(exported, card_data)
+        except (ValueError, TypeError, KeyError, RuntimeError, AssertionError) as e:
+            raise ExportError(f'Cannot render the model card: {type(e).__name__}: {e}') from e
+        card.save(staging / 'README.md')
+        _swap_into_place(staging, output_dir)
+    except OSError as e:
+        raise ExportError(f'Cannot write {output_dir}: {e}') from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous folder after a swap, else the unfinished one
     return output_dir
 
 
@@ -209,6 +357,9 @@ def push(
         revision: Optional[str] = None,
 ):
     """ Uploads an exported folder to the hub repo `repo_id` (created if needed) with huggingface_hub.
+
+    The hub and the token are checked (`whoami`, `repo_exists`) before a repo is created; a repo created here is
+    deleted again when the upload fails, so a failed push leaves no empty repo. Failures are a PushError (one line).
 
     timm's `push_to_hf_hub` re-serialises a model object and writes timm's generic card; an exported folder already
     holds the weights, config and our card, so this is its upload half: `HfApi.create_repo` + `upload_folder`, as the
@@ -224,6 +375,7 @@ def push(
         huggingface_hub's CommitInfo of the upload.
     """
     from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import validate_repo_id
 
     folder = Path(folder)
     absent = [name for name in _HUB_FILES if not (folder / name).is_file()]
@@ -237,10 +389,38 @@ def push(
             f'No Hugging Face token to push {folder} to {repo_id}: set HF_TOKEN, run `hf auth login`, or pass a '
             f'token (--token). Nothing was uploaded; the folder loads offline as-is with '
             f"timm.create_model('local-dir:{folder}', pretrained=True).")
+    try:
+        validate_repo_id(repo_id)
+        if repo_id.count('/') != 1:
+            raise ValueError('expected ORG/NAME')
+    except ValueError as e:
+        raise PushError(f'repo id {repo_id!r} is not ORG/NAME (e.g. {HUB_ORG}/{folder.name}): {e}') from e
     api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(
-        repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message)
+    check = f'check the network (HF_ENDPOINT, proxies) and that the token may write to {repo_id.split("/")[0]}'
+    try:
+        # reachability and the token first: nothing is created on the hub before both are known to work
+        api.whoami()
+        existed = api.repo_exists(repo_id)
+    except Exception as e:  # connection, HTTP and offline-mode errors alike: the hub was not usable
+        raise PushError(f'cannot reach the Hugging Face Hub to push {folder} to {repo_id} '
+                        f'({type(e).__name__}: {e}); {check}. Nothing was uploaded.') from e
+    created = False
+    try:
+        if not existed:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            created = True
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message)
+    except Exception as e:
+        left = ''
+        if created:  # no empty repo left behind
+            try:
+                api.delete_repo(repo_id)
+                left = ' The repo created for it was deleted again.'
+            except Exception as delete_error:
+                left = (f' Deleting the empty repo created for it failed too ({delete_error}): delete {repo_id} '
+                        f'on the hub.')
+        raise PushError(f'upload of {folder} to {repo_id} failed ({type(e).__name__}: {e}); {check}.{left}') from e
 
 
 # --- model card ------------------------------------------------------------------------------------------------------
@@ -284,7 +464,10 @@ def _output_shapes(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[st
     with torch.no_grad():
         unpooled = tuple(model.forward_features(x).shape)
         try:
-            features = [tuple(f.shape) for f in model.forward_intermediates(x, indices=3, intermediates_only=True)]
+            # as many as features_only gives by default: the last 3, or fewer in a shallower model (depth=2)
+            indices = min(3, len(getattr(model, 'feature_info', None) or [None] * 3))
+            features = [tuple(f.shape) for f in model.forward_intermediates(
+                x, indices=indices, intermediates_only=True)]
         except (AttributeError, TypeError, NotImplementedError):
             features = []
     return dict(

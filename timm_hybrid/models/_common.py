@@ -1,20 +1,26 @@
 """ Pieces shared by more than one family that timm.layers / timm.models do not have. """
+import math
+import numbers
 import os
 import re
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
+from timm.models._input import update_model_input_size
 
 __all__ = [
-    'PretrainedWeightsUnavailable', 'TokenClassifierMixin', 'bn_scale_shift', 'build_with_official_weights',
-    'check_global_pool', 'checkpoint_keeping_bn_stats', 'official_weights_cache_file', 'prune_sequence',
+    'MIN_LOADED_SHARE', 'PretrainedWeightsUnavailable', 'TokenClassifierMixin', 'bn_scale_shift',
+    'build_with_official_weights', 'check_global_pool', 'check_int', 'check_ints', 'check_loaded_share',
+    'check_positive', 'check_rate', 'check_token_model_args', 'checkpoint_keeping_bn_stats', 'describe_layout',
+    'official_weights_cache_file', 'patch_grid', 'prune_sequence', 'resample_token_pos', 'source_token_grid',
     'split_prefix_tokens', 'summarize_keys', 'unwrap_checkpoint', 'weights_source_hint',
 ]
 
@@ -56,6 +62,18 @@ def prune_sequence(model: nn.Module, attr: str, indices: Union[int, List[int]], 
     if prune_head:
         model.reset_classifier(0, '')
     return take_indices
+
+
+def patch_grid(
+        img_size: Union[int, Tuple[int, int]],
+        patch_size: Tuple[int, int],
+) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """ (img_size, patch grid) of a patch embedding, or a ValueError where img_size is no positive multiple of the
+    patch. """
+    img_size = to_2tuple(img_size)
+    if any(i % p for i, p in zip(img_size, patch_size)) or min(img_size) < max(patch_size):
+        raise ValueError(f'img_size {tuple(img_size)} must be a (non-zero) multiple of patch_size {patch_size}.')
+    return tuple(img_size), (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
 
 
 def split_prefix_tokens(
@@ -126,10 +144,12 @@ class TokenClassifierMixin:
     `forward_intermediates`, pooling and the classifier methods.
 
     The model provides `blocks`, `norm`, `head`, `head_drop`, `cls_token`, `embed_dim`, `global_pool`, `num_classes`,
-    `num_prefix_tokens`, `grad_checkpointing`, and two methods: `_embed(image) -> (tokens, state)`, where `state` is
+    `num_prefix_tokens`, `grad_checkpointing`, and four methods: `_embed(image) -> (tokens, state)`, where `state` is
     what each block hands to the next besides the tokens (CNT: the pixel grids; Refiner: the attention map, None
-    before the first block), every block being `(tokens, state) -> (tokens, state)`; and `_token_grid()`, the
-    (rows, cols) of the patch tokens.
+    before the first block), every block being `(tokens, state) -> (tokens, state)`; `_token_grid()`, the
+    (rows, cols) of the patch tokens; `_input_embed()`, the patch embedding (`img_size`, `patch_size`, `grid_size`,
+    `num_patches`, `set_input_size(img_size)`); `_resample_pos_embed(old_grid)`, which puts the position embedding
+    on the current grid. It registers the `token_grid` buffer with `_register_token_grid()`.
     """
 
     def _run_blocks(self, x: torch.Tensor, take_indices: List[int], max_index: int, norm: bool, stop_early: bool):
@@ -212,10 +232,48 @@ class TokenClassifierMixin:
         self.head = self._new_head(num_classes)
 
     def _new_head(self, num_classes: int) -> nn.Module:
-        """ A fresh linear head on the model's device / dtype (nn.Identity for num_classes=0). """
+        """ A fresh linear head on the model's device / dtype and in its train / eval mode (nn.Identity for
+        num_classes=0), as timm's own models reset theirs. """
         if num_classes <= 0:
-            return nn.Identity()
-        return nn.Linear(self.embed_dim, num_classes, device=self.cls_token.device, dtype=self.cls_token.dtype)
+            return nn.Identity().train(self.training)
+        head = nn.Linear(self.embed_dim, num_classes, device=self.cls_token.device, dtype=self.cls_token.dtype)
+        return head.train(self.training)
+
+    def _register_token_grid(self, device=None) -> None:
+        """ Stores the (rows, cols) of the patch tokens in the state dict, so that a checkpoint says which grid its
+        position embedding was trained on (a token count does not: 16 tokens are 4x4 or 2x8). """
+        self.register_buffer('token_grid', torch.tensor(self._token_grid(), dtype=torch.long, device=device))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + 'token_grid'
+        stored = state_dict.get(key)
+        if stored is None:
+            # written before the grid was stored: either the model's grid, or the position embedding's shape fails
+            state_dict[key] = self.token_grid
+        elif stored.device.type != 'meta' and tuple(stored.tolist()) != tuple(self._token_grid()):
+            error_msgs.append(
+                f'the checkpoint was trained on a {"x".join(map(str, stored.tolist()))} token grid, the model has '
+                f'{"x".join(map(str, self._token_grid()))}; load it through timm.create_model(..., pretrained=True) '
+                f'or the family\'s checkpoint_filter_fn, which resample the position embedding.')
+            state_dict[key] = self.token_grid
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]], patch_size: Optional[Any] = None) -> None:
+        """ timm's API for another input resolution (as its ViT's): the patch grid, the position embedding resampled
+        to it from the current grid (a learned one; a sin-cos one is rebuilt), the stored `token_grid` and the
+        model's input traits. The patch size stays (the pixel / stem convolutions are built for it). """
+        if patch_size is not None and to_2tuple(patch_size) != tuple(self._input_embed().patch_size):
+            raise ValueError(f'set_input_size cannot change patch_size {self._input_embed().patch_size}.')
+        embed = self._input_embed()
+        old_grid = embed.grid_size
+        embed.set_input_size(img_size)
+        self.num_patches = embed.num_patches
+        self._resample_pos_embed(old_grid)
+        self.token_grid = torch.tensor(embed.grid_size, dtype=torch.long, device=self.token_grid.device)
+        update_model_input_size(self, embed.img_size)
 
     def prune_intermediate_layers(
             self,
@@ -288,3 +346,166 @@ def build_with_official_weights(model_cls: Callable[..., nn.Module], variant: st
             variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
             pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
         raise PretrainedWeightsUnavailable(weights_source_hint(cfg.to_dict(), e)) from e
+
+
+# --- constructor arguments -------------------------------------------------------------------------------------------
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """ `value` as an int >= minimum, or a ValueError that states the valid range. """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+    return int(value)
+
+
+def check_ints(name: str, values: Any, minimum: int = 1, length: Optional[int] = None) -> Tuple[int, ...]:
+    """ An int or a sequence of ints (one per stage / side), each >= minimum. """
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,) * (length or 1)
+    if length is not None and len(values) != length:
+        raise ValueError(f'{name} needs {length} values, got {len(values)}: {values!r}.')
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < minimum:
+            raise ValueError(f'{name} must hold integers >= {minimum}, got {values!r}.')
+    return tuple(int(v) for v in values)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """ A finite real number > 0 (widths ratios such as mlp_ratio). """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f'{name} must be a number > 0, got {value!r}.')
+    return float(value)
+
+
+def check_rate(name: str, value: Any) -> float:
+    """ A dropout / drop-path probability, in [0, 1]. """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0. <= value <= 1.:
+        raise ValueError(f'{name} must be a probability in [0, 1], got {value!r}.')
+    return float(value)
+
+
+def check_token_model_args(
+        img_size: Any,
+        patch_size: Any,
+        in_chans: Any,
+        num_classes: Any,
+        embed_dim: Any,
+        depth: Any,
+        num_heads: Any,
+        mlp_ratio: Any,
+        **rates: Any,
+) -> None:
+    """ The constructor arguments CNT and Refiner-ViT share, each against its valid range (ValueError naming it). """
+    check_ints('img_size', img_size, 1, length=2)
+    check_ints('patch_size', patch_size, 1, length=2)
+    check_int('in_chans', in_chans, 1)
+    check_int('num_classes', num_classes, 0)
+    check_int('embed_dim', embed_dim, 1)
+    check_int('depth', depth, 1)
+    check_int('num_heads', num_heads, 1)
+    if embed_dim % num_heads:
+        raise ValueError(f'embed_dim ({embed_dim}) must be a multiple of num_heads ({num_heads}).')
+    check_positive('mlp_ratio', mlp_ratio)
+    for name, rate in rates.items():
+        check_rate(name, rate)
+
+
+# --- checkpoint layouts ----------------------------------------------------------------------------------------------
+
+# below this share of the model's weights (elements of its floating-point tensors) coming from a checkpoint, a filter
+# refuses it: such a "fine-tune" would be a random model with a few borrowed tensors (a DeiT-Ti checkpoint into the
+# 64-wide CNT nano fits 1 of 71 tensors)
+MIN_LOADED_SHARE = 0.5
+
+# (layout, marker keys' test) in the order they are told apart; the first match names what a checkpoint is
+_LAYOUTS = (
+    ('CNT', lambda keys: any('.outer.' in k for k in keys)),
+    ('timm TNT', lambda keys: any('.attn_out.' in k for k in keys)),
+    ('Refiner-ViT', lambda keys: any('.attn.refine.' in k or '.attn.DLA.' in k for k in keys)),
+    ('official TransCNN / HAT-Net', lambda keys: any(k.startswith('ds2.') for k in keys)),
+    ('TransCNN / HAT-Net', lambda keys: any(k.startswith('stages.') and '.attn.qkv.' in k for k in keys)),
+    ('timm ViT / DeiT', lambda keys: 'patch_embed.proj.weight' in keys and any(
+        k.startswith('blocks.0.attn.qkv.') for k in keys)),
+    ('timm ResNet', lambda keys: any(k.startswith('layer1.') for k in keys)),
+)
+
+
+def describe_layout(state_dict: Mapping[str, Any]) -> str:
+    """ The model family a state dict's keys come from, as far as the families here and timm's baselines go. """
+    keys = set(state_dict)
+    for name, matches in _LAYOUTS:
+        if matches(keys):
+            return name
+    return f'unknown layout (first keys: {sorted(keys)[:6]})'
+
+
+def check_loaded_share(
+        fitting: Mapping[str, torch.Tensor],
+        model: nn.Module,
+        layout: str,
+        not_fitting: Sequence[str] = (),
+) -> float:
+    """ Raises a ValueError when the tensors of a checkpoint that fit `model` (right name and shape) make up less than
+    MIN_LOADED_SHARE of its weights, naming the layout seen and what did not fit; returns the share. """
+    model_state = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    total = sum(v.numel() for v in model_state.values())
+    loaded = sum(v.numel() for k, v in model_state.items() if k in fitting and fitting[k].shape == v.shape)
+    share = loaded / max(total, 1)
+    if share < MIN_LOADED_SHARE:
+        not_fitting = summarize_keys(list(not_fitting))
+        raise ValueError(
+            f'checkpoint_filter_fn: a {layout} checkpoint, of which {100 * share:.1f}% of '
+            f'{type(model).__name__}\'s weights would load ({loaded:,} of {total:,} values; at least '
+            f'{100 * MIN_LOADED_SHARE:.0f}% needed). Did not fit: {", ".join(not_fitting[:8]) or "nothing named"}'
+            f'{f", ... ({len(not_fitting) - 8} more)" if len(not_fitting) > 8 else ""}. Load it into the model it '
+            f'was trained as (same name and model kwargs).')
+    return share
+
+
+# --- position embeddings from the checkpoint's real grid -------------------------------------------------------------
+
+def source_token_grid(
+        state_dict: Mapping[str, Any],
+        model: nn.Module,
+        num_tokens: int,
+        patch_size: Union[int, Tuple[int, int]],
+) -> Tuple[int, int]:
+    """ The (rows, cols) grid of the `num_tokens` patch tokens a checkpoint's position embedding was trained on.
+
+    In order: the `token_grid` the checkpoint stores (every CNT / Refiner-ViT state dict written since it exists);
+    the size timm's loaders say the weights were made at (`pretrained_model_args['img_size']` of a hub / local-dir
+    folder's config.json, else the pretrained cfg's `input_size`) when its grid holds exactly `num_tokens`; a square
+    grid when `num_tokens` is a square (timm's assumption). Otherwise a ValueError: a non-square grid cannot be read
+    off a token count (16 tokens are 4x4 or 2x8).
+    """
+    grid = state_dict.get('token_grid')
+    if isinstance(grid, torch.Tensor) and grid.numel() == 2:
+        rows, cols = (int(g) for g in grid.tolist())
+        if rows * cols != num_tokens:
+            raise ValueError(f'checkpoint_filter_fn: the checkpoint stores a {rows}x{cols} token grid but its '
+                             f'position embedding has {num_tokens} patch tokens.')
+        return rows, cols
+    patch_size = to_2tuple(patch_size)
+    size = getattr(model, 'pretrained_model_args', {}).get('img_size') or (
+        getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (0, 0, 0))[-2:]
+    rows, cols = (s // p for s, p in zip(to_2tuple(size), patch_size))
+    if rows * cols == num_tokens:
+        return rows, cols
+    side = math.isqrt(num_tokens)
+    if side * side == num_tokens:
+        return side, side
+    raise ValueError(
+        f'checkpoint_filter_fn: the position embedding has {num_tokens} patch tokens, not a square grid, and the '
+        f'checkpoint does not store its grid; give the size it was trained at, e.g. '
+        f'pretrained_cfg_overlay=dict(file=..., input_size=(C, H, W)).')
+
+
+def resample_token_pos(
+        pos: torch.Tensor,
+        source_grid: Tuple[int, int],
+        target_grid: Tuple[int, int],
+        num_prefix_tokens: int,
+) -> torch.Tensor:
+    """ A position embedding (1, prefix + rows * cols, D) resampled from `source_grid` to `target_grid`. """
+    if tuple(source_grid) == tuple(target_grid):
+        return pos
+    return resample_abs_pos_embed(
+        pos, new_size=list(target_grid), old_size=list(source_grid), num_prefix_tokens=num_prefix_tokens)

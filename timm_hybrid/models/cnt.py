@@ -31,14 +31,15 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (
     DropPath, _assert, build_sincos2d_pos_embed, calculate_drop_path_rates, get_act_layer, get_norm_layer,
-    resample_abs_pos_embed, to_2tuple, trunc_normal_,
+    to_2tuple, trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
 from ._common import (
-    TokenClassifierMixin, bn_scale_shift, check_global_pool, checkpoint_keeping_bn_stats, summarize_keys,
+    TokenClassifierMixin, bn_scale_shift, check_global_pool, check_int, check_loaded_share, check_token_model_args,
+    checkpoint_keeping_bn_stats, describe_layout, patch_grid, resample_token_pos, source_token_grid, summarize_keys,
     unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
@@ -69,17 +70,16 @@ class PixelEmbed(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
-        if any(i % p for i, p in zip(self.img_size, self.patch_size)) or min(self.img_size) < max(self.patch_size):
-            raise ValueError(
-                f'img_size {self.img_size} must be a (non-zero) multiple of patch_size {self.patch_size}.')
+        self.set_input_size(img_size)
         self.in_chans = in_chans
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.pixel_grid = (math.ceil(self.patch_size[0] / stride), math.ceil(self.patch_size[1] / stride))
         self.num_pixels = self.pixel_grid[0] * self.pixel_grid[1]
         self.proj = nn.Conv2d(in_chans, inner_dim, kernel_size=7, padding=3, stride=stride, device=device, dtype=dtype)
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        self.img_size, self.grid_size = patch_grid(img_size, self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def feat_ratio(self, as_scalar: bool = True) -> Union[Tuple[int, int], int]:
         return max(self.patch_size) if as_scalar else self.patch_size
@@ -546,6 +546,12 @@ class CNT(TokenClassifierMixin, nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        check_token_model_args(
+            img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate)
+        check_int('inner_dim', inner_dim, 1)
+        check_int('first_stride', first_stride, 1)
         norm_layer = get_norm_layer(norm_layer) or nn.LayerNorm
         act_layer = get_act_layer(act_layer) or nn.GELU
         if isinstance(inner_block, str):
@@ -567,6 +573,7 @@ class CNT(TokenClassifierMixin, nn.Module):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, inner_dim=inner_dim, stride=first_stride,
             **dd)
         self.num_patches = num_patches = self.pixel_embed.num_patches
+        self._register_token_grid(device=device)
         pixel_grid = self.pixel_embed.pixel_grid
         num_pixels = self.pixel_embed.num_pixels
 
@@ -577,14 +584,9 @@ class CNT(TokenClassifierMixin, nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if dist_token else None
 
-        patch_sincos = None
-        if patch_pos_embed == 'sincos':
-            patch_sincos = F.pad(
-                build_sincos2d_pos_embed(list(self.pixel_embed.grid_size), embed_dim),
-                (0, 0, self.num_prefix_tokens, 0))
         _fixed_or_learned(
-            patch_pos_embed, 'patch_pos', self, (1, self.num_prefix_tokens + num_patches, embed_dim), patch_sincos,
-            **dd)
+            patch_pos_embed, 'patch_pos', self, (1, self.num_prefix_tokens + num_patches, embed_dim),
+            self._patch_sincos() if patch_pos_embed == 'sincos' else None, **dd)
         pixel_sincos = None
         if pixel_pos_embed == 'sincos':
             pixel_sincos = build_sincos2d_pos_embed(list(pixel_grid), inner_dim).t()  # (C_in, h*w)
@@ -633,7 +635,9 @@ class CNT(TokenClassifierMixin, nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {'patch_pos', 'pixel_pos', 'cls_token', 'dist_token'}
+        # the learned ones only: a 'sincos' / 'none' encoding or a missing distillation token is no parameter
+        return {n for n in ('patch_pos', 'pixel_pos', 'cls_token', 'dist_token')
+                if isinstance(getattr(self, n), nn.Parameter)}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -653,6 +657,21 @@ class CNT(TokenClassifierMixin, nn.Module):
 
     def _token_grid(self) -> Tuple[int, int]:
         return self.pixel_embed.grid_size
+
+    def _input_embed(self) -> PixelEmbed:
+        return self.pixel_embed
+
+    def _patch_sincos(self) -> torch.Tensor:
+        """ The fixed 2D sin-cos encoding of the patch grid, zero on the prefix tokens (1, prefix + N, D). """
+        sincos = build_sincos2d_pos_embed(list(self.pixel_embed.grid_size), self.embed_dim)
+        return F.pad(sincos, (0, 0, self.num_prefix_tokens, 0))[None]
+
+    def _resample_pos_embed(self, old_grid: Tuple[int, int]) -> None:
+        if isinstance(self.patch_pos, nn.Parameter):
+            self.patch_pos = nn.Parameter(resample_token_pos(
+                self.patch_pos.detach(), old_grid, self.pixel_embed.grid_size, self.num_prefix_tokens))
+        elif self.patch_pos is not None:  # sin-cos: rebuilt for the grid
+            self.patch_pos = self._patch_sincos().to(self.patch_pos)
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """ Image -> (patch sequence (B, prefix + N, D), pixel tokens (B*N, h*w, C_in)). """
@@ -777,49 +796,64 @@ def _from_vit(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _adapt_patch_pos(pos: torch.Tensor, model: CNT, num_prefix_src: int) -> torch.Tensor:
-    """ Matches prefix tokens (class / distillation) and resamples the patch grid to the model's. """
+def _adapt_patch_pos(pos: torch.Tensor, model: CNT, state_dict: Dict[str, Any]) -> torch.Tensor:
+    """ Matches prefix tokens (class / distillation) and resamples the patch grid, from the checkpoint's own grid
+    (`source_token_grid`), to the model's. """
+    num_prefix_src = 1 + int('dist_token' in state_dict)
     num_prefix = model.num_prefix_tokens
+    source_grid = source_token_grid(state_dict, model, pos.shape[1] - num_prefix_src, model.pixel_embed.patch_size)
     if num_prefix_src != num_prefix:
         prefix = pos[:, :num_prefix_src]
         # a missing distillation token position starts from the class token's
         prefix = prefix[:, :num_prefix] if num_prefix_src > num_prefix else torch.cat([prefix, prefix[:, :1]], 1)
         pos = torch.cat([prefix, pos[:, num_prefix_src:]], dim=1)
-    if pos.shape[1] != model.patch_pos.shape[1]:
-        pos = resample_abs_pos_embed(pos, new_size=list(model.pixel_embed.grid_size), num_prefix_tokens=num_prefix)
-    return pos
+    return resample_token_pos(pos, source_grid, model.pixel_embed.grid_size, num_prefix)
+
+
+def _match_distillation(state_dict: Dict[str, torch.Tensor], model: CNT) -> Dict[str, torch.Tensor]:
+    """ CNT <-> CNT-distilled: a missing distillation token and head start as copies of the class token and head, a
+    distillation token and head the model lacks are dropped (both logged). """
+    has_dist = model.dist_token is not None
+    dist_keys = [k for k in state_dict if k == 'dist_token' or k.startswith('head_dist.')]
+    if has_dist and 'dist_token' not in state_dict:
+        state_dict['dist_token'] = state_dict['cls_token'].clone()
+        state_dict.update({k.replace('head.', 'head_dist.', 1): v.clone() for k, v in list(state_dict.items())
+                           if k.startswith('head.')})
+        _logger.warning('CNT -> CNTDistilled: the distillation token and head start as copies of the class token '
+                        'and head.')
+    elif not has_dist and dist_keys:
+        for k in dist_keys:
+            del state_dict[k]
+        _logger.warning('CNTDistilled -> CNT: the distillation token and head are dropped.')
+    return state_dict
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CNT) -> Dict[str, torch.Tensor]:
     """ Converts a CNT, timm TNT or timm DeiT / ViT state dict for `model`.
 
-    CNT checkpoints pass through (patch position embedding resampled to the model's grid), and a strict load then names
-    any key that does not fit. TNT / DeiT checkpoints are for fine-tuning: every tensor that fits is taken (outer
-    blocks, embeddings, head; TNT's inner transformer when inner_block='attn'), the rest of the model keeps its fresh
-    initialisation, and what was skipped is logged with the reason.
+    CNT checkpoints pass through (patch position embedding resampled from the checkpoint's grid to the model's; a
+    distillation token and head added or dropped to match), and a strict load then names any key that does not fit.
+    TNT / DeiT checkpoints are for fine-tuning: every tensor that fits is taken (outer blocks, embeddings, head; TNT's
+    inner transformer when inner_block='attn'), the rest of the model keeps its fresh initialisation, and what was
+    skipped is logged with the reason. A ValueError names the layout seen when it is none of these, or when less than
+    MIN_LOADED_SHARE (half) of the model's weights would come from the checkpoint.
     """
     state_dict = unwrap_checkpoint(state_dict)
-    if any('.outer.' in k for k in state_dict):
-        source = 'CNT'
-    elif any('.attn_out.' in k for k in state_dict):
-        source = 'TNT'
+    layout = describe_layout(state_dict)
+    if layout == 'timm TNT':
         state_dict = _from_tnt(state_dict)
-    elif 'pos_embed' in state_dict and any(k.startswith('blocks.0.attn.') for k in state_dict):
-        source = 'ViT/DeiT'
-        num_prefix_src = 1 + int('dist_token' in state_dict)
+    elif layout == 'timm ViT / DeiT':
         state_dict = _from_vit(state_dict)
-    else:
-        sample = sorted(state_dict)[:8]
+    elif layout != 'CNT':
         raise ValueError(
-            f'checkpoint_filter_fn: not a CNT, timm TNT or timm DeiT/ViT state dict for {type(model).__name__} '
-            f'(first keys: {sample}).')
+            f'checkpoint_filter_fn: not a CNT, timm TNT or timm DeiT/ViT state dict for {type(model).__name__}, but '
+            f'a {layout} one.')
 
-    patch_pos = getattr(model, 'patch_pos', None)
-    if 'patch_pos' in state_dict and isinstance(patch_pos, torch.Tensor):
-        num_prefix_src = model.num_prefix_tokens if source != 'ViT/DeiT' else num_prefix_src
-        state_dict['patch_pos'] = _adapt_patch_pos(state_dict['patch_pos'], model, num_prefix_src)
-    if source == 'CNT':
-        return state_dict
+    if 'patch_pos' in state_dict and isinstance(model.patch_pos, torch.Tensor):
+        state_dict['patch_pos'] = _adapt_patch_pos(state_dict['patch_pos'], model, state_dict)
+    state_dict['token_grid'] = model.token_grid  # what the position embedding is now resampled to
+    if layout == 'CNT':
+        return _match_distillation(state_dict, model)
 
     model_state = model.state_dict()
     out, skipped = {}, []
@@ -830,14 +864,15 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CNT) -> Dict[str, to
             skipped.append(f'{k}: shape {tuple(v.shape)} != model {tuple(model_state[k].shape)}')
         else:
             out[k] = v
+    check_loaded_share(out, model, layout, skipped)
     kept_init = [k for k in model_state if k not in out]
     if skipped:
         _logger.warning(
-            f'{source} -> {type(model).__name__} ({type(model.blocks[0].inner).__name__} inner block): skipped '
+            f'{layout} -> {type(model).__name__} ({type(model.blocks[0].inner).__name__} inner block): skipped '
             f'{len(skipped)} tensors:\n  ' + '\n  '.join(summarize_keys(skipped)))
     if kept_init:
         _logger.warning(
-            f'{source} -> {type(model).__name__}: {len(kept_init)} tensors keep their fresh initialisation:\n  '
+            f'{layout} -> {type(model).__name__}: {len(kept_init)} tensors keep their fresh initialisation:\n  '
             + '\n  '.join(summarize_keys(kept_init)))
     # fill what the source lacks from the model itself, so the (strict) load sees a complete state dict
     out.update({k: model_state[k] for k in kept_init})
@@ -894,7 +929,9 @@ _INNER_BLOCK_OPTIONS = {
 
 
 def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> CNT:
-    out_indices = kwargs.pop('out_indices', 3)
+    depth = kwargs.get('depth', 12)
+    # the last 3 blocks, or every block of a shallower model (features_only with depth=2)
+    out_indices = kwargs.pop('out_indices', min(3, depth) if isinstance(depth, int) and depth > 0 else 3)
     inner_block_args = {
         option: kwargs.pop(name) for name, option in _INNER_BLOCK_OPTIONS.items() if name in kwargs}
     if inner_block_args:

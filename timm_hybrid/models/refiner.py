@@ -55,17 +55,30 @@ import torch.nn as nn
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (
     ConvNormAct, DropPath, LayerScale, Mlp, _assert, calculate_drop_path_rates, get_act_layer, get_norm_layer,
-    resample_abs_pos_embed, to_2tuple, trunc_normal_,
+    register_notrace_function, to_2tuple, trunc_normal_,
 )
 from timm.models import generate_default_cfgs, register_model
 
 from ._common import (
-    TokenClassifierMixin, bn_scale_shift, build_with_official_weights, check_global_pool, unwrap_checkpoint,
+    TokenClassifierMixin, bn_scale_shift, build_with_official_weights, check_global_pool, check_int, check_ints,
+    check_loaded_share, check_positive, check_token_model_args, describe_layout, patch_grid, resample_token_pos,
+    source_token_grid, unwrap_checkpoint,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
+
+
+@register_notrace_function  # branches on the input size
+def size_mismatch_message(height: int, width: int, img_size: Tuple[int, int], patch_size: Tuple[int, int]) -> str:
+    """ The error for an input of another size than the model's; it suggests img_size=(H, W) only where a model can
+    be built for that size (each side a positive multiple of the patch). """
+    message = f'Input image size ({height}x{width}) does not match the model ({img_size[0]}x{img_size[1]}); '
+    if height > 0 and width > 0 and height % patch_size[0] == 0 and width % patch_size[1] == 0:
+        return message + f'create the model with img_size=({height}, {width}) for this size.'
+    return message + (f'resize the images to it ({height}x{width} is no model size: each side must be a positive '
+                      f'multiple of patch_size {patch_size}).')
 
 
 class ConvPatchEmbed(nn.Module):
@@ -89,16 +102,11 @@ class ConvPatchEmbed(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.img_size = to_2tuple(img_size)
         self.patch_size = to_2tuple(patch_size)
         if any(p % 2 for p in self.patch_size):
             raise ValueError(f'patch_size {self.patch_size} must be even (the stem runs at stride 2).')
-        if any(i % p for i, p in zip(self.img_size, self.patch_size)) or min(self.img_size) < max(self.patch_size):
-            raise ValueError(
-                f'img_size {self.img_size} must be a (non-zero) multiple of patch_size {self.patch_size}.')
+        self.set_input_size(img_size)
         self.in_chans = in_chans
-        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
         conv_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, **dd)
         self.conv1 = ConvNormAct(in_chans, stem_chs[0], 7, stride=2, **conv_kwargs)
         self.conv2 = ConvNormAct(stem_chs[0], stem_chs[1], 3, **conv_kwargs)
@@ -106,14 +114,16 @@ class ConvPatchEmbed(nn.Module):
         half_patch = (self.patch_size[0] // 2, self.patch_size[1] // 2)
         self.proj = nn.Conv2d(stem_chs[2], embed_dim, kernel_size=half_patch, stride=half_patch, **dd)
 
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        self.img_size, self.grid_size = patch_grid(img_size, self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
         B, C, H, W = x.shape
         _assert(C == self.in_chans, f'Input has {C} channels, the model was built for in_chans={self.in_chans}.')
         # two asserts, not one with `and`: FX cannot branch on a traced comparison
-        size_msg = (
-            f'Input image size ({H}x{W}) does not match the model ({self.img_size[0]}x{self.img_size[1]}); '
-            f'create the model with img_size=({H}, {W}) (any multiple of patch_size {self.patch_size}).')
+        size_msg = size_mismatch_message(H, W, self.img_size, self.patch_size)
         _assert(H == self.img_size[0], size_msg)
         _assert(W == self.img_size[1], size_msg)
         x = self.proj(self.conv3(self.conv2(self.conv1(x))))  # (B, D, H/p, W/p)
@@ -429,6 +439,15 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
+        check_token_model_args(
+            img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate)
+        check_int('refine_expand', refine_expand, 1)
+        if check_int('refine_kernel_size', refine_kernel_size, 1) % 2 == 0:
+            raise ValueError(f'refine_kernel_size must be odd (the map keeps its size), got {refine_kernel_size}.')
+        check_ints('stem_chs', stem_chs, 1, length=3)
+        check_positive('branch_gain', branch_gain)
         if refiner_blocks is None:
             refiner_blocks = [i % 2 == 1 for i in range(depth)]
         refiner_blocks = [bool(r) for r in refiner_blocks]
@@ -455,6 +474,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, stem_chs=stem_chs,
             norm_layer=conv_norm_layer, act_layer=conv_act_layer, **dd)
         self.num_patches = self.patch_embed.num_patches
+        self._register_token_grid(device=device)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim, **dd))
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
@@ -522,6 +542,13 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
     def _token_grid(self) -> Tuple[int, int]:
         return self.patch_embed.grid_size
 
+    def _input_embed(self) -> ConvPatchEmbed:
+        return self.patch_embed
+
+    def _resample_pos_embed(self, old_grid: Tuple[int, int]) -> None:
+        self.pos_embed = nn.Parameter(resample_token_pos(
+            self.pos_embed.detach(), old_grid, self.patch_embed.grid_size, self.num_prefix_tokens))
+
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """ Image -> (token sequence (B, 1 + N, D), no attention map yet: each block refines its predecessor's). """
         x = self.patch_embed(x)
@@ -578,13 +605,20 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RefinerViT) -> Dict[
     (or, if the checkpoint lacks it, keeps freshly initialised) the token-labelling aux head to match the model.
     """
     state_dict = unwrap_checkpoint(state_dict)
+    layout = describe_layout(state_dict)
     if any('.attn.DLA.' in k or k.endswith('.mlp.scale_channel') for k in state_dict):
         state_dict = _from_official(state_dict)
 
     pos_embed = state_dict.get('pos_embed')
-    if pos_embed is not None and pos_embed.shape[1] != model.pos_embed.shape[1]:
-        state_dict['pos_embed'] = resample_abs_pos_embed(
-            pos_embed, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens)
+    if pos_embed is not None:
+        num_prefix = model.num_prefix_tokens
+        source_grid = source_token_grid(
+            state_dict, model, pos_embed.shape[1] - num_prefix, model.patch_embed.patch_size)
+        state_dict['pos_embed'] = resample_token_pos(pos_embed, source_grid, model.patch_embed.grid_size, num_prefix)
+    state_dict['token_grid'] = model.token_grid  # what the position embedding is now resampled to
+    model_state = model.state_dict()
+    check_loaded_share(state_dict, model, layout, [
+        k for k, v in state_dict.items() if k not in model_state or model_state[k].shape != v.shape])
 
     aux_keys = [k for k in state_dict if k.startswith('aux_head.')]
     if model.aux_head is None and aux_keys:
@@ -632,7 +666,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_refiner(variant: str, pretrained: bool = False, **kwargs) -> RefinerViT:
-    out_indices = kwargs.pop('out_indices', 3)
+    depth = kwargs.get('depth', 16)
+    # the last 3 blocks, or every block of a shallower model (features_only with depth=2)
+    out_indices = kwargs.pop('out_indices', min(3, depth) if isinstance(depth, int) and depth > 0 else 3)
     model = build_with_official_weights(
         RefinerViT,
         variant,

@@ -22,7 +22,11 @@ constructor switches select either. `checkpoint_filter_fn` converts the official
 Unlike the official code (multiples of 128 px for TransCNN, 224 px for HAT-Net), any input size works: a map that is
 not a whole number of windows is zero-padded to one and the padded keys are masked out of the window attention, the
 key/value pooling and the downsample's max-pool use ceil mode (partial cells average / max over their valid pixels).
-At the official sizes nothing is padded and the outputs are the official ones.
+At the official sizes nothing is padded and the outputs are the official ones. One limit in training mode: TransCNN's
+BatchNorms need more than one value per channel, and the last stage's map (as the first stage's pooled keys) is
+ceil(H / 32) x ceil(W / 32), so a training batch needs batch * ceil(H / 32) * ceil(W / 32) > 1 (batch 1 needs an
+input side above 32 px); torch's BatchNorm raises "Expected more than 1 value per channel when training" otherwise.
+HAT-Net's GroupNorm has no such limit, and eval mode has none in either.
 """
 import re
 from functools import partial
@@ -42,7 +46,10 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._features import feature_take_indices
 
-from ._common import build_with_official_weights, checkpoint_keeping_bn_stats, prune_sequence, unwrap_checkpoint
+from ._common import (
+    build_with_official_weights, check_int, check_ints, check_loaded_share, check_positive, check_rate,
+    checkpoint_keeping_bn_stats, describe_layout, prune_sequence, unwrap_checkpoint,
+)
 
 __all__ = ['TransCNN', 'checkpoint_filter_fn']
 
@@ -387,11 +394,12 @@ class TransCNN(nn.Module):
       * the blocks' Dropout2d (rate 0 in every released model and training recipe) is left out;
       * the head dropout is timm's `drop_rate` (default 0 as in timm; the official classifier hard-codes 0.2).
 
-    Inputs: a float (B, in_chans, H, W) batch, any H, W >= 1. A wrong rank or channel count, or a zero height / width,
-    raises an AssertionError naming what was expected; an empty batch (B = 0) gives (0, num_classes) logits in eval
-    and training. NaN / inf are not checked (a full reduction and host sync per forward, and a data-dependent branch
-    torch.export / ONNX cannot take): in eval they reach only their own sample's logits, in training TransCNN's
-    BatchNorm statistics spread them over the batch (HAT-Net's GroupNorm does not).
+    Inputs: a float (B, in_chans, H, W) batch, any H, W >= 1 (in training, TransCNN's BatchNorms need
+    B * ceil(H / 32) * ceil(W / 32) > 1, see the module docstring). A wrong rank or channel count, or a zero height /
+    width, raises an AssertionError naming what was expected; an empty batch (B = 0) gives (0, num_classes) logits in
+    eval and training. NaN / inf are not checked (a full reduction and host sync per forward, and a data-dependent
+    branch torch.export / ONNX cannot take): in eval they reach only their own sample's logits, in training
+    TransCNN's BatchNorm statistics spread them over the batch (HAT-Net's GroupNorm does not).
 
     Reduced precision: CPU autocast keeps HAT-Net within 1.2e-2 (bf16) / 1.5e-3 (fp16) of fp32 (relative, logits and
     gradients). TransCNN's BatchNorm after every conv rescales each layer's rounding to unit size, so it grows stage
@@ -455,6 +463,22 @@ class TransCNN(nn.Module):
         if not all(len(a) == num_stages for a in (depths, mlp_ratios, kernel_sizes, window_sizes, pool_ratios)):
             raise ValueError('embed_dims, depths, mlp_ratios, kernel_sizes, window_sizes and pool_ratios need one '
                              'value per stage.')
+        check_int('in_chans', in_chans, 1)
+        check_int('num_classes', num_classes, 0)
+        check_int('head_dim', head_dim, 1)
+        check_int('stem_chs', stem_chs, 1)
+        for i, dim in enumerate(check_ints('embed_dims', embed_dims, 1, length=num_stages)):
+            if dim % head_dim:
+                raise ValueError(f'embed_dims[{i}] ({dim}) must be a multiple of head_dim ({head_dim}).')
+        check_ints('depths', depths, 1, length=num_stages)
+        check_ints('window_sizes', window_sizes, 1, length=num_stages)
+        check_ints('pool_ratios', pool_ratios, 1, length=num_stages)
+        if any(k % 2 == 0 for k in check_ints('kernel_sizes', kernel_sizes, 1, length=num_stages)):
+            raise ValueError(f'kernel_sizes must be odd (the FFN keeps the map size), got {tuple(kernel_sizes)}.')
+        for ratio in mlp_ratios:
+            check_positive('mlp_ratios', ratio)
+        check_rate('drop_rate', drop_rate)
+        check_rate('drop_path_rate', drop_path_rate)
         norm_layer = get_norm_layer(norm_layer)
         if norm_eps is not None:
             norm_layer = partial(norm_layer, eps=norm_eps)
@@ -532,7 +556,10 @@ class TransCNN(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
+        # the stem's device / dtype: after reset_classifier(0) the head has no parameter to take them from
+        stem_weight = self.stem[1].weight
+        self.head.reset(num_classes, pool_type=global_pool, device=stem_weight.device, dtype=stem_weight.dtype)
+        self.head.train(self.training)
 
     def _check_input(self, x: torch.Tensor) -> None:
         _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
@@ -655,18 +682,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: TransCNN) -> Dict[st
 
     Accepts the raw state dict or the training checkpoint ({'model': ...}, 'state_dict', 'module.' prefixes). The
     official layouts are the same tensors under other names (1x1 convs stay convs), except HAT-Net's unused
-    `attn.proj_norm`, which is dropped.
+    `attn.proj_norm`, which is dropped. A ValueError names the layout seen when less than MIN_LOADED_SHARE (half) of
+    the model's weights would load. The model has no position embedding, so nothing depends on the input size.
     """
     state_dict = unwrap_checkpoint(state_dict)
-    if not any(k.startswith('patch_embed.') for k in state_dict):
-        return state_dict
-    ffn = _HATNET_FFN if any(k.startswith('ds2.norm.') for k in state_dict) else _TRANSCNN_FFN
-    out = {}
-    for k, v in state_dict.items():
-        new_key = _rename_official(k, ffn)
-        if new_key is not None:
-            out[new_key] = v
-    return out
+    layout = describe_layout(state_dict)
+    if layout == 'official TransCNN / HAT-Net':
+        ffn = _HATNET_FFN if any(k.startswith('ds2.norm.') for k in state_dict) else _TRANSCNN_FFN
+        state_dict = {new_key: v for new_key, v in (
+            (_rename_official(k, ffn), v) for k, v in state_dict.items()) if new_key is not None}
+    model_state = model.state_dict()
+    check_loaded_share(state_dict, model, layout, [
+        k for k, v in state_dict.items() if k not in model_state or model_state[k].shape != v.shape])
+    return state_dict
 
 
 # --- pretrained configs and entry points -----------------------------------------------------------------------------
