@@ -57,6 +57,8 @@ def official_layout(family: str) -> Tuple[Dict[str, Tuple[str, list]], List[str]
     official = safetensors.torch.load_file(FIXTURES / name)
     ours = filter_fn(dict(official), fixture_model(family))
     official_key = {id(v): k for k, v in official.items()}
+    # tensors the filter makes itself (the stored token grid) have no official key
+    ours = {k: v for k, v in ours.items() if id(v) in official_key}
     pairs: Dict[str, List[Tuple[List[int], str]]] = {}
     for key, tensor in ours.items():
         pairs.setdefault(_shape(key), []).append((_numbers(key), official_key[id(tensor)]))
@@ -84,6 +86,8 @@ def official_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     layout, unused = official_layout(family)
     out = {}
     for key, tensor in model.state_dict().items():
+        if key == 'token_grid':  # ours (the patch grid the position embedding was made on); official files lack it
+            continue
         official_shape, rules = layout[_shape(key)]
         numbers = _numbers(key)
         values = iter(numbers[r[1]] + r[2] if r[0] == 'index' else r[1] for r in rules)

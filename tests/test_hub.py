@@ -316,7 +316,7 @@ def empty_download_cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def mocked_hf_api(monkeypatch, no_hf_token):
-    """ HfApi's create_repo / upload_folder recorded instead of sent; the uploaded folders copied for inspection. """
+    """ HfApi's create_repo / upload_folder recorded instead of sent (whoami / repo_exists answered). """
     calls = []
 
     class RepoUrl(str):
@@ -333,6 +333,9 @@ def mocked_hf_api(monkeypatch, no_hf_token):
     monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo',
                         lambda self, repo_id, **kw: calls.append(('create_repo', repo_id, kw)) or RepoUrl(repo_id))
     monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', upload_folder)
+    # push checks the hub first (token, whether the repo exists) and records nothing for that
+    monkeypatch.setattr(huggingface_hub.HfApi, 'whoami', lambda self: {'name': 'tester'})
+    monkeypatch.setattr(huggingface_hub.HfApi, 'repo_exists', lambda self, repo_id: False)
     return calls
 
 
