@@ -405,9 +405,10 @@ class Block(nn.Module):
 
     @torch.jit.unused
     def _recomputed(self, pixel_embed: torch.Tensor) -> bool:
-        return (self.recompute_pixels and self.training and torch.is_grad_enabled() and pixel_embed.requires_grad
-                and not torch.compiler.is_compiling() and not is_fx_symbolic_tracing()
-                and not torch.jit.is_tracing())
+        # the tracers first: a traced tensor's requires_grad cannot steer Python control flow
+        if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False
+        return self.recompute_pixels and self.training and torch.is_grad_enabled() and pixel_embed.requires_grad
 
     @torch.jit.unused
     def _pixel_path_recomputed(
