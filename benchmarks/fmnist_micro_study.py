@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
     REPO, Run, Study, change_over_last_tenth, epochs_done, mean_std, plot_bands, read_curve,
-    read_summary, recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
+    recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
     train_images_per_second, train_throughput,
 )
 from timm_hybrid.compare import markdown_table  # noqa: E402

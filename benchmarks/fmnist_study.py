@@ -31,7 +31,7 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
-    REPO, Run, Study, append_row, epochs_done, read_summary, recorded_runs, run_queue, save_curve, shown_command,
+    REPO, Run, Study, epochs_done, read_summary, recorded_runs, run_queue, save_curve, shown_command,
     train_images_per_second,
 )
 from timm_hybrid.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
