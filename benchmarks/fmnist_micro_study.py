@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
-    REPO, Run, Study, change_over_last_tenth, epochs_done, mean_std, plot_bands, read_curve,
+    REPO, Run, Study, change_over_last_tenth, epochs_done, export_teacher, mean_std, plot_bands, read_curve,
     recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
     train_images_per_second, train_throughput,
 )
@@ -180,7 +180,7 @@ def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dic
         test = json.loads((STUDY.run_dir(run) / 'test.json').read_text())
         shown_test = shown_command(cmd, validate_py.parent).replace('python -m timm_hybrid.cli run', 'timm-hybrid run')
     if run.group == 'teacher':
-        export_teacher()
+        export_teacher(STUDY, TEACHER_MODEL, STUDY.run_dir(run) / 'last.pth.tar')
     return dict(
         run=run.name, group=run.group, model=run.model, model_kwargs=' '.join(run.model_kwargs),
         distill=run.distill, data=run.data, train_images=TRAIN_IMAGES[run.data], seed=run.seed,
@@ -190,16 +190,6 @@ def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dic
         train_img_per_s_log=train_images_per_second(STUDY.run_dir(run) / 'log.txt') or '', threads=threads,
         finished=time.strftime('%Y-%m-%d %H:%M'), command=shown_command(command, validate_py.parent),
         test_command=shown_test)
-
-
-def export_teacher() -> None:
-    from timm_hybrid.hub import export
-    # the recipe's data settings go into its config.json: train.py's distillation re-normalises the student's input
-    # with the teacher's mean / std
-    export(TEACHER_MODEL, STUDY.run_dir(Run(TEACHER_RUN, '', '', '')) / 'last.pth.tar', STUDY.teacher_dir,
-           num_classes=FASHION_MNIST_NUM_CLASSES, in_chans=FASHION_MNIST_INPUT_SIZE[0],
-           data_config=dict(input_size=FASHION_MNIST_INPUT_SIZE, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
-                            crop_pct=1.0))
 
 
 # --- report ----------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
-    REPO, Run, Study, epochs_done, read_summary, recorded_runs, run_queue, save_curve, shown_command,
+    REPO, Run, Study, epochs_done, export_teacher, read_summary, recorded_runs, run_queue, save_curve, shown_command,
     train_images_per_second,
 )
 from timm_hybrid.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
@@ -119,7 +119,7 @@ def record(run: Run, command: Sequence[str], threads: int) -> Dict[str, object]:
     flops = count_flops(run.model, input_size=FASHION_MNIST_INPUT_SIZE, num_classes=10, in_chans=1, **kwargs)
     save_curve(STUDY, run)
     if run.group == 'teacher':
-        export_teacher()
+        export_teacher(STUDY, TEACHER_MODEL, WORK / TEACHER_RUN / 'model_best.pth.tar')
     return dict(
         run=run.name, group=run.group, model=run.model, model_kwargs=' '.join(run.model_kwargs),
         distill=run.distill, data=run.data, train_images=60000 if run.data == 'full' else 6000, seed=run.seed,
@@ -129,15 +129,6 @@ def record(run: Run, command: Sequence[str], threads: int) -> Dict[str, object]:
         train_img_per_s=train_images_per_second(STUDY.run_dir(run) / 'log.txt') or '', threads=threads,
         finished=time.strftime('%Y-%m-%d %H:%M'), command=shown_command(command).replace(
             f'python {command[1]}', 'python train.py'))
-
-
-def export_teacher() -> None:
-    from timm_hybrid.hub import export
-    # the recipe's data settings go into its config.json: train.py's distillation re-normalises the student's input
-    # with the teacher's mean / std
-    export(TEACHER_MODEL, WORK / TEACHER_RUN / 'model_best.pth.tar', STUDY.teacher_dir, num_classes=10, in_chans=1,
-           data_config=dict(input_size=FASHION_MNIST_INPUT_SIZE, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
-                            crop_pct=1.0))
 
 
 def run_study(args: argparse.Namespace) -> None:

@@ -265,6 +265,20 @@ def train(study: Study, run: Run, train_py: Path, threads: int) -> Tuple[int, Li
                 proc.wait()
 
 
+def export_teacher(study: Study, model: str, checkpoint: Path) -> None:
+    """ A trained teacher checkpoint as the local-dir folder train.py's --kd-model-name reads (study.teacher_dir).
+    The Fashion-MNIST data settings go into its config.json: train.py's distillation re-normalises the student's
+    input with the teacher's mean / std. """
+    from timm_hybrid.data import (
+        FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_NUM_CLASSES, FASHION_MNIST_STD,
+    )
+    from timm_hybrid.hub import export
+    export(model, checkpoint, study.teacher_dir, num_classes=FASHION_MNIST_NUM_CLASSES,
+           in_chans=FASHION_MNIST_INPUT_SIZE[0],
+           data_config=dict(input_size=FASHION_MNIST_INPUT_SIZE, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                            crop_pct=1.0))
+
+
 def thread_env(threads: int) -> Dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS='ignore')
 

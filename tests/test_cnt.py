@@ -314,7 +314,8 @@ def test_bad_input_gets_a_clear_error():
         model(torch.randn(3, 32, 32))
     with pytest.raises(AssertionError, match='Input has 1 channels, the model was built for in_chans=3'):
         model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(AssertionError, match=r'Input height 48 does not match the model \(32\).*img_size'):
+    size_error = r'Input image size \(48x32\) does not match the model \(32x32\).*img_size=\(48, 32\)'
+    with pytest.raises(AssertionError, match=size_error):
         model(torch.randn(1, 3, 48, 32))
     with pytest.raises(ValueError, match='must be a \\(non-zero\\) multiple of patch_size'):
         _small_cnt(img_size=40)

@@ -366,7 +366,7 @@ def test_publish_converts_official_checkpoints_checks_and_pushes(tmp_path, empty
     --source. Each is converted by its checkpoint_filter_fn, written as a hub folder whose logits equal the model the
     checkpoint was made from, carded with its origin, license and paper, and pushed through (mocked) HfApi. """
     from official_checkpoints import save_official_checkpoint
-    from timm_hybrid.models._common import official_weights_cache_file
+    from timm_hybrid.models import official_weights_cache_file
     originals = {}
     for tag in ('transcnn_tiny.in1k', 'hatnet_tiny.in1k'):
         originals[tag] = timm.create_model(tag.split('.')[0]).eval()

@@ -184,7 +184,7 @@ TINY_TRANSCNN = dict(embed_dims=(8, 8, 8, 8), depths=(1, 1, 1, 1), head_dim=8)
      'the official weights have no address timm can download from'),
 ])
 def test_official_weights_unreachable_say_where_from_and_what_to_do_offline(tag, kwargs, says, unreachable):
-    from timm_hybrid.models._common import PretrainedWeightsUnavailable
+    from timm_hybrid.models import PretrainedWeightsUnavailable
     with pytest.raises(PretrainedWeightsUnavailable) as e:
         timm.create_model(tag, pretrained=True, **kwargs)
     message = str(e.value)

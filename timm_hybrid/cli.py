@@ -226,27 +226,28 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--checkpoint', required=True, help='model_best.pth.tar / last.pth.tar / .safetensors')
     p.add_argument('--output', required=True, help='folder to write, by convention named <arch>.<tag>')
     p.add_argument('--overwrite', action='store_true', help='replace a non-empty --output folder as a whole')
-    p.add_argument('--num-classes', type=NON_NEGATIVE_INT, default=None,
-                   help='classes of the trained head, if not the default')
-    p.add_argument('--in-chans', type=POSITIVE_INT, default=None, help='input channels, if not the default')
-    p.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValues,
-                   help='further create_model kwargs the model was trained with, e.g. img_size=56')
-    p.add_argument('--use-ema', action='store_true', help="export the checkpoint's EMA weights (--model-ema)")
-    # the data settings of timm's train.py, when the model was trained with others than its cfg's
-    p.add_argument('--input-size', type=POSITIVE_INT, nargs=3, default=None, metavar=('C', 'H', 'W'),
-                   help='input size the model was trained at, e.g. 1 28 28')
-    p.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean used in training')
-    p.add_argument('--std', type=POSITIVE_FLOAT, nargs='+', default=None, help='normalisation std used in training')
-    p.add_argument('--crop-pct', type=POSITIVE_FLOAT, default=None, help='eval crop fraction used in training')
-    p.add_argument('--accuracy', nargs='*', default={}, action=KeyValues, percent=True, metavar='METRIC=VALUE',
-                   help='measured accuracy for the model card, e.g. top1=88.1 top5=99.7 (validate.py, in %%)')
-    p.add_argument('--train-command', default=None, help='the command that trained the weights, for the card')
-    p.add_argument('--dataset', default=None, help='data set name for the card (default from the tag)')
-    p.add_argument('--compare', nargs='*', default=None, metavar='MODEL',
-                   help='other models for the card comparison table (params, GMACs)')
-    p.add_argument('--model-name', default=None, help='repo name in the card (default <arch>.<tag>)')
-    p.add_argument('--teacher', default=None, metavar='REPO_ID',
-                   help="a distilled student's teacher on the hub: the card's base_model")
+    model = p.add_argument_group('the model as trained, where not its defaults')
+    model.add_argument('--num-classes', type=NON_NEGATIVE_INT, default=None, help='classes of the trained head')
+    model.add_argument('--in-chans', type=POSITIVE_INT, default=None, help='input channels')
+    model.add_argument('--model-kwargs', nargs='*', default={}, action=KeyValues,
+                       help='further create_model kwargs the model was trained with, e.g. img_size=56')
+    model.add_argument('--use-ema', action='store_true', help="export the checkpoint's EMA weights (--model-ema)")
+    data = p.add_argument_group("data settings of timm's train.py, where not the model cfg's (go into config.json)")
+    data.add_argument('--input-size', type=POSITIVE_INT, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                      help='input size the model was trained at, e.g. 1 28 28')
+    data.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean used in training')
+    data.add_argument('--std', type=POSITIVE_FLOAT, nargs='+', default=None, help='normalisation std used in training')
+    data.add_argument('--crop-pct', type=POSITIVE_FLOAT, default=None, help='eval crop fraction used in training')
+    card = p.add_argument_group('model card')
+    card.add_argument('--accuracy', nargs='*', default={}, action=KeyValues, percent=True, metavar='METRIC=VALUE',
+                      help='measured accuracy, e.g. top1=88.1 top5=99.7 (validate.py, in %%)')
+    card.add_argument('--train-command', default=None, help='the command that trained the weights')
+    card.add_argument('--dataset', default=None, help='data set name (default from the tag)')
+    card.add_argument('--compare', nargs='*', default=None, metavar='MODEL',
+                      help='other models for the comparison table (params, GMACs)')
+    card.add_argument('--model-name', default=None, help='repo name (default <arch>.<tag>)')
+    card.add_argument('--teacher', default=None, metavar='REPO_ID',
+                      help="a distilled student's teacher on the hub: the card's base_model")
 
 
 def _push(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from timm.models import get_model_input_config, load_state_dict, save_for_hf
 
 from .data import FASHION_MNIST_DATASET
 from .flops import count_flops
-from .models._common import official_weights_cache_file, summarize_keys
+from .models import official_weights_cache_file, summarize_keys
 from .models.baselines import PACKAGED_WEIGHTS_DIR
 
 __all__ = [

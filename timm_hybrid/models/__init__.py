@@ -3,4 +3,5 @@ from .baselines import *
 from .cnt import *
 from .refiner import *
 from .transcnn import *
-from ._common import PretrainedWeightsUnavailable  # noqa: F401  raised when a tag's weights cannot be fetched
+# raised when a tag's weights cannot be fetched; where a tag's official file is cached; per-block key summaries
+from ._common import PretrainedWeightsUnavailable, official_weights_cache_file, summarize_keys  # noqa: F401

@@ -10,18 +10,20 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
-from timm.layers import resample_abs_pos_embed, to_2tuple
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import _assert, register_notrace_function, resample_abs_pos_embed, to_2tuple
 from timm.models import build_model_with_cfg, checkpoint, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from timm.models._helpers import clean_state_dict
 from timm.models._input import update_model_input_size
 
 __all__ = [
-    'MIN_LOADED_SHARE', 'PretrainedWeightsUnavailable', 'TokenClassifierMixin', 'bn_scale_shift',
-    'build_with_official_weights', 'check_global_pool', 'check_int', 'check_ints', 'check_loaded_share',
-    'check_positive', 'check_rate', 'check_token_model_args', 'checkpoint_keeping_bn_stats', 'describe_layout',
-    'official_weights_cache_file', 'patch_grid', 'prune_sequence', 'resample_token_pos', 'source_token_grid',
-    'split_prefix_tokens', 'summarize_keys', 'unwrap_checkpoint', 'weights_source_hint',
+    'MIN_LOADED_SHARE', 'PatchGridEmbed', 'PretrainedWeightsUnavailable', 'TokenClassifierMixin', 'bn_scale_shift',
+    'build_token_model', 'build_with_official_weights', 'check_global_pool', 'check_image_batch', 'check_int',
+    'check_ints', 'check_loaded_share', 'check_positive', 'check_rate', 'check_token_model_args',
+    'checkpoint_keeping_bn_stats', 'describe_layout', 'official_weights_cache_file', 'patch_grid', 'prune_sequence',
+    'resample_token_pos', 'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens', 'summarize_keys',
+    'token_model_cfg', 'unwrap_checkpoint', 'weights_source_hint',
 ]
 
 
@@ -74,6 +76,52 @@ def patch_grid(
     if any(i % p for i, p in zip(img_size, patch_size)) or min(img_size) < max(patch_size):
         raise ValueError(f'img_size {tuple(img_size)} must be a (non-zero) multiple of patch_size {patch_size}.')
     return tuple(img_size), (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+    """ AssertionErrors (as timm's own input checks) for a batch that is no (B, in_chans, H, W) image batch. """
+    _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
+    _assert(x.shape[1] == in_chans, f'Input has {x.shape[1]} channels, the model was built for in_chans={in_chans}.')
+
+
+@register_notrace_function  # branches on the input size
+def size_mismatch_message(height: int, width: int, img_size: Tuple[int, int], patch_size: Tuple[int, int]) -> str:
+    """ The error for an input of another size than the model's; it suggests img_size=(H, W) only where a model can
+    be built for that size (each side a positive multiple of the patch). """
+    message = f'Input image size ({height}x{width}) does not match the model ({img_size[0]}x{img_size[1]}); '
+    if height > 0 and width > 0 and height % patch_size[0] == 0 and width % patch_size[1] == 0:
+        return message + f'create the model with img_size=({height}, {width}) for this size.'
+    return message + (f'resize the images to it ({height}x{width} is no model size: each side must be a positive '
+                      f'multiple of patch_size {patch_size}).')
+
+
+class PatchGridEmbed(nn.Module):
+    """ Base of the class-token families' input embeddings (CNT's pixel embedding, Refiner-ViT's conv stem): the
+    patch grid of the fixed input size, timm's PatchEmbed size API, and the input checks. """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]], patch_size: Union[int, Tuple[int, int]], in_chans: int):
+        super().__init__()
+        self.patch_size = to_2tuple(patch_size)
+        self.in_chans = in_chans
+        self.set_input_size(img_size)
+
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
+        self.img_size, self.grid_size = patch_grid(img_size, self.patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def feat_ratio(self, as_scalar: bool = True) -> Union[Tuple[int, int], int]:
+        return max(self.patch_size) if as_scalar else self.patch_size
+
+    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
+        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_image_batch(x, self.in_chans)
+        H, W = x.shape[2], x.shape[3]
+        # two asserts, not one with `and`: FX cannot branch on a traced comparison
+        size_msg = size_mismatch_message(H, W, self.img_size, self.patch_size)
+        _assert(H == self.img_size[0], size_msg)
+        _assert(W == self.img_size[1], size_msg)
 
 
 def split_prefix_tokens(
@@ -150,7 +198,54 @@ class TokenClassifierMixin:
     (rows, cols) of the patch tokens; `_input_embed()`, the patch embedding (`img_size`, `patch_size`, `grid_size`,
     `num_patches`, `set_input_size(img_size)`); `_resample_pos_embed(old_grid)`, which puts the position embedding
     on the current grid. It registers the `token_grid` buffer with `_register_token_grid()`.
+
+    The contract the families share (tests/test_reliability.py holds each to it):
+    * Inputs: a float (B, in_chans, H, W) batch at the img_size the model was built for. A wrong rank, channel
+      count or size raises an AssertionError naming what was expected; an empty batch (B = 0) gives
+      (0, num_classes) logits in eval and training. NaN / inf are not checked (a full reduction and host sync per
+      forward, and a data-dependent branch torch.export / ONNX cannot take): in eval they reach only their own
+      sample's logits; in training, batch statistics may spread them (the families say where).
+    * Export: torch.jit.script, FX, torch.export (dynamic batch), torch.compile(fullgraph=True) and ONNX (dynamo
+      exporter, run in onnxruntime) all match eager within 1e-4.
     """
+
+    # the stem parameters for `group_matcher` (layer-wise LR decay, timm's optimiser factory), set by the model
+    group_stem: str = ''
+
+    def _init_token_model(
+            self,
+            num_classes: int,
+            in_chans: int,
+            global_pool: str,
+            embed_dim: int,
+            num_prefix_tokens: int,
+    ) -> None:
+        """ The attributes timm's API reads, set alike by every token model. """
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = check_global_pool(global_pool)
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grad_checkpointing = False
+
+    def _init_head(
+            self,
+            norm_layer: Callable[..., nn.Module],
+            drop_rate: float,
+            reduction: int,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """ Final norm, head dropout and linear head, and `feature_info` for the blocks (after `blocks` exist). """
+        self.feature_info = [
+            dict(module=f'blocks.{i}', num_chs=self.embed_dim, reduction=reduction) for i in range(len(self.blocks))]
+        self.norm = norm_layer(self.embed_dim, device=device, dtype=dtype)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._new_head(self.num_classes, device=device, dtype=dtype)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=self.group_stem, blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
 
     def _run_blocks(self, x: torch.Tensor, take_indices: List[int], max_index: int, norm: bool, stop_early: bool):
         """ Image -> (final tokens, tokens after the blocks in take_indices). """
@@ -231,12 +326,13 @@ class TokenClassifierMixin:
             self.global_pool = check_global_pool(global_pool)
         self.head = self._new_head(num_classes)
 
-    def _new_head(self, num_classes: int) -> nn.Module:
-        """ A fresh linear head on the model's device / dtype and in its train / eval mode (nn.Identity for
-        num_classes=0), as timm's own models reset theirs. """
+    def _new_head(self, num_classes: int, device=None, dtype=None) -> nn.Module:
+        """ A fresh linear head (nn.Identity for num_classes=0) in the model's train / eval mode, on `device` /
+        `dtype` or else the model's, as timm's own models reset theirs. """
         if num_classes <= 0:
             return nn.Identity().train(self.training)
-        head = nn.Linear(self.embed_dim, num_classes, device=self.cls_token.device, dtype=self.cls_token.dtype)
+        head = nn.Linear(
+            self.embed_dim, num_classes, device=device or self.cls_token.device, dtype=dtype or self.cls_token.dtype)
         return head.train(self.training)
 
     def _register_token_grid(self, device=None) -> None:
@@ -331,6 +427,36 @@ def weights_source_hint(pretrained_cfg: Mapping[str, Any], error: Optional[BaseE
     if cached is not None:
         lines.append(f'or put it at {cached} (timm\'s download cache, read without network).')
     return '\n'.join(lines)
+
+
+def token_model_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    """ timm pretrained-cfg defaults of the 224 px class-token families (CNT as TNT, Refiner-ViT as released):
+    bicubic resize for a 0.9 crop, Inception mean / std, a fixed input size (learned position embedding). """
+    return {
+        'url': url,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
+        'mean': IMAGENET_INCEPTION_MEAN, 'std': IMAGENET_INCEPTION_STD,
+        **kwargs,
+    }
+
+
+def build_token_model(
+        model_cls: Callable[..., nn.Module],
+        variant: str,
+        pretrained: bool,
+        checkpoint_filter_fn: Callable,
+        default_depth: int,
+        builder: Callable[..., nn.Module] = build_model_with_cfg,
+        **kwargs,
+):
+    """ `builder` (timm's build_model_with_cfg, or build_with_official_weights) for a class-token model whose
+    features_only default is its last 3 blocks (every block of a shallower model, e.g. depth=2). """
+    depth = kwargs.get('depth', default_depth)
+    out_indices = kwargs.pop('out_indices', min(3, depth) if isinstance(depth, int) and depth > 0 else 3)
+    return builder(
+        model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
 
 
 def build_with_official_weights(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool, **kwargs):

@@ -28,19 +28,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (
-    DropPath, _assert, build_sincos2d_pos_embed, calculate_drop_path_rates, get_act_layer, get_norm_layer,
-    to_2tuple, trunc_normal_,
+    DropPath, build_sincos2d_pos_embed, calculate_drop_path_rates, get_act_layer, get_norm_layer, trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
 from ._common import (
-    TokenClassifierMixin, bn_scale_shift, check_global_pool, check_int, check_loaded_share, check_token_model_args,
-    checkpoint_keeping_bn_stats, describe_layout, patch_grid, resample_token_pos, source_token_grid, summarize_keys,
-    unwrap_checkpoint,
+    PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int, check_loaded_share,
+    check_token_model_args, checkpoint_keeping_bn_stats, describe_layout, resample_token_pos, source_token_grid,
+    summarize_keys, token_model_cfg, unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -52,7 +50,7 @@ INNER_BLOCKS = ('basic', 'bottleneck', 'attn')
 POS_EMBED_TYPES = ('learned', 'sincos', 'none')
 
 
-class PixelEmbed(nn.Module):
+class PixelEmbed(PatchGridEmbed):
     """ Image -> per-patch grid of pixel embeddings (B*N, C_in, h, w).
 
     As in TNT, each patch is convolved on its own (zero padding at the patch border), so a pixel embedding sees only
@@ -69,37 +67,14 @@ class PixelEmbed(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
-        self.patch_size = to_2tuple(patch_size)
-        self.set_input_size(img_size)
-        self.in_chans = in_chans
+        super().__init__(img_size, patch_size, in_chans)
         self.pixel_grid = (math.ceil(self.patch_size[0] / stride), math.ceil(self.patch_size[1] / stride))
         self.num_pixels = self.pixel_grid[0] * self.pixel_grid[1]
         self.proj = nn.Conv2d(in_chans, inner_dim, kernel_size=7, padding=3, stride=stride, device=device, dtype=dtype)
 
-    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
-        self.img_size, self.grid_size = patch_grid(img_size, self.patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-
-    def feat_ratio(self, as_scalar: bool = True) -> Union[Tuple[int, int], int]:
-        return max(self.patch_size) if as_scalar else self.patch_size
-
-    def dynamic_feat_size(self, img_size: Tuple[int, int]) -> Tuple[int, int]:
-        return img_size[0] // self.patch_size[0], img_size[1] // self.patch_size[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
-        B, C, H, W = x.shape
-        _assert(C == self.in_chans, f'Input has {C} channels, the model was built for in_chans={self.in_chans}.')
-        # one check per side: FX tracing cannot take `and` of two traced conditions
-        _assert(
-            H == self.img_size[0],
-            f'Input height {H} does not match the model ({self.img_size[0]}); create the model with the image '
-            f'size as img_size (any multiple of the patch size {self.patch_size[0]}).')
-        _assert(
-            W == self.img_size[1],
-            f'Input width {W} does not match the model ({self.img_size[1]}); create the model with the image '
-            f'size as img_size (any multiple of the patch size {self.patch_size[1]}).')
+        self.check_input(x)
+        B, C = x.shape[:2]
         gh, gw = self.grid_size
         ph, pw = self.patch_size
         x = x.reshape(B, C, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, C, ph, pw)
@@ -465,15 +440,12 @@ class CNT(TokenClassifierMixin, nn.Module):
 
     The measured figures are in the README (benchmarks/cnt_speed.py, `timm-hybrid compare`).
 
-    Inputs: a float (B, in_chans, H, W) batch at the img_size the model was built for. A wrong rank, channel count
-    or size raises an AssertionError naming what was expected; an empty batch (B = 0) gives (0, num_classes) logits
-    in eval and training. NaN / inf are not checked (a full reduction and host sync per forward, and a data-dependent
-    branch torch.export / ONNX cannot take): in eval they reach only their own sample's logits, in training the
-    inner blocks' BatchNorm statistics spread them over the batch. CPU autocast (bf16 / fp16) stays within 1e-2 /
-    1e-3 of fp32 (relative, logits and gradients).
-    Export: torch.jit.script, FX, torch.export (dynamic batch), torch.compile(fullgraph=True) and ONNX (dynamo
-    exporter, run in onnxruntime) all match eager within 1e-4 (tests/test_reliability.py).
+    Inputs and export as TokenClassifierMixin states; in training, the inner blocks' BatchNorm statistics spread a
+    NaN / inf over the batch. CPU autocast (bf16 / fp16) stays within 1e-2 / 1e-3 of fp32 (relative, logits and
+    gradients).
     """
+
+    group_stem = r'^cls_token|^dist_token|^patch_pos|^pixel_pos|^pixel_embed|^norm[12]_proj|^proj'
 
     def __init__(
             self,
@@ -508,7 +480,7 @@ class CNT(TokenClassifierMixin, nn.Module):
     ):
         """
         Args:
-            img_size: Input image size, a multiple of patch_size.
+            img_size: Input image size, a multiple of patch_size (TNT's patches, cut before any convolution).
             patch_size: Patch size of the outer (patch) tokens.
             in_chans: Number of image channels.
             num_classes: Number of classes of the head (0 for no head).
@@ -563,13 +535,8 @@ class CNT(TokenClassifierMixin, nn.Module):
         elif inner_block_args:
             raise ValueError('inner_block_args apply to a named inner_block; bind options into the callable instead.')
 
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = check_global_pool(global_pool)
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self._init_token_model(num_classes, in_chans, global_pool, embed_dim, num_prefix_tokens=2 if dist_token else 1)
         self.inner_dim = inner_dim
-        self.num_prefix_tokens = 2 if dist_token else 1
-        self.grad_checkpointing = False
 
         self.pixel_embed = PixelEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, inner_dim=inner_dim, stride=first_stride,
@@ -595,33 +562,15 @@ class CNT(TokenClassifierMixin, nn.Module):
         _fixed_or_learned(pixel_pos_embed, 'pixel_pos', self, (1, inner_dim, *pixel_grid), pixel_sincos, **dd)
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
-        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)  # block i's inner and outer branch share dpr[i]
         self.blocks = nn.ModuleList([
             Block(
-                dim=embed_dim,
-                inner_dim=inner_dim,
-                pixel_grid=pixel_grid,
-                num_heads=num_heads,
-                num_prefix_tokens=self.num_prefix_tokens,
-                inner_block=inner_block,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-                act_layer=act_layer,
-                norm_layer=norm_layer,
-                recompute_pixels=recompute_pixels,
-                **dd,
-            )
+                embed_dim, inner_dim, pixel_grid, num_heads, inner_block, num_prefix_tokens=self.num_prefix_tokens,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, recompute_pixels=recompute_pixels,
+                **dd)
             for i in range(depth)])
-        reduction = self.pixel_embed.feat_ratio()
-        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
-
-        self.norm = norm_layer(embed_dim, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-
+        self._init_head(norm_layer, drop_rate, reduction=self.pixel_embed.feat_ratio(), **dd)
         self.init_weights(zero_init_last=zero_init_last)
 
     def init_weights(self, zero_init_last: bool = True) -> None:
@@ -640,16 +589,6 @@ class CNT(TokenClassifierMixin, nn.Module):
         # the learned ones only: a 'sincos' / 'none' encoding or a missing distillation token is no parameter
         return {n for n in ('patch_pos', 'pixel_pos', 'cls_token', 'dist_token')
                 if isinstance(getattr(self, n), nn.Parameter)}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^cls_token|^dist_token|^patch_pos|^pixel_pos|^pixel_embed|^norm[12]_proj|^proj',
-            blocks=[
-                (r'^blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
 
     def _prefix_tokens(self, batch_size: int) -> torch.Tensor:
         cls_token = self.cls_token.expand(batch_size, -1, -1)
@@ -884,17 +823,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CNT) -> Dict[str, to
 # --- pretrained configs and entry points -----------------------------------------------------------------------------
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_INCEPTION_MEAN, 'std': IMAGENET_INCEPTION_STD,
+    # TNT's evaluation settings and its paper: CNT is TNT with convolutional inner blocks
+    return token_model_cfg(url, **{
         'first_conv': 'pixel_embed.proj', 'classifier': 'head',
-        'paper_ids': 'arXiv:2103.00112',
-        'paper_name': 'Transformer in Transformer',
-        'license': 'apache-2.0',
-        **kwargs,
-    }
+        'paper_ids': 'arXiv:2103.00112', 'paper_name': 'Transformer in Transformer', 'license': 'apache-2.0',
+        **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -931,22 +864,12 @@ _INNER_BLOCK_OPTIONS = {
 
 
 def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> CNT:
-    depth = kwargs.get('depth', 12)
-    # the last 3 blocks, or every block of a shallower model (features_only with depth=2)
-    out_indices = kwargs.pop('out_indices', min(3, depth) if isinstance(depth, int) and depth > 0 else 3)
     inner_block_args = {
         option: kwargs.pop(name) for name, option in _INNER_BLOCK_OPTIONS.items() if name in kwargs}
     if inner_block_args:
         kwargs['inner_block_args'] = dict(kwargs.get('inner_block_args') or {}, **inner_block_args)
-    model = build_model_with_cfg(
-        CNTDistilled if distilled else CNT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
-    return model
+    return build_token_model(
+        CNTDistilled if distilled else CNT, variant, pretrained, checkpoint_filter_fn, default_depth=12, **kwargs)
 
 
 _CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3)

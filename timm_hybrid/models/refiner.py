@@ -52,17 +52,16 @@ from typing import Any, Dict, Optional, Sequence, Set, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
-from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import (
-    ConvNormAct, DropPath, LayerScale, Mlp, _assert, calculate_drop_path_rates, get_act_layer, get_norm_layer,
-    register_notrace_function, to_2tuple, trunc_normal_,
+    ConvNormAct, DropPath, LayerScale, Mlp, calculate_drop_path_rates, get_act_layer, get_norm_layer,
+    to_2tuple, trunc_normal_,
 )
 from timm.models import generate_default_cfgs, register_model
 
 from ._common import (
-    TokenClassifierMixin, bn_scale_shift, build_with_official_weights, check_global_pool, check_int, check_ints,
-    check_loaded_share, check_positive, check_token_model_args, describe_layout, patch_grid, resample_token_pos,
-    source_token_grid, unwrap_checkpoint,
+    PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, build_with_official_weights, check_int,
+    check_ints, check_loaded_share, check_positive, check_token_model_args, describe_layout, resample_token_pos,
+    source_token_grid, token_model_cfg, unwrap_checkpoint,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -70,18 +69,7 @@ __all__ = ['RefinerViT', 'checkpoint_filter_fn']
 _logger = logging.getLogger(__name__)
 
 
-@register_notrace_function  # branches on the input size
-def size_mismatch_message(height: int, width: int, img_size: Tuple[int, int], patch_size: Tuple[int, int]) -> str:
-    """ The error for an input of another size than the model's; it suggests img_size=(H, W) only where a model can
-    be built for that size (each side a positive multiple of the patch). """
-    message = f'Input image size ({height}x{width}) does not match the model ({img_size[0]}x{img_size[1]}); '
-    if height > 0 and width > 0 and height % patch_size[0] == 0 and width % patch_size[1] == 0:
-        return message + f'create the model with img_size=({height}, {width}) for this size.'
-    return message + (f'resize the images to it ({height}x{width} is no model size: each side must be a positive '
-                      f'multiple of patch_size {patch_size}).')
-
-
-class ConvPatchEmbed(nn.Module):
+class ConvPatchEmbed(PatchGridEmbed):
     """ Image -> patch tokens (B, N, D) through a three-conv stem at stride 2 and a (p/2)x(p/2) patchify conv.
 
     The stem is LV-ViT's (itself after T2T-ViT): the 7x7 conv and two 3x3 convs see pixels across patch borders
@@ -91,7 +79,7 @@ class ConvPatchEmbed(nn.Module):
     def __init__(
             self,
             img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: Union[int, Tuple[int, int]] = 16,
+            patch_size: Union[int, Tuple[int, int]] = 16,  # even: the stem runs at stride 2
             in_chans: int = 3,
             embed_dim: int = 384,
             stem_chs: Sequence[int] = (32, 64, 128),
@@ -100,13 +88,10 @@ class ConvPatchEmbed(nn.Module):
             device=None,
             dtype=None,
     ):
-        super().__init__()
+        if any(p % 2 for p in to_2tuple(patch_size)):
+            raise ValueError(f'patch_size {to_2tuple(patch_size)} must be even (the stem runs at stride 2).')
+        super().__init__(img_size, patch_size, in_chans)
         dd = {'device': device, 'dtype': dtype}
-        self.patch_size = to_2tuple(patch_size)
-        if any(p % 2 for p in self.patch_size):
-            raise ValueError(f'patch_size {self.patch_size} must be even (the stem runs at stride 2).')
-        self.set_input_size(img_size)
-        self.in_chans = in_chans
         conv_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, **dd)
         self.conv1 = ConvNormAct(in_chans, stem_chs[0], 7, stride=2, **conv_kwargs)
         self.conv2 = ConvNormAct(stem_chs[0], stem_chs[1], 3, **conv_kwargs)
@@ -114,18 +99,8 @@ class ConvPatchEmbed(nn.Module):
         half_patch = (self.patch_size[0] // 2, self.patch_size[1] // 2)
         self.proj = nn.Conv2d(stem_chs[2], embed_dim, kernel_size=half_patch, stride=half_patch, **dd)
 
-    def set_input_size(self, img_size: Union[int, Tuple[int, int]]) -> None:
-        self.img_size, self.grid_size = patch_grid(img_size, self.patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
-        B, C, H, W = x.shape
-        _assert(C == self.in_chans, f'Input has {C} channels, the model was built for in_chans={self.in_chans}.')
-        # two asserts, not one with `and`: FX cannot branch on a traced comparison
-        size_msg = size_mismatch_message(H, W, self.img_size, self.patch_size)
-        _assert(H == self.img_size[0], size_msg)
-        _assert(W == self.img_size[1], size_msg)
+        self.check_input(x)
         x = self.proj(self.conv3(self.conv2(self.conv1(x))))  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)
 
@@ -359,24 +334,21 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
     CPU (fp32) for the L dims at 448 (N = 785): about 0.95 GB per plain + refiner block pair per image, i.e. ~15 GB
     per image for refiner_vit_large_patch16_448 forward + backward; at 224 the maps are 16x smaller.
 
-    Inputs: a float (B, in_chans, H, W) batch at the img_size the model was built for. A wrong rank, channel count
-    or size raises an AssertionError naming what was expected; an empty batch (B = 0) gives (0, num_classes) logits
-    in eval and training. NaN / inf are not checked (a full reduction and host sync per forward, and a data-dependent
-    branch torch.export / ONNX cannot take): in eval they reach only their own sample's logits, in training the
-    stem's and refiners' BatchNorm statistics spread them over the batch.
+    Inputs and export as TokenClassifierMixin states; in training, the stem's and refiners' BatchNorm statistics
+    spread a NaN / inf over the batch.
 
     Reduced precision: the refiners' BatchNorms normalise attention maps that at init are near-uniform (1/N +- ~1e-4/N),
     where bf16's rounding of 1/N is as large as the signal: under CPU autocast the logits are 1.4e-1 (bf16) / 2.6e-2
     (fp16) and the gradients up to 5.4e-1 / 4.6e-1 off fp32 (relative, tiny configs at init); with sharper maps
     (q / k weights x10) 1e-2 / 4e-2 in bf16. Prefer fp32 (or fp16 after warm-up) for the first steps.
-    Export: torch.jit.script, FX, torch.export (dynamic batch), torch.compile(fullgraph=True) and ONNX (dynamo
-    exporter, run in onnxruntime) all match eager within 1e-4 (tests/test_reliability.py).
     """
+
+    group_stem = r'^cls_token|^pos_embed|^patch_embed'
 
     def __init__(
             self,
             img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: Union[int, Tuple[int, int]] = 16,
+            patch_size: Union[int, Tuple[int, int]] = 16,  # even: the stem runs at stride 2
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = 'token',
@@ -397,7 +369,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             proj_drop_rate: float = 0.,
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
-            norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            norm_layer: Optional[Union[str, Type[nn.Module]]] = None,  # LayerNorm(eps=1e-6) as released
             act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             conv_norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
             conv_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
@@ -438,7 +410,6 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             refine_act_layer: Refiner activation (default ReLU6).
         """
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
         check_token_model_args(
             img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, drop_rate=drop_rate,
             pos_drop_rate=pos_drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
@@ -460,15 +431,11 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
         conv_norm_layer = get_norm_layer(conv_norm_layer) or nn.BatchNorm2d
         conv_act_layer = get_act_layer(conv_act_layer) or nn.ReLU
         refine_act_layer = get_act_layer(refine_act_layer) or nn.ReLU6
+        dd = {'device': device, 'dtype': dtype}
 
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = check_global_pool(global_pool)
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1
+        self._init_token_model(num_classes, in_chans, global_pool, embed_dim, num_prefix_tokens=1)
         self.refiner_blocks = refiner_blocks
         self.use_aux_head = aux_head
-        self.grad_checkpointing = False
 
         self.patch_embed = ConvPatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, stem_chs=stem_chs,
@@ -482,32 +449,15 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
             Block(
-                dim=embed_dim,
-                num_heads=num_heads,
-                refine=refiner_blocks[i],
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                refine_expand=refine_expand,
-                refine_kernel_size=refine_kernel_size,
-                init_values=init_values,
-                branch_gain=branch_gain,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-                act_layer=act_layer,
-                norm_layer=norm_layer,
-                refine_norm_layer=conv_norm_layer,
-                refine_act_layer=refine_act_layer,
-                **dd,
-            )
+                embed_dim, num_heads, refine=refiner_blocks[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                refine_expand=refine_expand, refine_kernel_size=refine_kernel_size, init_values=init_values,
+                branch_gain=branch_gain, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
+                act_layer=act_layer, norm_layer=norm_layer, refine_norm_layer=conv_norm_layer,
+                refine_act_layer=refine_act_layer, **dd)
             for i in range(depth)])
-        reduction = max(self.patch_embed.patch_size)
-        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
-
-        self.norm = norm_layer(embed_dim, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-        self.aux_head = nn.Linear(embed_dim, num_classes, **dd) if aux_head and num_classes > 0 else None
+        self._init_head(norm_layer, drop_rate, reduction=max(self.patch_embed.patch_size), **dd)
+        # token labelling's per-patch head of the released large model
+        self.aux_head = self._new_head(num_classes, **dd) if aux_head and num_classes > 0 else None
 
         self.init_weights()
 
@@ -524,16 +474,6 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         return {'pos_embed', 'cls_token'}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^cls_token|^pos_embed|^patch_embed',
-            blocks=[
-                (r'^blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         super().reset_classifier(num_classes, global_pool)
@@ -636,19 +576,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: RefinerViT) -> Dict[
 # --- pretrained configs and entry points -----------------------------------------------------------------------------
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': .9, 'interpolation': 'bicubic', 'fixed_input_size': True,
-        'mean': IMAGENET_INCEPTION_MEAN, 'std': IMAGENET_INCEPTION_STD,
+    return token_model_cfg(url, **{
         'first_conv': 'patch_embed.conv1.conv', 'classifier': 'head',
-        'paper_ids': 'arXiv:2106.03714',
-        'paper_name': 'Refiner: Refining Self-attention for Vision Transformers',
+        'paper_ids': 'arXiv:2106.03714', 'paper_name': 'Refiner: Refining Self-attention for Vision Transformers',
         'origin_url': 'https://github.com/zhoudaquan/Refiner_ViT',
-        # the official repository carries no LICENSE file
-        'license': 'unknown',
-        **kwargs,
-    }
+        'license': 'unknown',  # the official repository carries no LICENSE file
+        **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -666,18 +599,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create_refiner(variant: str, pretrained: bool = False, **kwargs) -> RefinerViT:
-    depth = kwargs.get('depth', 16)
-    # the last 3 blocks, or every block of a shallower model (features_only with depth=2)
-    out_indices = kwargs.pop('out_indices', min(3, depth) if isinstance(depth, int) and depth > 0 else 3)
-    model = build_with_official_weights(
-        RefinerViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
-    return model
+    return build_token_model(
+        RefinerViT, variant, pretrained, checkpoint_filter_fn, default_depth=16,
+        builder=build_with_official_weights, **kwargs)
 
 
 @register_model

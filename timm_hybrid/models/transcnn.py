@@ -47,8 +47,8 @@ from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._features import feature_take_indices
 
 from ._common import (
-    build_with_official_weights, check_int, check_ints, check_loaded_share, check_positive, check_rate,
-    checkpoint_keeping_bn_stats, describe_layout, prune_sequence, unwrap_checkpoint,
+    build_with_official_weights, check_image_batch, check_int, check_ints, check_loaded_share, check_positive,
+    check_rate, checkpoint_keeping_bn_stats, describe_layout, prune_sequence, unwrap_checkpoint,
 )
 
 __all__ = ['TransCNN', 'checkpoint_filter_fn']
@@ -188,7 +188,7 @@ class HierarchicalAttention(nn.Module):
             head_dim: int = 64,
             window_size: int = 8,
             pool_ratio: int = 8,
-            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,  # the network's (HAT-Net: GroupNorm(1))
             device=None,
             dtype=None,
     ):
@@ -260,27 +260,25 @@ class PreNormInvertedResidual(nn.Module):
 
 
 class Block(nn.Module):
-    """ x + H-MHSA(x), then x + FFN(x) (each branch normalises its own input). """
+    """ x + H-MHSA(x), then x + FFN(x) (each branch normalises its own input); `attn_kwargs` (head_dim,
+    window_size, pool_ratio) configure the HierarchicalAttention. """
 
     def __init__(
             self,
             dim: int,
-            head_dim: int = 64,
-            window_size: int = 8,
-            pool_ratio: int = 8,
+            mlp_pre_norm: bool = False,  # HAT-Net's FFN (PreNormInvertedResidual), else TransCNN's InvertedResidual
             mlp_ratio: float = 4.,
             kernel_size: int = 3,
-            mlp_pre_norm: bool = False,
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.SiLU,
             norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
             device=None,
             dtype=None,
+            **attn_kwargs,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.attn = HierarchicalAttention(
-            dim, head_dim=head_dim, window_size=window_size, pool_ratio=pool_ratio, norm_layer=norm_layer, **dd)
+        self.attn = HierarchicalAttention(dim, norm_layer=norm_layer, **attn_kwargs, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         if mlp_pre_norm:
             self.mlp = PreNormInvertedResidual(
@@ -304,7 +302,7 @@ class Downsample(nn.Module):
             self,
             in_dim: int,
             out_dim: int,
-            shortcut: bool = True,
+            shortcut: bool = True,  # TransCNN's; HAT-Net downsamples without one
             act_layer: Type[nn.Module] = nn.SiLU,
             norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
             device=None,
@@ -329,6 +327,9 @@ class Downsample(nn.Module):
 
 
 class TransCNNStage(nn.Module):
+    """ Optional Downsample to `dim`, then `depth` Blocks; `block_kwargs` (head_dim, window_size, pool_ratio,
+    mlp_ratio, kernel_size, mlp_pre_norm) go to every Block. """
+
     def __init__(
             self,
             in_dim: int,
@@ -336,33 +337,23 @@ class TransCNNStage(nn.Module):
             depth: int,
             downsample: bool = True,
             downsample_shortcut: bool = True,
-            head_dim: int = 64,
-            window_size: int = 8,
-            pool_ratio: int = 8,
-            mlp_ratio: float = 4.,
-            kernel_size: int = 3,
-            mlp_pre_norm: bool = False,
             drop_path: Union[float, List[float]] = 0.,
             act_layer: Type[nn.Module] = nn.SiLU,
             norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
             device=None,
             dtype=None,
+            **block_kwargs,
     ):
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        layer_kwargs = dict(act_layer=act_layer, norm_layer=norm_layer, device=device, dtype=dtype)
         self.grad_checkpointing = False
         if downsample:
-            self.downsample = Downsample(
-                in_dim, dim, shortcut=downsample_shortcut, act_layer=act_layer, norm_layer=norm_layer, **dd)
+            self.downsample = Downsample(in_dim, dim, shortcut=downsample_shortcut, **layer_kwargs)
         else:
             self.downsample = nn.Identity()
         drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.blocks = nn.Sequential(*[
-            Block(
-                dim, head_dim=head_dim, window_size=window_size, pool_ratio=pool_ratio, mlp_ratio=mlp_ratio,
-                kernel_size=kernel_size, mlp_pre_norm=mlp_pre_norm, drop_path=drop_path[i], act_layer=act_layer,
-                norm_layer=norm_layer, **dd)
-            for i in range(depth)])
+            Block(dim, drop_path=drop_path[i], **block_kwargs, **layer_kwargs) for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -562,10 +553,7 @@ class TransCNN(nn.Module):
         self.head.train(self.training)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        _assert(x.ndim == 4, f'Expected a 4D image batch (B, C, H, W), got a {x.ndim}D tensor.')
-        _assert(
-            x.shape[1] == self.in_chans,
-            f'Input has {x.shape[1]} channels, the model was built for in_chans={self.in_chans}.')
+        check_image_batch(x, self.in_chans)
         # one assert per side: FX cannot take `and` of two traced conditions
         _assert(x.shape[2] > 0, f'Input height is 0; any height >= 1 works (width {x.shape[3]}).')
         _assert(x.shape[3] > 0, f'Input width is 0; any width >= 1 works (height {x.shape[2]}).')
@@ -574,7 +562,7 @@ class TransCNN(nn.Module):
             self,
             x: torch.Tensor,
             indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
+            norm: bool = False,  # timm's API; there is no final norm (the head pools first)
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
@@ -605,7 +593,7 @@ class TransCNN(nn.Module):
     def prune_intermediate_layers(
             self,
             indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
+            prune_norm: bool = False,  # timm's API; there is no final norm
             prune_head: bool = True,
     ) -> List[int]:
         """ Prune layers not required for specified intermediates. """
@@ -625,9 +613,7 @@ class TransCNN(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
+        return self.forward_head(self.forward_features(x))
 
 
 def _init_weights(m: nn.Module) -> None:
