@@ -79,10 +79,11 @@ class RefinedAttention(Attention):
             self,
             dim: int,
             num_heads: int = 8,
-            refine_expand_ratio: int = 3,
-            refine_kernel_size: int = 3,
+            *,  # the refiner's options by name: timm's Block passes Attention's by name too
             refine_norm_layer: Union[str, Type[nn.Module]] = 'batchnorm2d',
             refine_act_layer: Union[str, Type[nn.Module]] = 'relu6',
+            refine_expand_ratio: int = 3,
+            refine_kernel_size: int = 3,
             device=None,
             dtype=None,
             **kwargs,
