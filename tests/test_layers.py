@@ -222,6 +222,25 @@ def test_hand_on_links_the_refined_blocks_and_keeps_no_map_after_inference():
         model.blocks[2](torch.randn(2, 17, 192))  # one block alone: nothing was handed on in this pass
 
 
+def test_refined_model_copies_and_saves_after_a_training_step(tmp_path):
+    """ The handed-on maps are scratch of one pass: a deepcopy (timm's EMA) or torch.save after a training step gets
+    an empty hand-on, still shared by the copy's blocks. """
+    model = refine_attention(_host('refine-deit_nano')).train()
+    x = _image('refine-deit_nano')
+    model(x).mean().backward()
+    for copied in (copy.deepcopy(model), _saved_and_loaded(model, tmp_path / 'model.pt')):
+        chains = {id(b.attn.hand_on_chain) for b in copied.blocks}
+        assert len(chains) == 1 and copied.blocks[0].attn.hand_on_chain.maps == {}
+        assert chains != {id(model.blocks[0].attn.hand_on_chain)}
+        with torch.no_grad():
+            torch.testing.assert_close(copied.eval()(x), model.eval()(x))
+
+
+def _saved_and_loaded(model: torch.nn.Module, path) -> torch.nn.Module:
+    torch.save(model, path)
+    return torch.load(path, weights_only=False)
+
+
 def test_refined_attention_as_timm_attn_layer():
     """ `attn_layer=RefinedAttention` builds a ViT with every block refined (no hand-on); with the host's weights
     loaded it starts as the host. """

@@ -43,6 +43,14 @@ class AttentionMapHandOn:
     def __init__(self):
         self.maps: Dict[int, torch.Tensor] = {}
 
+    # the maps are one forward pass's scratch, not model state: a copy (EMA, torch.save) starts with none, also
+    # right after a training step, when they are non-leaf tensors that deepcopy refuses
+    def __deepcopy__(self, memo) -> 'AttentionMapHandOn':
+        return AttentionMapHandOn()
+
+    def __getstate__(self) -> dict:
+        return {'maps': {}}
+
     def take(self, position: int) -> Optional[torch.Tensor]:
         """ The map the block before `position` left in this pass (None for the first). """
         if position == 0:
