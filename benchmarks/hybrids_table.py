@@ -25,7 +25,7 @@ def hybrid_row(hybrid: str) -> Dict[str, object]:
     return {
         'hybrid': hybrid, 'host': host, 'layer': LAYERS[insert.__name__], 'input': 'x'.join(map(str, size)),
         'host_param_count': round(counts[host].mparams, 3), 'param_count': round(counts[hybrid].mparams, 3),
-        'host_infer_gmacs': round(counts[host].gmacs, 4), 'infer_gmacs': round(counts[hybrid].gmacs, 4),
+        'host_infer_gmacs': round(counts[host].gmacs, 5), 'infer_gmacs': round(counts[hybrid].gmacs, 5),
         'gmacs_x_host': round(counts[hybrid].gmacs / counts[host].gmacs, 3),
     }
 

@@ -53,7 +53,9 @@ LOADED = {
     'convnext_atto_hmhsa': ({}, (3, 64, 64)),
     'efficientnet_b0_hmhsa': ({}, (3, 64, 64)),
     'deit_tiny_refined_patch16_224': (dict(img_size=64), (3, 64, 64)),
+    'deit_nano_refined_patch7_28': ({}, (1, 28, 28)),
     'tnt_s_cnt_patch16_224': (dict(img_size=64), (3, 64, 64)),
+    'tnt_nano_cnt_patch7_28': ({}, (1, 28, 28)),
 }
 
 
