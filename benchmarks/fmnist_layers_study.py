@@ -2,20 +2,23 @@
 
 The host is `deit_nano_patch7_28` (28 px, 16 patch tokens, depth 6), trained here from scratch with timm's train.py
 on a fixed class-balanced 10% draw of the training set (the 'pretrain' group). It is then fine-tuned on another 10% draw
-(seed 1 of the same 55000 images, about a tenth of them shared with the host's) two ways, 3 seeds each:
+(seed 1 of the same 55000 images, about a tenth of them shared with the host's), 3 seeds per arm:
 
-* host alone:  `deit_nano_patch7_28` from the host's weights;
-* host + layer: `deit_nano_refined_patch7_28` (every block's attention maps refined, handed on from block to block,
-  `timm_hybrid.layers.refine_attention`) from the same weights, the new layers at their identity start.
+* host alone ('host'): `deit_nano_patch7_28` from the host's weights;
+* host + layer ('refined'): `deit_nano_refined_patch7_28` (every block's attention maps refined, handed on from
+  block to block, `timm_hybrid.layers.refine_attention`) from the same weights, the new layers at their identity
+  start, for the same training time as the host alone;
+* host + layer, same epochs ('refined_epochs'): as 'refined' for the host alone's epochs (more time), which separates
+  what the layer does per step from what its cost takes away.
 
-Both for the same training time: the two models' training img/s are measured side by side first (`timm-hybrid
-compare`, 1 thread, batch 128, in compare/), and the hybrid gets the host-alone epochs times its speed ratio. Both load
-the host's weights through timm's pretrained path (`--pretrained --model-kwargs pretrained_cfg_overlay={'file': ...}`),
-so the head is kept. Curves: top-1 on a fixed validation split carved from the training set (500 images per class,
-in neither draw) after every epoch; the test set is read once per run, after training (timm's validate.py).
+Same time: the two models' training img/s are measured side by side first (`timm-hybrid compare`, 1 thread, batch
+128, in compare/), and 'refined' gets the host-alone epochs times its speed ratio. All arms load the host's weights
+through timm's pretrained path (`--pretrained --model-kwargs pretrained_cfg_overlay={'file': ...}`), so the head is
+kept. Curves: top-1 on a fixed validation split carved from the training set (500 images per class, in neither
+draw) after every epoch; the test set is read once per run, after training (timm's validate.py).
 
 Runs are resumable (a stopped run continues from its last checkpoint, finished runs are in runs.csv); the script
-writes CSV, Markdown and PNG under benchmarks/results/fmnist_layers/ and does not commit them. About 40 minutes of
+writes CSV, Markdown and PNG under benchmarks/results/fmnist_layers/ and does not commit them. About 35 minutes of
 1-thread CPU in all:
 
     python benchmarks/fmnist_layers_study.py run --timm-scripts /work/timm-scripts
@@ -46,8 +49,10 @@ WORK = Path(os.environ.get('TIMM_HYBRID_LAYERS_STUDY_DIR', Path.home() / '.cache
 
 HOST = 'deit_nano_patch7_28'
 HYBRID = 'deit_nano_refined_patch7_28'
-ARMS = {'host': HOST, 'refined': HYBRID}  # fine-tuning arm -> model
-DISPLAY = {'host': 'host alone (deit_nano_patch7_28)', 'refined': 'host + refiner (deit_nano_refined_patch7_28)'}
+# fine-tuning arm -> model; the third arm gives the hybrid the host's epochs (more time): the layer's effect per step
+ARMS = {'host': HOST, 'refined': HYBRID, 'refined_epochs': HYBRID}
+DISPLAY = {'host': 'host alone (deit_nano_patch7_28)', 'refined': 'host + refiner, same time',
+           'refined_epochs': 'host + refiner, same epochs (more time)'}
 VALIDATION_PER_CLASS = 500
 DRAWS = {'host': 0, 'finetune': 1}  # data key -> seed of its 10% draw
 TRAIN_IMAGES = 5500
@@ -100,8 +105,10 @@ def speeds() -> Dict[str, float]:
 
 
 def finetune_epochs(speed: Dict[str, float]) -> Dict[str, int]:
-    """ Epochs per arm for the same training seconds as FINETUNE_EPOCHS of the host alone. """
-    return {'host': FINETUNE_EPOCHS, 'refined': max(1, round(FINETUNE_EPOCHS * speed[HYBRID] / speed[HOST]))}
+    """ Epochs per arm: the same training seconds as FINETUNE_EPOCHS of the host alone ('refined'), the same
+    epochs ('refined_epochs'). """
+    return {'host': FINETUNE_EPOCHS, 'refined': max(1, round(FINETUNE_EPOCHS * speed[HYBRID] / speed[HOST])),
+            'refined_epochs': FINETUNE_EPOCHS}
 
 
 def finetune_runs(speed: Dict[str, float]) -> List[Run]:
@@ -160,13 +167,13 @@ def finish(run: Run, command: List[str], validate_py: Path, speed: Dict[str, flo
 INTRO = (
     f'The host, `{HOST}`, is trained here from scratch on a fixed class-balanced 10% draw of the Fashion-MNIST training '
     f'set ({TRAIN_IMAGES} images, {HOST_EPOCHS} epochs). It is then fine-tuned on another 10% draw (about a tenth of '
-    f'its images shared with the host\'s) two ways, 3 seeds each, for the same training time: alone, and as '
-    f'`{HYBRID}` (every block\'s attention maps refined by convolutions and handed on from block to block, '
-    f'`timm_hybrid.layers.refine_attention`, the new layers starting as the identity). Both start from the host\'s '
-    f'weights through timm\'s pretrained path (head kept). The hybrid gets the host-alone epochs times its training '
-    f'speed ratio, both speeds timed side by side first. Curves: top-1 on a validation split of 500 images per class '
-    f'carved from the training set (in neither draw) after every epoch; the test set is read once per run, after '
-    f'training (timm\'s validate.py).')
+    f'its images shared with the host\'s), 3 seeds per arm: alone, and as `{HYBRID}` (every block\'s attention '
+    f'maps refined by convolutions and handed on from block to block, `timm_hybrid.layers.refine_attention`, the new '
+    f'layers starting as the identity), once for the same training time (the host-alone epochs times the hybrid\'s '
+    f'training speed ratio, both speeds timed side by side first) and once for the same epochs (more time: what the '
+    f'layer does per step). All start from the host\'s weights through timm\'s pretrained path (head kept). '
+    f'Curves: top-1 on a validation split of 500 images per class carved from the training set (in neither draw) '
+    f'after every epoch; the test set is read once per run, after training (timm\'s validate.py).')
 
 
 def _values(rows: List[Dict[str, str]], key: str) -> List[float]:
@@ -202,7 +209,7 @@ def write_report() -> None:
                 'train img/s': mine[0]['train_img_per_s_compare'],
                 'val top-1 (last epoch)': mean_std(_values(mine, 'top1_val')), 'test top-1': mean_std(test),
                 'test top-1 vs host before': f'{statistics.mean(test) - host_test:+.2f}' if host_test else '-'})
-    lines += ['## Fine-tuned for the same training time, 3 seeds', '',
+    lines += ['## Fine-tuned from the host, 3 seeds', '',
               markdown_table(table) if table else '(no fine-tuning run finished yet)', '',
               'Training seconds: epochs x 5500 images / the model\'s training img/s below (1 thread, batch 128, '
               'timed side by side: [compare/](compare/compare.md)): ' +

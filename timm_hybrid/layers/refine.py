@@ -78,8 +78,9 @@ class RefinedAttention(Attention):
     block's map. Tokens (B, N, C) -> (B, N, C); see the module docstring for the computation.
 
     Built like timm's Attention (`VisionTransformer(..., attn_layer=RefinedAttention)` refines every block, without
-    hand-on), or from an existing one in place by `refine_attention`, which also chains the blocks (`join_chain`). The map is materialised (fused SDPA cannot
-    refine it): memory and time grow with B * H * N^2, times `expand_ratio` inside the refiner.
+    hand-on), or from an existing one in place by `refine_attention`, which also chains the blocks (`join_chain`).
+    The map is materialised (fused SDPA cannot refine it): memory and time grow with B * H * N^2, times
+    `expand_ratio` inside the refiner.
     """
     inserted_names = ('refine', 'hand_on')
 
@@ -111,7 +112,7 @@ class RefinedAttention(Attention):
     @classmethod
     def from_attention(cls, attn: Attention, **refine_kwargs) -> 'RefinedAttention':
         """ Refines `attn` (exactly a timm Attention) in place: its projections stay the same modules under the same
-        keys, the refiner and hand-on gain are added (at their identity start). Keyword args as in __init__. """
+        keys, the refiner is added at its identity start. Keyword args: the refine_* of __init__. """
         refined = graft(attn, cls)
         refined._add_refiner(**refine_kwargs)
         return refined
@@ -136,7 +137,6 @@ class RefinedAttention(Attention):
         self.chain_position = 0
         self.chain_last = True
 
-    @torch.jit.ignore
     def join_chain(self, chain: AttentionMapHandOn, position: int, last: bool, hand_on_init: float = 0.) -> None:
         """ Takes part in `chain` at `position`: from the second position on, the received map is added with a
         per-head gain `hand_on` (shape (H, 1, 1)) that starts at `hand_on_init`. """
@@ -146,7 +146,7 @@ class RefinedAttention(Attention):
             self.hand_on = nn.Parameter(torch.full(
                 (self.num_heads, 1, 1), float(hand_on_init), device=weight.device, dtype=weight.dtype))
 
-    @torch.jit.ignore  # the chain is a Python object; TorchScript calls this in Python
+    @torch.jit.ignore  # the chain is a Python object, which TorchScript cannot hold: refined models do not script
     def _hand_on(self, attn: torch.Tensor) -> torch.Tensor:
         chain = self.hand_on_chain
         if chain is None:
