@@ -165,15 +165,16 @@ def finish(run: Run, command: List[str], validate_py: Path, speed: Dict[str, flo
 # --- report ----------------------------------------------------------------------------------------------------------
 
 INTRO = (
-    f'The host, `{HOST}`, is trained here from scratch on a fixed class-balanced 10% draw of the Fashion-MNIST training '
-    f'set ({TRAIN_IMAGES} images, {HOST_EPOCHS} epochs). It is then fine-tuned on another 10% draw (about a tenth of '
-    f'its images shared with the host\'s), 3 seeds per arm: alone, and as `{HYBRID}` (every block\'s attention '
-    f'maps refined by convolutions and handed on from block to block, `timm_hybrid.layers.refine_attention`, the new '
-    f'layers starting as the identity), once for the same training time (the host-alone epochs times the hybrid\'s '
-    f'training speed ratio, both speeds timed side by side first) and once for the same epochs (more time: what the '
-    f'layer does per step). All start from the host\'s weights through timm\'s pretrained path (head kept). '
-    f'Curves: top-1 on a validation split of 500 images per class carved from the training set (in neither draw) '
-    f'after every epoch; the test set is read once per run, after training (timm\'s validate.py).')
+    f'The host, `{HOST}`, is trained here from scratch on a fixed class-balanced 10% draw of the Fashion-MNIST '
+    f'training set ({TRAIN_IMAGES} images, {HOST_EPOCHS} epochs). It is then fine-tuned on another 10% draw (about '
+    f'a tenth of its images shared with the host\'s), 3 seeds per arm: alone, and as `{HYBRID}` (every block\'s '
+    f'attention maps refined by convolutions and handed on from block to block, `timm_hybrid.layers.'
+    f'refine_attention`, the new layers starting as the identity), once for the same training time (the host-alone '
+    f'epochs times the hybrid\'s training speed ratio, both speeds timed side by side first) and once for the same '
+    f'epochs (more time: what the layer does per step). All start from the host\'s weights through timm\'s '
+    f'pretrained path (head kept). Curves: top-1 on a validation split of 500 images per class carved from the '
+    f'training set (in neither draw) after every epoch; the test set is read once per run, after training (timm\'s '
+    f'validate.py).')
 
 
 def _values(rows: List[Dict[str, str]], key: str) -> List[float]:
@@ -224,7 +225,8 @@ def write_report() -> None:
         per_second = {DISPLAY[a]: [[(e * TRAIN_IMAGES / speed[ARMS[a]], v) for e, v in seed_curve] for seed_curve in c]
                       for a, c in curves.items()}
         plot_bands(RESULTS / 'top1_per_second.png', [('fine-tuning', per_second)],
-                   'training seconds (1 thread, compare img/s)', 'validation top-1 (%)', 'mean over seeds, band = range')
+                   'training seconds (1 thread, compare img/s)', 'validation top-1 (%)',
+                   'mean over seeds, band = range')
         lines += ['![validation top-1 per training second](top1_per_second.png)', '']
     (RESULTS / 'README.md').write_text('\n'.join(lines) + '\n')
 

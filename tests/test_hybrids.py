@@ -69,7 +69,8 @@ def _host_file(name: str, tmp_path, **kwargs):
 
 
 @pytest.mark.parametrize('name', sorted(LOADED))
-def test_pretrained_loads_the_host_weights_offline_with_the_hosts_logits(name, tmp_path, offline, caplog):  # noqa: F811
+@pytest.mark.usefixtures('offline')
+def test_pretrained_loads_the_host_weights_offline_with_the_hosts_logits(name, tmp_path, caplog):
     overlay, host = _host_file(name, tmp_path)
     with caplog.at_level(logging.WARNING, logger='timm_hybrid.models.hybrids'):
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **LOADED[name][0])
@@ -88,7 +89,8 @@ def test_pretrained_loads_the_host_weights_offline_with_the_hosts_logits(name, t
 
 
 @pytest.mark.parametrize('tag', ['deit_nano_refined_patch7_28.fmnist', 'tnt_nano_cnt_patch7_28.fmnist'])
-def test_packaged_host_weights_load_offline_through_the_hybrid_tag(tag, offline):  # noqa: F811
+@pytest.mark.usefixtures('offline')
+def test_packaged_host_weights_load_offline_through_the_hybrid_tag(tag):
     model = timm.create_model(tag, pretrained=True).eval()
     host = timm.create_model(f'{HOSTS[tag.split(".")[0]][0]}.fmnist', pretrained=True).eval()
     x = torch.randn(4, 1, 28, 28)
@@ -96,7 +98,8 @@ def test_packaged_host_weights_load_offline_through_the_hybrid_tag(tag, offline)
         assert (model(x) - host(x)).abs().max() < 1e-5
 
 
-def test_a_hybrid_checkpoint_loads_back_with_its_own_layers(tmp_path, offline, caplog):  # noqa: F811
+@pytest.mark.usefixtures('offline')
+def test_a_hybrid_checkpoint_loads_back_with_its_own_layers(tmp_path, caplog):
     model = timm.create_model('resnet18_hmhsa').eval()
     with torch.no_grad():
         model.layer4.hmhsa.attn.proj.weight.normal_()
@@ -118,7 +121,8 @@ def test_a_checkpoint_of_another_host_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize('name', sorted(LOADED))
-def test_features_only_as_the_host(name, tmp_path, offline):  # noqa: F811
+@pytest.mark.usefixtures('offline')
+def test_features_only_as_the_host(name, tmp_path):
     """ The host's feature wrapper and levels; at insertion the host's maps. """
     overlay, _ = _host_file(name, tmp_path)
     kwargs = dict(features_only=True, pretrained=True, pretrained_cfg_overlay=overlay, **LOADED[name][0])

@@ -1,10 +1,9 @@
 """ The seeds' ideas as layers for any timm model, and the functions that insert them into a timm host.
 
-| idea | layer | inserted by | into |
-|---|---|---|---|
-| TransCNN / HAT-Net H-MHSA | `HMHSA` (residual around `HierarchicalAttention`), NCHW maps | `add_hmhsa(model, stages)` | timm CNNs with `feature_info` (ResNet, ConvNeXt, EfficientNet, ...) |
-| Refiner's attention-map refinement + hand-on | `RefinedAttention` (a timm `Attention`) | `refine_attention(model, blocks)` | timm ViT / DeiT (blocks holding timm's `Attention`) |
-| CNT's inner conv block | `inner_conv_block` (CNT's `InnerResBlock`), pixel tokens | `convolve_inner(model, blocks)` | timm TNT |
+| idea | layer (tensors) | inserted by | into |
+| TransCNN's H-MHSA | `HMHSA` around `HierarchicalAttention` (NCHW) | `add_hmhsa(model, stages)` | feature_info CNNs |
+| Refiner + hand-on | `RefinedAttention`, a timm Attention (B, N, C) | `refine_attention(model, blocks)` | ViT / DeiT |
+| CNT's inner block | `inner_conv_block`: `InnerResBlock` (B*N, h*w, C) | `convolve_inner(model, blocks)` | timm's TNT |
 
 Every insertion starts as the identity of its host (the new branch's last layer is zero), keeps the host's state-dict
 keys (`inserted_state_keys(model)` lists the new ones), and works in place on the model it is given.

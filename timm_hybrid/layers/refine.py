@@ -213,7 +213,8 @@ def refine_attention(
     wrong = [f'blocks.{i}.attn: {type(getattr(host_blocks[i], "attn", None)).__name__}' for i in indices
              if type(getattr(host_blocks[i], 'attn', None)) is not Attention]
     if wrong:
-        raise TypeError(f'refine_attention refines timm.layers.Attention; {type(model).__name__} has ' + ', '.join(wrong))
+        raise TypeError(
+            f'refine_attention refines timm.layers.Attention; {type(model).__name__} has ' + ', '.join(wrong))
     chain = AttentionMapHandOn() if hand_on else None
     for position, i in enumerate(indices):
         attn = RefinedAttention.from_attention(

@@ -2,11 +2,10 @@
 
 Each is named as its host with the layer after the host's architecture name, so the host is evident:
 
-| layer | name | host | inserted by | options (create_model kwargs) |
-|---|---|---|---|---|
-| H-MHSA | `<host>_hmhsa` | ResNet, ConvNeXt, EfficientNet | `add_hmhsa` | `hmhsa_stages`, `hmhsa_window_size`, ... |
-| Refiner | `deit_<size>_refined_patch16_224` | DeiT / ViT | `refine_attention` | `refine_blocks`, `refine_expand_ratio`, ... |
-| CNT inner block | `tnt_<size>_cnt_patch16_224` | timm's TNT | `convolve_inner` | `cnt_blocks`, `cnt_bottleneck`, `cnt_impl`, ... |
+| layer | name | hosts | inserted by | options (create_model kwargs) |
+| H-MHSA | `resnet50_hmhsa` | ResNet, ConvNeXt, EfficientNet | `add_hmhsa` | `hmhsa_stages`, ... |
+| Refiner | `deit_small_refined_patch16_224` | DeiT | `refine_attention` | `refine_blocks`, ... |
+| CNT inner block | `tnt_s_cnt_patch16_224` | timm's TNT | `convolve_inner` | `cnt_blocks`, `cnt_bottleneck`, ... |
 
 The options are the insertion function's arguments with the layer's prefix (timm's train.py passes them as
 `--model-kwargs hmhsa_stages=(2,3)`); every other kwarg goes to the host's own entry point (num_classes, img_size,
@@ -120,8 +119,9 @@ def _host_cfgs(hybrid: str) -> Dict[str, Dict[str, Any]]:
     for tag in tags:
         cfg = get_pretrained_cfg(f'{host}.{tag}' if tag else host).to_dict()
         origin = cfg.pop('origin_url', None)
-        cfg['notes'] = tuple(cfg.get('notes') or ()) + (f'Weights of the host, {host}{f".{tag}" if tag else ""}; the inserted layers start as the '
-                        f'identity.',) + ((f'Host origin: {origin}',) if origin else ())
+        host_tag = f'{host}.{tag}' if tag else host
+        notes = (f'Weights of the host, {host_tag}; the inserted layers start as the identity.',)
+        cfg['notes'] = tuple(cfg.get('notes') or ()) + notes + ((f'Host origin: {origin}',) if origin else ())
         cfgs[f'{hybrid}.{tag}' if tag else hybrid] = cfg
     return cfgs
 
