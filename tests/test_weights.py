@@ -18,6 +18,7 @@ import torch
 from timm_hybrid.data import DEBIAN_FASHION_MNIST_DIR, evaluate_fashion_mnist, prepare_fashion_mnist
 from timm_hybrid.hub import card_accuracy
 from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR
+from timm_hybrid.models.hybrids import HOSTS
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = sorted(PACKAGED_WEIGHTS_DIR.glob('*.fmnist'))
@@ -57,13 +58,19 @@ def test_weights_are_published():
     assert len(FOLDERS) == 5, 'expected timm_hybrid/weights/<arch>.fmnist for CNT, TNT, DeiT and both distilled'
 
 
+def _weights_tag(tag: str) -> str:
+    """ The tag whose weights `tag` loads: its own, or for a registered hybrid its host's. """
+    arch, name = tag.split('.', 1)
+    return f'{HOSTS[arch][0]}.{name}' if arch in HOSTS else tag
+
+
 @pytest.mark.parametrize('tag', FMNIST_TAGS)
 def test_tag_names_its_packaged_file_and_hub_copy_or_no_source(tag):
     cfg = timm.get_pretrained_cfg(tag).to_dict()
-    folder = PACKAGED_WEIGHTS_DIR / tag
+    folder = PACKAGED_WEIGHTS_DIR / _weights_tag(tag)
     if folder.is_dir():
         assert cfg['file'] == str(folder / 'model.safetensors') and Path(cfg['file']).is_file()
-        assert cfg['hf_hub_id'] == f'timm-hybrid/{tag}'
+        assert cfg['hf_hub_id'] == f'timm-hybrid/{_weights_tag(tag)}'
     else:  # no weights anywhere: the tag must not send timm to a file, hub repo or URL that does not exist
         assert not (cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url')), cfg
         with pytest.raises(RuntimeError, match='No pretrained weights exist'):
