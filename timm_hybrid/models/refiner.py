@@ -374,6 +374,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             conv_norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
             conv_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             refine_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            cpu_eval_chunk: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -408,6 +409,9 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             conv_norm_layer: Norm of the stem and the refiner convs (default BatchNorm2d).
             conv_act_layer: Stem activation (default ReLU).
             refine_act_layer: Refiner activation (default ReLU6).
+            cpu_eval_chunk: In eval on CPU, run a batch this many images at a time (None: as many as keep one
+                image's expanded attention maps below 24 MiB, 4 for Refiner-S; 0: the batch whole). Same outputs;
+                see `cpu_eval_chunk` in models/_common.py for the measured reason.
         """
         super().__init__()
         check_token_model_args(
@@ -436,6 +440,9 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
         self._init_token_model(num_classes, in_chans, global_pool, embed_dim, num_prefix_tokens=1)
         self.refiner_blocks = refiner_blocks
         self.use_aux_head = aux_head
+        self.cpu_eval_chunk = None if cpu_eval_chunk is None else check_int('cpu_eval_chunk', cpu_eval_chunk, 0)
+        # the largest activations: the (expanded) attention maps of one image, H x expand x N x N
+        self.refine_expand = refine_expand if any(refiner_blocks) else 1
 
         self.patch_embed = ConvPatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, stem_chs=stem_chs,
@@ -481,6 +488,12 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
 
     def _token_grid(self) -> Tuple[int, int]:
         return self.patch_embed.grid_size
+
+    @torch.jit.unused
+    def _per_sample_activation_bytes(self) -> int:
+        num_heads = self.blocks[0].attn.num_heads if len(self.blocks) else 1
+        tokens = self.num_patches + self.num_prefix_tokens
+        return self.refine_expand * num_heads * tokens ** 2 * self.cls_token.element_size()
 
     def _input_embed(self) -> ConvPatchEmbed:
         return self.patch_embed
