@@ -22,7 +22,7 @@ __all__ = [
     'MIN_LOADED_SHARE', 'PatchGridEmbed', 'PretrainedWeightsUnavailable', 'TokenClassifierMixin', 'bn_scale_shift',
     'build_token_model', 'build_with_official_weights', 'check_global_pool', 'check_image_batch', 'check_int',
     'check_ints', 'check_loaded_share', 'check_positive', 'check_rate', 'check_token_model_args',
-    'checkpoint_keeping_bn_stats', 'cpu_eval_chunk', 'describe_layout', 'official_weights_cache_file', 'patch_grid',
+    'checkpoint_keeping_bn_stats', 'cpu_chunk_size', 'describe_layout', 'official_weights_cache_file', 'patch_grid',
     'prune_sequence', 'resample_token_pos', 'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens',
     'summarize_keys', 'token_model_cfg', 'unwrap_checkpoint', 'weights_source_hint',
 ]
@@ -87,13 +87,13 @@ CPU_CHUNK_BYTES = 24 * 2 ** 20
 
 
 @torch.jit.unused
-def cpu_eval_chunk(module: nn.Module, x: torch.Tensor, setting: Optional[int], per_sample_bytes: int) -> int:
-    """ How many images of `x` an eval-mode forward of `module` on CPU should run at a time; 0: the batch whole.
+def cpu_chunk_size(x: torch.Tensor, setting: Optional[int], per_sample_bytes: int) -> int:
+    """ How many images of the batch `x` a large-activation computation on CPU should run at a time; 0: whole.
 
-    `setting` is the model's `cpu_eval_chunk`: None sizes the chunk from `per_sample_bytes` (the largest activation
-    of one image) and CPU_CHUNK_BYTES, 0 never chunks, n chunks by n. Training (batch statistics), accelerators
-    (caching allocators, and small kernels cost launches there) and tracers / compilers run the batch whole. """
-    if setting == 0 or module.training or x.device.type != 'cpu':
+    `setting` is the model's `cpu_chunk`: None sizes the chunk from `per_sample_bytes` (the largest activation of
+    one image) and CPU_CHUNK_BYTES, 0 never chunks, n chunks by n. Accelerators (caching allocators; small kernels
+    cost launches there) and tracers / compilers (they plan memory themselves) run the batch whole. """
+    if setting == 0 or x.device.type != 'cpu':
         return 0
     if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return 0
@@ -322,7 +322,8 @@ class TokenClassifierMixin:
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            chunk = cpu_eval_chunk(self, x, self._cpu_eval_chunk_setting(), self._per_sample_activation_bytes())
+            chunk = 0 if self.training else cpu_chunk_size(
+                x, self._cpu_chunk_setting(), self._per_sample_activation_bytes())
             if chunk:  # eval on CPU: every image is on its own, and chunk-sized activations reuse malloc's heap
                 return torch.cat([self._forward_features(part) for part in x.split(chunk)])
         return self._forward_features(x)
@@ -332,8 +333,8 @@ class TokenClassifierMixin:
         return self.norm(x)
 
     @torch.jit.unused
-    def _cpu_eval_chunk_setting(self) -> Optional[int]:
-        return getattr(self, 'cpu_eval_chunk', 0)  # a family without large activations leaves it unset: never
+    def _cpu_chunk_setting(self) -> Optional[int]:
+        return getattr(self, 'cpu_chunk', 0)  # a family without large activations leaves it unset: never
 
     @torch.jit.unused
     def _per_sample_activation_bytes(self) -> int:
