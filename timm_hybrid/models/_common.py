@@ -87,17 +87,17 @@ CPU_CHUNK_BYTES = 24 * 2 ** 20
 
 
 @torch.jit.unused
-def cpu_chunk_size(x: torch.Tensor, setting: Optional[int], per_sample_bytes: int) -> int:
+def cpu_chunk_size(x: torch.Tensor, setting: Optional[int], per_sample_bytes: Callable[[], int]) -> int:
     """ How many images of the batch `x` a large-activation computation on CPU should run at a time; 0: whole.
 
-    `setting` is the model's `cpu_chunk`: None sizes the chunk from `per_sample_bytes` (the largest activation of
-    one image) and CPU_CHUNK_BYTES, 0 never chunks, n chunks by n. Accelerators (caching allocators; small kernels
+    `setting` is the model's `cpu_chunk`: None sizes the chunk from `per_sample_bytes()` (the largest activation of
+    one image, asked only when needed: tracers cannot read shapes) and CPU_CHUNK_BYTES, 0 never chunks, n chunks by n. Accelerators (caching allocators; small kernels
     cost launches there) and tracers / compilers (they plan memory themselves) run the batch whole. """
-    if setting == 0 or x.device.type != 'cpu':
+    if setting == 0 or is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return 0  # before reading x: a traced x's device and shape steer no Python branch
+    if x.device.type != 'cpu' or x.shape[0] < 2:  # one image (or none) is no batch to cut
         return 0
-    if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return 0
-    chunk = setting if setting is not None else max(1, CPU_CHUNK_BYTES // max(1, per_sample_bytes))
+    chunk = setting if setting is not None else max(1, CPU_CHUNK_BYTES // max(1, per_sample_bytes()))
     return chunk if x.shape[0] > chunk else 0
 
 
@@ -323,7 +323,7 @@ class TokenClassifierMixin:
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             chunk = 0 if self.training else cpu_chunk_size(
-                x, self._cpu_chunk_setting(), self._per_sample_activation_bytes())
+                x, self._cpu_chunk_setting(), self._per_sample_activation_bytes)
             if chunk:  # eval on CPU: every image is on its own, and chunk-sized activations reuse malloc's heap
                 return torch.cat([self._forward_features(part) for part in x.split(chunk)])
         return self._forward_features(x)

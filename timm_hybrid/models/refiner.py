@@ -52,6 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from timm.layers import (
     ConvNormAct, DropPath, LayerScale, Mlp, calculate_drop_path_rates, get_act_layer, get_norm_layer,
@@ -325,13 +326,15 @@ class RefinerAttention(_MapAttention):
         """ Images per chunk for a CPU training step (0: the batch whole): the refinement's maps, kept for backward,
         are the bulk of Refiner's training memory, and each one above 32 MiB is page-faulted in anew per step
         (CPU_CHUNK_BYTES in models/_common.py). Refiner-S trained at 0.26x DeiT-S's speed whole (batch 32). """
+        if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return 0  # first: the shapes below are no ints under a tracer
         if not self.training or torch.is_autocast_enabled('cpu') or self.refine.shortcut_scale is not None:
             return 0
         norms = (self.refine.expand.bn, self.refine.conv_dw.bn, self.refine.reduce.bn, self.norm)
         if not all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.training for n in norms):
             return 0
-        per_image = prev_attn[0].numel() * self.refine.expand.conv.out_channels // self.num_heads
-        return cpu_chunk_size(prev_attn, self.cpu_chunk, per_image * prev_attn.element_size())
+        return cpu_chunk_size(prev_attn, self.cpu_chunk, lambda: (
+            prev_attn[0].numel() * self.refine.expand.conv.out_channels // self.num_heads * prev_attn.element_size()))
 
     @torch.jit.unused
     def _forward_chunked(self, prev_attn: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -610,10 +610,14 @@ class TransCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if not torch.jit.is_scripting():
-            chunk = 0 if self.training else cpu_chunk_size(x, self.cpu_chunk, self._per_sample_activation_bytes(x))
+            chunk = self._eval_chunk(x)
             if chunk:  # eval on CPU: every image is on its own, and chunk-sized maps reuse malloc's heap
                 return torch.cat([self._forward_features(part) for part in x.split(chunk)])
         return self._forward_features(x)
+
+    @torch.jit.unused
+    def _eval_chunk(self, x: torch.Tensor) -> int:
+        return 0 if self.training else cpu_chunk_size(x, self.cpu_chunk, lambda: self._per_sample_activation_bytes(x))
 
     @torch.jit.unused
     def _per_sample_activation_bytes(self, x: torch.Tensor) -> int:
