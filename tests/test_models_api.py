@@ -255,3 +255,44 @@ def test_torchscript_and_fx_match_eager_in_training_mode(name):
     train_nodes, _ = get_graph_node_names(model)
     fx_model = create_feature_extractor(model, return_nodes=[train_nodes[-1]]).train()
     torch.testing.assert_close(next(iter(fx_model(x).values())), expected, atol=1e-4, rtol=1e-4)
+
+
+CHUNKED = ['transcnn_tiny', 'hatnet_tiny', 'refiner_vit_small_patch16_224']
+
+
+@pytest.mark.parametrize('name', CHUNKED)
+def test_cpu_chunks_give_the_whole_batchs_outputs(name):
+    """ In eval on CPU the large-map families run a batch in chunks (cpu_chunk): same logits as the whole
+    batch, the stem run once per chunk; training, and cpu_chunk=0, run the batch whole. """
+    small = {'depth': 4} if 'refiner' in name else {'depths': (1, 1, 1, 1)}
+    model = _create(name, cpu_chunk=2, **small).eval()
+    stem = model.stem if hasattr(model, 'stem') else model.patch_embed
+    batch_sizes = []
+    stem.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    x = _image(model, batch_size=5)
+    with torch.no_grad():
+        chunked = model(x)
+        assert batch_sizes == [2, 2, 1]
+        model.cpu_chunk = 0
+        whole = model(x)
+    assert batch_sizes[3:] == [5]
+    assert chunked.shape == whole.shape == (5, model.num_classes)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    model.cpu_chunk = None  # auto: the small config's maps fit, so the batch runs whole
+    model.train()(x).sum().backward()
+    assert batch_sizes[4:] == [5]
+
+
+def test_cpu_chunk_is_sized_from_the_largest_map():
+    """ Auto chunks keep one chunk's largest activation under 24 MiB: Refiner-S's expanded maps are 12 heads x 3 x
+    197^2 tokens x 4 bytes = 5.3 MiB an image, so 4 images a chunk (depth 2: the maps are as large). """
+    model = timm.create_model('refiner_vit_small_patch16_224', depth=2).eval()
+    assert model._per_sample_activation_bytes() == 12 * 3 * 197 ** 2 * 4
+    batch_sizes = []
+    model.patch_embed.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        model(torch.randn(9, 3, 224, 224))
+        model(torch.randn(4, 3, 224, 224))  # fits: whole
+    assert batch_sizes == [4, 4, 1, 4]
+    with pytest.raises(ValueError, match='cpu_chunk must be an integer >= 0'):
+        timm.create_model('transcnn_tiny', cpu_chunk=-1)

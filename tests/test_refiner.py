@@ -114,6 +114,39 @@ def test_grad_checkpointing_same_outputs_grads_and_bn_stats():
     torch.testing.assert_close(buf1, buf0)
 
 
+@pytest.mark.parametrize('checkpointing', [False, True])
+def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
+    """ cpu_chunk: the refinements of a CPU training step on 2-image slices, batch statistics of the whole batch
+    (models/refiner.py _ChunkedBatchNorm): the same logits, every gradient and the same BatchNorm running stats, also
+    with grad checkpointing (whose re-run must leave the stats alone). """
+    x = torch.randn(5, 3, 32, 32)
+    results = []
+    for chunk in (0, 2):
+        model = _tiny(cpu_chunk=chunk).train()
+        model.set_grad_checkpointing(checkpointing)
+        calls = []
+        refiners = [blk.attn for blk, refine in zip(model.blocks, model.refiner_blocks) if refine]
+        for attn in refiners:
+            attn.refine.expand.conv.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+        for _ in range(2):  # two steps: the running stats move twice
+            model.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+        assert set(calls) == ({5} if chunk == 0 else {2, 1})
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        results.append((out.detach(), grads, buffers))
+    (out0, grads0, buf0), (out1, grads1, buf1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-6)
+    # fp32 rounding of the two summation orders, on the scale of the largest gradient (a BatchNorm bias ahead of
+    # another BatchNorm has a gradient of ~1e-10, pure rounding, in both)
+    scale = max(g.abs().max().item() for g in grads0.values())
+    off = {n: (grads1[n] - g).abs().max().item() for n, g in grads0.items()
+           if (grads1[n] - g).abs().max().item() > 1e-5 * scale + 1e-4 * g.abs().max().item()}
+    assert not off, f'gradients off (largest |grad| {scale:.3g}): {off}'
+    torch.testing.assert_close(buf1, buf0, rtol=1e-5, atol=1e-7)
+
+
 def test_batchnorm_eval_independent_of_batch():
     model = _tiny().eval()
     x = torch.randn(3, 3, 32, 32)

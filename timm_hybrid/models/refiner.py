@@ -47,10 +47,12 @@ the position embedding to the model's grid.
 import logging
 import re
 from functools import partial
-from typing import Any, Dict, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from timm.layers import (
     ConvNormAct, DropPath, LayerScale, Mlp, calculate_drop_path_rates, get_act_layer, get_norm_layer,
@@ -60,8 +62,8 @@ from timm.models import generate_default_cfgs, register_model
 
 from ._common import (
     PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, build_with_official_weights, check_int,
-    check_ints, check_loaded_share, check_positive, check_token_model_args, describe_layout, resample_token_pos,
-    source_token_grid, token_model_cfg, unwrap_checkpoint,
+    check_ints, check_loaded_share, check_positive, check_token_model_args, cpu_chunk_size, describe_layout,
+    resample_token_pos, source_token_grid, token_model_cfg, unwrap_checkpoint,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -221,6 +223,66 @@ def _fold_norm_into_conv(
     conv_norm.bn = getattr(bn, 'act', None) or nn.Identity()  # BatchNormAct2d carries the act
 
 
+class _ChunkedBatchNorm(torch.autograd.Function):
+    """ Training-mode batch norm of a batch held as chunks (B_i, C, H, W): the statistics and gradients of the whole
+    batch, every tensor chunk-sized (see RefinerAttention). Returns the normalised chunks, then (mean, biased var). """
+
+    @staticmethod
+    def forward(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, *chunks: torch.Tensor):
+        counts = [c.numel() // c.shape[1] for c in chunks]
+        n = sum(counts)
+        # per-chunk mean and biased var (BatchNorm's own statistics kernel, 3x faster than var_mean on these maps),
+        # merged exactly (Chan et al.): the maps are near-uniform at init, where E[x^2] - E[x]^2 would cancel
+        stats = [torch.batch_norm_update_stats(c, None, None, 0.) for c in chunks]
+        mean = sum(m.double() * k for (m, _), k in zip(stats, counts)) / n
+        var = sum((v.double() + (m.double() - mean) ** 2) * k for (m, v), k in zip(stats, counts)) / n
+        mean, var = mean.to(chunks[0].dtype), var.to(chunks[0].dtype)
+        outs = [F.batch_norm(c, mean, var, weight, bias, False, 0., eps) for c in chunks]  # one fused pass each
+        ctx.save_for_backward(weight, mean, var, *chunks)
+        ctx.n, ctx.eps = n, eps
+        return (*outs, mean, var)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        weight, mean, var, *chunks = ctx.saved_tensors
+        grads = grads[:len(chunks)]
+        w = torch.ones_like(mean) if weight is None else weight
+        # sum(g) and sum(g * x_hat) per channel, one fused pass over each chunk: aten's inference-mode backward
+        # (statistics as constants) reduces exactly these for the weight and bias gradients
+        sums = [torch.ops.aten.native_batch_norm_backward(
+            g, c, w, mean, var, None, None, False, ctx.eps, [False, True, True])[1:] for g, c in zip(grads, chunks)]
+        sum_gx, sum_g = sum(s[0] for s in sums), sum(s[1] for s in sums)
+        # dx = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) = a * g + b * x + c, per-channel a, b, c: two
+        # passes a chunk (timm's / aten's training backward makes the same two: a reduction, then this)
+        invstd = torch.rsqrt(var + ctx.eps)
+        a = w * invstd
+        b = -a * invstd * sum_gx / ctx.n
+        c = -a * sum_g / ctx.n - b * mean
+        shape = (1, -1, 1, 1)
+        a, b, c = a.reshape(shape), b.reshape(shape), c.reshape(shape)
+        grad_chunks = [torch.addcmul(c, x, b).addcmul_(g, a) for g, x in zip(grads, chunks)]
+        grad_weight = sum_gx if weight is not None and ctx.needs_input_grad[0] else None
+        grad_bias = sum_g if ctx.needs_input_grad[1] else None
+        return (grad_weight, grad_bias, None, *grad_chunks)
+
+
+def batch_norm_chunks(norm: nn.Module, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
+    """ `norm` (a training BatchNorm2d, or timm's BatchNormAct2d with its act) over the batch that `chunks` split:
+    the same outputs, gradients and running-stat update as on the concatenated batch. """
+    *outs, mean, var = _ChunkedBatchNorm.apply(norm.weight, norm.bias, norm.eps, *chunks)
+    if norm.track_running_stats and norm.running_mean is not None:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            momentum = 1. / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            n = sum(c.numel() // c.shape[1] for c in chunks)
+            norm.running_mean.lerp_(mean, momentum)
+            norm.running_var.lerp_(var * (n / max(n - 1, 1)), momentum)  # unbiased, as BatchNorm's update
+    post = [m for m in (getattr(norm, 'drop', None), getattr(norm, 'act', None)) if m is not None]
+    for m in post:
+        outs = [m(o) for o in outs]
+    return outs
+
+
 class RefinerAttention(_MapAttention):
     """ Attention with the previous block's map, refined: no query / key projection, only values. """
 
@@ -234,10 +296,12 @@ class RefinerAttention(_MapAttention):
             proj_drop: float = 0.,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU6,
+            cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
     ):
         super().__init__(dim, num_heads, proj_drop=proj_drop, device=device, dtype=dtype)
+        self.cpu_chunk = cpu_chunk  # see RefinerViT
         dd = {'device': device, 'dtype': dtype}
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.refine = AttentionRefiner(
@@ -250,8 +314,37 @@ class RefinerAttention(_MapAttention):
         B, N, C = x.shape
         v = self.v(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
         # the released (norm(map) / sqrt(d)) @ v, used without softmax; the scale goes on v, N / d times smaller
+        if not torch.jit.is_scripting():
+            chunk = self._train_chunk(prev_attn)
+            if chunk:
+                return self._forward_chunked(prev_attn, v, chunk), prev_attn
         attn = self.norm(self.refine(prev_attn))  # (B, H, N, N)
         return self._aggregate(attn, v * self.scale), prev_attn
+
+    @torch.jit.unused
+    def _train_chunk(self, prev_attn: torch.Tensor) -> int:
+        """ Images per chunk for a CPU training step (0: the batch whole): the refinement's maps, kept for backward,
+        are the bulk of Refiner's training memory, and each one above 32 MiB is page-faulted in anew per step
+        (CPU_CHUNK_BYTES in models/_common.py). Refiner-S trained at 0.26x DeiT-S's speed whole (batch 32). """
+        if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return 0  # first: the shapes below are no ints under a tracer
+        if not self.training or torch.is_autocast_enabled('cpu') or self.refine.shortcut_scale is not None:
+            return 0
+        norms = (self.refine.expand.bn, self.refine.conv_dw.bn, self.refine.reduce.bn, self.norm)
+        if not all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.training for n in norms):
+            return 0
+        return cpu_chunk_size(prev_attn, self.cpu_chunk, lambda: (
+            prev_attn[0].numel() * self.refine.expand.conv.out_channels // self.num_heads * prev_attn.element_size()))
+
+    @torch.jit.unused
+    def _forward_chunked(self, prev_attn: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
+        """ The training forward on `chunk`-image slices of the maps, batch statistics of the whole batch. """
+        maps = list(prev_attn.split(chunk))
+        refined = maps
+        for conv_norm in (self.refine.expand, self.refine.conv_dw, self.refine.reduce):
+            refined = batch_norm_chunks(conv_norm.bn, [conv_norm.conv(m) for m in refined])
+        attn = batch_norm_chunks(self.norm, [m + r for m, r in zip(maps, refined)])
+        return torch.cat([self._aggregate(a, part * self.scale) for a, part in zip(attn, v.split(chunk))])
 
     @torch.jit.ignore
     def reparameterize(self) -> None:
@@ -291,6 +384,7 @@ class Block(nn.Module):
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             refine_norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             refine_act_layer: Type[nn.Module] = nn.ReLU6,
+            cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -303,7 +397,7 @@ class Block(nn.Module):
             self.attn = RefinerAttention(
                 dim, num_heads=num_heads, qkv_bias=qkv_bias, expand_ratio=refine_expand,
                 kernel_size=refine_kernel_size, proj_drop=proj_drop, norm_layer=refine_norm_layer,
-                act_layer=refine_act_layer, **dd)
+                act_layer=refine_act_layer, cpu_chunk=cpu_chunk, **dd)
         else:
             self.attn = Attention(
                 dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
@@ -374,6 +468,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             conv_norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
             conv_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             refine_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -408,6 +503,10 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             conv_norm_layer: Norm of the stem and the refiner convs (default BatchNorm2d).
             conv_act_layer: Stem activation (default ReLU).
             refine_act_layer: Refiner activation (default ReLU6).
+            cpu_chunk: On CPU, run a batch this many images at a time where the attention maps are large: the
+                whole forward in eval, the refinements in a training step (batch statistics over the whole batch).
+                None: as many as keep one chunk's expanded maps below 24 MiB, 4 for Refiner-S; 0: the batch whole.
+                Same outputs and gradients; see `cpu_chunk_size` in models/_common.py for the measured reason.
         """
         super().__init__()
         check_token_model_args(
@@ -436,6 +535,9 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
         self._init_token_model(num_classes, in_chans, global_pool, embed_dim, num_prefix_tokens=1)
         self.refiner_blocks = refiner_blocks
         self.use_aux_head = aux_head
+        self.cpu_chunk = None if cpu_chunk is None else check_int('cpu_chunk', cpu_chunk, 0)
+        # the largest activations: the (expanded) attention maps of one image, H x expand x N x N
+        self.refine_expand = refine_expand if any(refiner_blocks) else 1
 
         self.patch_embed = ConvPatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, stem_chs=stem_chs,
@@ -453,7 +555,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
                 refine_expand=refine_expand, refine_kernel_size=refine_kernel_size, init_values=init_values,
                 branch_gain=branch_gain, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
                 act_layer=act_layer, norm_layer=norm_layer, refine_norm_layer=conv_norm_layer,
-                refine_act_layer=refine_act_layer, **dd)
+                refine_act_layer=refine_act_layer, cpu_chunk=self.cpu_chunk, **dd)
             for i in range(depth)])
         self._init_head(norm_layer, drop_rate, reduction=max(self.patch_embed.patch_size), **dd)
         # token labelling's per-patch head of the released large model
@@ -481,6 +583,12 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
 
     def _token_grid(self) -> Tuple[int, int]:
         return self.patch_embed.grid_size
+
+    @torch.jit.unused
+    def _per_sample_activation_bytes(self) -> int:
+        num_heads = self.blocks[0].attn.num_heads if len(self.blocks) else 1
+        tokens = self.num_patches + self.num_prefix_tokens
+        return self.refine_expand * num_heads * tokens ** 2 * self.cls_token.element_size()
 
     def _input_embed(self) -> ConvPatchEmbed:
         return self.patch_embed

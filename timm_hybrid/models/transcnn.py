@@ -28,6 +28,7 @@ ceil(H / 32) x ceil(W / 32), so a training batch needs batch * ceil(H / 32) * ce
 input side above 32 px); torch's BatchNorm raises "Expected more than 1 value per channel when training" otherwise.
 HAT-Net's GroupNorm has no such limit, and eval mode has none in either.
 """
+import math
 import re
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
@@ -48,7 +49,7 @@ from timm.models._features import feature_take_indices
 
 from ._common import (
     build_with_official_weights, check_image_batch, check_int, check_ints, check_loaded_share, check_positive,
-    check_rate, checkpoint_keeping_bn_stats, describe_layout, prune_sequence, unwrap_checkpoint,
+    check_rate, checkpoint_keeping_bn_stats, cpu_chunk_size, describe_layout, prune_sequence, unwrap_checkpoint,
 )
 
 __all__ = ['TransCNN', 'checkpoint_filter_fn']
@@ -421,6 +422,7 @@ class TransCNN(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             channels_last: bool = True,
+            cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -447,6 +449,9 @@ class TransCNN(nn.Module):
             drop_path_rate: Stochastic depth rate (linearly increasing over all blocks).
             channels_last: Run the maps in channels-last memory (the outputs are the same; False: the plain NCHW
                 layout, kept as the reference the fast path is tested against).
+            cpu_chunk: In eval on CPU, run a batch this many images at a time (None: as many as keep one
+                image's largest map, the first stage's FFN expansion, below 24 MiB: 5 for TransCNN-S at 256; 0:
+                the batch whole). Same outputs; see `cpu_chunk_size` in models/_common.py for the measured reason.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -481,6 +486,9 @@ class TransCNN(nn.Module):
         self.drop_rate = drop_rate
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.channels_last = channels_last
+        self.cpu_chunk = None if cpu_chunk is None else check_int('cpu_chunk', cpu_chunk, 0)
+        # (channels of a stage's widest map, its stride): the FFN's expanded maps, for cpu_chunk
+        self._widest_maps = [(int(d * max(r, 1)), 4 * 2 ** i) for i, (d, r) in enumerate(zip(embed_dims, mlp_ratios))]
 
         self.stem = nn.Sequential(
             ConvNormAct(
@@ -601,6 +609,23 @@ class TransCNN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if not torch.jit.is_scripting():
+            chunk = self._eval_chunk(x)
+            if chunk:  # eval on CPU: every image is on its own, and chunk-sized maps reuse malloc's heap
+                return torch.cat([self._forward_features(part) for part in x.split(chunk)])
+        return self._forward_features(x)
+
+    @torch.jit.unused
+    def _eval_chunk(self, x: torch.Tensor) -> int:
+        return 0 if self.training else cpu_chunk_size(x, self.cpu_chunk, lambda: self._per_sample_activation_bytes(x))
+
+    @torch.jit.unused
+    def _per_sample_activation_bytes(self, x: torch.Tensor) -> int:
+        H, W = x.shape[-2:]
+        elems = max(c * math.ceil(H / s) * math.ceil(W / s) for c, s in self._widest_maps) if self._widest_maps else 0
+        return elems * self.stem[1].weight.element_size()
+
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             # oneDNN's depthwise and 1x1 convs run 2-60x faster on channels-last maps than on NCHW ones (CPU, 2
             # threads), and the attention's q / k / v become views with head_dim contiguous: HAT-Net-S inference
