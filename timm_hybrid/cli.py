@@ -264,9 +264,10 @@ def _push(args: argparse.Namespace) -> int:
 def add_push_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('folder', help='folder written by `timm-hybrid export`')
     p.add_argument('--repo-id', required=True, help='ORG/NAME, e.g. timm-hybrid/cnt_nano_patch7_28.fmnist')
-    p.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN or `hf auth login`)')
-    p.add_argument('--private', action='store_true', help='create the repo private')
-    p.add_argument('--commit-message', default='Add model', help='commit message of the upload')
+    upload = p.add_argument_group('the upload')
+    upload.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN or `hf auth login`)')
+    upload.add_argument('--private', action='store_true', help='create the repo private')
+    upload.add_argument('--commit-message', default='Add model', help='commit message of the upload')
 
 
 def _publish(args: argparse.Namespace) -> int:

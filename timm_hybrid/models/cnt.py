@@ -346,12 +346,12 @@ class Block(nn.Module):
             pixel_grid: Tuple[int, int],
             num_heads: int,
             inner_block: Callable[..., nn.Module],
-            num_prefix_tokens: int = 1,
+            num_prefix_tokens: int = 1,  # class (+ distillation) token: the pixel path adds nothing to them
             mlp_ratio: float = 4.,
-            qkv_bias: bool = False,
+            qkv_bias: bool = False,  # TNT's
             proj_drop: float = 0.,
             attn_drop: float = 0.,
-            drop_path: float = 0.,
+            drop_path: float = 0.,  # the inner block's and the outer transformer's alike
             act_layer: Type[nn.Module] = nn.GELU,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             recompute_pixels: bool = True,
