@@ -240,6 +240,7 @@ class _ChunkedBatchNorm(torch.autograd.Function):
         outs = [F.batch_norm(c, mean, var, weight, bias, False, 0., eps) for c in chunks]  # one fused pass each
         ctx.save_for_backward(weight, mean, var, *chunks)
         ctx.n, ctx.eps = n, eps
+        ctx.mark_non_differentiable(mean, var)  # for the running stats only
         return (*outs, mean, var)
 
     @staticmethod
