@@ -326,7 +326,7 @@ class RefinerAttention(_MapAttention):
     def _train_chunk(self, prev_attn: torch.Tensor) -> int:
         """ Images per chunk for a CPU training step (0: the batch whole): the refinement's maps, kept for backward,
         are the bulk of Refiner's training memory, and each one above 32 MiB is page-faulted in anew per step
-        (CPU_CHUNK_BYTES in models/_common.py). Refiner-S trained at 0.26x DeiT-S's speed whole (batch 32). """
+        (CPU_CHUNK_BYTES in models/_common.py). """
         if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return 0  # first: the shapes below are no ints under a tracer
         if not self.training or torch.is_autocast_enabled('cpu') or self.refine.shortcut_scale is not None:
