@@ -160,6 +160,17 @@ def test_compare_rejects_a_device_torch_does_not_have(capsys):
     assert 'no CUDA device' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('spec, message', [
+    ('cnt_nano_patch7_28:depth', 'expected name:key=value'),
+    ('nosuch_model:depth=2', 'unknown model(s): nosuch_model'),
+    ('cnt_nano_patch7_28:nosuch=1', "unexpected keyword argument 'nosuch'"),
+])
+def test_compare_bad_model_spec_is_one_line_exit_2(spec, message, tmp_path, capsys):
+    assert main(['compare', '--models', spec, '--no-speed', '--output', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and 'Traceback' not in '\n'.join(err)
+
+
 def test_compare_with_own_references_writes_ratios_to_them(tmp_path, capfd):
     """ The 28 px models compared against the 28 px baselines (not the 224 px TNT-S / DeiT-S defaults): ratio columns
     are named after the references, a reference's ratio to itself is exactly 1, every output file is written, and

@@ -88,6 +88,42 @@ def test_compare_models_params_and_gmacs_only(tmp_path):
     assert 'params and GMACs only' in (tmp_path / 'compare.md').read_text()
 
 
+@pytest.mark.parametrize('spec, parsed', [
+    ('cnt_nano_patch7_28', ('cnt_nano_patch7_28', {})),
+    ('cnt_nano_patch7_28:inner_impl=matmul,recompute_pixels=False',
+     ('cnt_nano_patch7_28', {'inner_impl': 'matmul', 'recompute_pixels': False})),
+    ('cnt_nano_patch7_28:img_size=(28, 56), depth=2', ('cnt_nano_patch7_28', {'img_size': (28, 56), 'depth': 2})),
+])
+def test_parse_model_spec(spec, parsed):
+    assert compare.parse_model_spec(spec) == parsed
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('cnt_nano_patch7_28:depth', "expected name:key=value"),
+    ('cnt_nano_patch7_28:nosuch=1', "unexpected keyword argument 'nosuch'"),
+    ('cnt_nano_patch7_28:inner_impl=nosuch', "Unknown inner_impl 'nosuch'"),
+])
+def test_bad_model_spec_says_which(spec, message):
+    with pytest.raises(compare.ModelSpecError, match=message) as e:
+        compare.create_model_spec(spec)
+    assert spec in str(e.value)
+
+
+def test_model_spec_variants_time_side_by_side(tmp_path):
+    """ A spec builds the model with its kwargs (depth 2, fewer blocks than registered: fewer params and GMACs),
+    keeps the spec as the row's model, and can be a reference with its own ratio columns. """
+    variant = 'cnt_nano_patch7_28:depth=2'
+    rows = compare.compare_models(
+        ['cnt_nano_patch7_28', variant], output_dir=tmp_path, references=[variant], memory=False,
+        settings=SpeedSettings(batch_size=2, repeats=1, warmup=0))
+    by_model = {r['model']: r for r in rows}
+    assert set(by_model) == {'cnt_nano_patch7_28', variant}
+    assert by_model[variant]['infer_gmacs'] < by_model['cnt_nano_patch7_28']['infer_gmacs']
+    assert by_model[variant]['param_count'] < by_model['cnt_nano_patch7_28']['param_count']
+    assert by_model[variant]['infer_x_cnt_nano_depth_2'] == 1.0
+    assert 'infer_x_cnt_nano_depth_2' in by_model['cnt_nano_patch7_28']
+
+
 def test_resolution_sweep_counts_tokens_from_the_model(tmp_path):
     """ A patch-7 model: 16 tokens at 28 px, 64 at 56 px (`res // 16` would say 1 and 9). """
     settings = SpeedSettings(batch_size=2, repeats=1)

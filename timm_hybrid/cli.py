@@ -71,7 +71,11 @@ def _compare(args: argparse.Namespace) -> int:
     print('timm-hybrid compare: importing torch, timm and fvcore', file=sys.stderr, flush=True)  # seconds of silence
     from . import compare
     import timm
-    unknown = [n for n in (args.models or []) + (args.references or []) if not timm.is_model(n)]
+    try:
+        specs = [compare.parse_model_spec(n) for n in (args.models or []) + (args.references or [])]
+    except ValueError as e:
+        return _usage_error(e)
+    unknown = [name for name, _ in specs if not timm.is_model(name)]
     if unknown:
         return _usage_error(f'unknown model(s): {", ".join(unknown)} (timm.list_models() lists them)')
     try:
@@ -90,11 +94,14 @@ def _compare(args: argparse.Namespace) -> int:
         if args.full and not args.no_speed:
             # the sweep re-creates models at img_size 224..448: only the requested 224 px models (the S trio by
             # default); the 28 px study models have no resolution to sweep
-            swept = compare.SWEEP_MODELS if not args.models else [n for n in args.models if n.endswith('_224')]
+            swept = compare.SWEEP_MODELS if not args.models else [
+                n for n in args.models if compare.parse_model_spec(n)[0].endswith('_224')]
             if swept:
                 sweep = compare.resolution_sweep(swept, output_dir=output, progress=progress, settings=(
                     dataclasses.replace(settings, batch_size=8, repeats=3)))
                 print(f'{compare.markdown_table(sweep)}\n')
+    except compare.ModelSpecError as e:
+        return _usage_error(e)
     except KeyboardInterrupt:
         print(f'interrupted: what was measured is in {Path(output).resolve()}', file=sys.stderr)
         return 130
@@ -108,7 +115,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--models', nargs='+',
-                   help='timm model names (default: the matched S trio CNT-S, TNT-S, DeiT-S; with --full CNT / TNT / '
+                   help='timm model names, or NAME:KEY=VALUE[,KEY=VALUE...] to build one with those model kwargs '
+                        '(e.g. cnt_ti_patch16_224:inner_impl=matmul; variants of one model time side by side) '
+                        '(default: the matched S trio CNT-S, TNT-S, DeiT-S; with --full CNT / TNT / '
                         'DeiT Ti, S, B and the small TransCNN, HAT-Net, Refiner)')
     p.add_argument('--references', nargs='+', default=None,
                    help='models the speed ratios are taken to, timed in the same rounds (default: TNT-S, DeiT-S; '

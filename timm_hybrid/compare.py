@@ -8,19 +8,21 @@ and the tables are rewritten after every model, so an interrupted run leaves wha
 
 This is what `timm-hybrid compare` runs and what the benchmarks/ scripts call.
 """
+import ast
 import contextlib
 import csv
 import dataclasses
 import json
 import multiprocessing
 import os
+import re
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +34,7 @@ from .flops import count_flops
 
 __all__ = [
     'REFERENCES', 'QUICK_MODELS', 'FULL_MODELS', 'SWEEP_MODELS', 'DEFAULT_OUTPUT', 'SpeedSettings', 'Timing',
-    'Progress', 'free_cpu_threads', 'make_step', 'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens',
+    'Progress', 'ModelSpecError', 'parse_model_spec', 'create_model_spec', 'free_cpu_threads', 'make_step', 'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens',
     'train_step_peak_memory_mb', 'peak_memory_mb', 'compare_models', 'resolution_sweep', 'markdown_table',
     'write_results', 'plot_speed_ratios', 'plot_resolution', 'plot_speed_vs_gmacs',
 ]
@@ -57,7 +59,43 @@ _REFERENCE_SHORT_NAMES = {'tnt_s_patch16_224': 'tnt_s', 'deit_small_patch16_224'
 
 
 def reference_short_name(name: str) -> str:
-    return _REFERENCE_SHORT_NAMES.get(name, name.split('_patch')[0])
+    model, kwargs = parse_model_spec(name)
+    short = _REFERENCE_SHORT_NAMES.get(model, model.split('_patch')[0])
+    return short + ''.join(f'_{k}_{re.sub(r"[^0-9A-Za-z]+", "", str(v))}' for k, v in kwargs.items())
+
+
+class ModelSpecError(ValueError):
+    """ A model spec that does not parse, or whose kwargs the model does not take. """
+
+
+def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """ A model to time: a timm name, or `name:key=value,key=value` to build it with those kwargs (values read as
+    Python literals, else taken as plain words), e.g. `cnt_ti_patch16_224:inner_impl=matmul,recompute_pixels=False`.
+    The row keeps the whole spec as its `model`, so variants of one model are timed in the same rounds. """
+    name, _, kwargs_text = spec.partition(':')
+    kwargs = {}
+    # split before each `key=`, so a value may hold commas: img_size=(32, 48)
+    for item in re.split(r',\s*(?=[A-Za-z_]\w*\s*=)', kwargs_text) if kwargs_text else ():
+        key, eq, text = item.partition('=')
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise ModelSpecError(f"model spec {spec!r}: expected name:key=value[,key=value...], got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key] = text.strip()  # a plain word, e.g. inner_impl=matmul
+    return name, kwargs
+
+
+def create_model_spec(spec: str, **overrides) -> nn.Module:
+    """ `timm.create_model` for a model spec (`parse_model_spec`); `overrides` win over the spec's kwargs. """
+    name, kwargs = parse_model_spec(spec)
+    if not kwargs:
+        return timm.create_model(name, **overrides)
+    try:
+        return timm.create_model(name, **{**kwargs, **overrides})
+    except (TypeError, ValueError) as e:  # an unknown kwarg, or a value the model refuses
+        raise ModelSpecError(f'model spec {spec!r}: {e}') from e
 
 
 def free_cpu_threads() -> int:
@@ -283,7 +321,7 @@ def train_step_peak_memory_mb(name: str, settings: SpeedSettings) -> float:
     `peak_memory_mb`. A compiled model is measured eager: inductor's first step adds compile-time buffers. """
     torch.set_num_threads(settings.threads)
     eager = dataclasses.replace(settings, compile=False)
-    model = prepare_model(timm.create_model(name), eager)
+    model = prepare_model(create_model_spec(name), eager)
     step = make_step(model, tuple(model.pretrained_cfg['input_size']), eager, train=True)
     if eager.on_gpu:
         torch.cuda.synchronize(eager.device)
@@ -353,7 +391,7 @@ def _count(
     progress.plan('count', len(counted), 5.)
     for n in counted:
         start = time.perf_counter()
-        model = timm.create_model(n)
+        model = create_model_spec(n)
         f = count_flops(model, input_size=_input_size(model))
         gmacs[n] = f.gmacs
         if n in reported:
@@ -394,7 +432,8 @@ def compare_models(
         stem: str = 'compare',
 ) -> List[Dict[str, object]]:
     """ Params, GMACs, inference / train-step samples/s, ratios to the references, fraction of matmul peak and
-    training peak memory, for each model.
+    training peak memory, for each model. Models (and references) are timm names or model specs with kwargs
+    (`parse_model_spec`: `cnt_ti_patch16_224:inner_impl=matmul`).
 
     The `references` (TNT-S and DeiT-S by default; e.g. the 28 px baselines for the 28 px models) are timed in the
     same interleaved rounds as each model (added if not named) and reported only if named. `<stem>.csv/.md/.json` in
@@ -437,7 +476,7 @@ def compare_models(
     for i, group in enumerate(groups):
         for m in group:
             if m not in built:
-                model = timm.create_model(m)
+                model = create_model_spec(m)
                 sizes[m] = _input_size(model)
                 built[m] = prepare_model(model, settings)
         timings = {}
@@ -484,7 +523,7 @@ def resolution_sweep(
     rows = []
     for res in resolutions:
         start = time.perf_counter()
-        built = {n: timm.create_model(n, img_size=res) for n in names}
+        built = {n: create_model_spec(n, img_size=res) for n in names}
         prepared = {n: prepare_model(m, settings) for n, m in built.items()}
         sizes = {n: (_input_size(m)[0], res, res) for n, m in built.items()}
         timing = time_interleaved(prepared, sizes, settings, progress=progress)
