@@ -153,6 +153,20 @@ def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottlene
         torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=lambda m: f'{name}: {m}')
 
 
+@pytest.mark.parametrize('dim, bottleneck, expected', [
+    (8, False, 'matmul'),  # CNT-Ti's width: narrower than one AVX-512 fp32 vector
+    (16, False, 'conv'),  # CNT-S's
+    (32, False, 'conv'),  # CNT-B's
+    (32, True, 'matmul'),  # the bottleneck's 3x3 runs at 32 / 4 = 8 channels
+])
+def test_auto_inner_impl_on_cpu_follows_the_narrowest_conv(dim, bottleneck, expected):
+    block = InnerResBlock(dim, (4, 4), bottleneck=bottleneck)
+    x = torch.randn(2, 16, dim)
+    assert block._impl_for(x) == expected
+    for impl in ('conv', 'matmul'):  # a named implementation is taken as named
+        assert InnerResBlock(dim, (4, 4), bottleneck=bottleneck, impl=impl)._impl_for(x) == impl
+
+
 @pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])
 def test_model_logits_and_flops_do_not_depend_on_inner_impl(inner_impl):
     torch.manual_seed(0)

@@ -18,9 +18,9 @@ _TWO_STAGES = dict(
     embed_dims=(16, 32), depths=(1, 1), head_dim=8, mlp_ratios=(2, 2), kernel_sizes=(3, 3), window_sizes=(8, 1),
     pool_ratios=(4, 1))
 # name -> (family, create kwargs on top of its tiny config, image size or None for the tiny config's). CNT's 'auto'
-# inner block is the conv one on CPU; the matmul one (what accelerators get) is compiled too.
+# inner block resolves to one of its two implementations (the tiny config's 8 channels: matmul on CPU); both compile.
 COMPILED = {
-    'cnt': ('cnt', {}, None),
+    'cnt_conv': ('cnt', dict(inner_block_args=dict(impl='conv')), None),
     'cnt_matmul': ('cnt', dict(inner_block_args=dict(impl='matmul')), None),
     'transcnn': ('transcnn', _TWO_STAGES, 40),
     'hatnet': ('hatnet', _TWO_STAGES, 40),

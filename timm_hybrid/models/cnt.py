@@ -110,6 +110,11 @@ def conv3x3_as_matrix(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 
 INNER_IMPLS = ('auto', 'conv', 'matmul')
+# On CPU, 'auto' takes the GEMM form when a convolution has fewer channels than this: one AVX-512 vector of fp32.
+# oneDNN blocks channels by the vector width, so at 8 channels (CNT-Ti) half of each vector is padding and the GEMM,
+# 16/9 the multiply-adds but full vectors, ran faster; at 16 (CNT-S) the convolution did (README, "How the inner
+# block runs").
+CPU_CONV_MIN_CHANNELS = 16
 
 
 class InnerResBlock(nn.Module):
@@ -119,14 +124,15 @@ class InnerResBlock(nn.Module):
     and the plain computation (`conv_block` on the (B*N, C, h, w) view) do not depend on `impl`:
 
     * 'conv': the convolutions on the channels-last view of the tokens (same memory, no copy). In inference the
-      BatchNorms are folded into the convolutions (two passes over the pixel stream fewer per block). Fastest on CPU,
-      where oneDNN runs the 3x3 convolutions on 4x4 grids well (measured in benchmarks/cnt_speed.py).
+      BatchNorms are folded into the convolutions (two passes over the pixel stream fewer per block). Fastest on CPU
+      from 16 channels, where oneDNN runs the 3x3 convolutions on 4x4 grids well.
     * 'matmul': each 3x3 convolution as one (B*N, h*w*C_in) x (h*w*C_in, h*w*C_out) GEMM, the matrix built each step
       from the kernel (`conv3x3_as_matrix`); 1x1 convolutions as per-pixel GEMMs. It spends 16/9 of the convolution's
-      multiply-adds (the matrix holds the zero padding), but a GEMM with K = N = 16*C (320 for CNT-S) is tensor-core
-      shaped where cuDNN gets 3x3 convolutions on 4x4 maps with 20 channels (not a multiple of 8). BatchNorm keeps
+      multiply-adds (the matrix holds the zero padding), but a GEMM with K = N = 16*C (256 for CNT-S) is tensor-core
+      shaped where cuDNN gets 3x3 convolutions on 4x4 maps with 16 channels. BatchNorm keeps
       its exact training statistics (run on the channels-last grid view) and folds into the matrix in inference.
-    * 'auto': 'matmul' on accelerators, 'conv' on CPU; and 'conv' while traced (torch.jit.trace, which fvcore
+    * 'auto': 'matmul' on accelerators; on CPU 'matmul' for convolutions narrower than `CPU_CONV_MIN_CHANNELS` (16,
+      CNT-Ti's 8 channels) and 'conv' from there (CNT-S, CNT-B); 'conv' while traced (torch.jit.trace, which fvcore
       uses), so FLOPs are counted for the convolution the block defines, not for the zeros of its matrix.
 
     Every implementation is held equal to the plain block by tests (outputs and gradients, train and eval).
@@ -167,6 +173,8 @@ class InnerResBlock(nn.Module):
         if impl == 'matmul' and not self.norms_fold():
             raise ValueError("inner_impl='matmul' needs BatchNorm in the inner block (conv_norm_layer).")
         self.impl = impl
+        self.narrowest = min(min(c.in_channels, c.out_channels) for c in self.conv_block.modules()
+                             if isinstance(c, nn.Conv2d))
         self.register_buffer('taps', conv3x3_taps(pixel_grid, **dd), persistent=False)
 
     def init_weights(self, zero_init_last: bool = True) -> None:
@@ -193,8 +201,10 @@ class InnerResBlock(nn.Module):
             return 'conv'
         if self.impl != 'auto':
             return self.impl
-        if is_fx_symbolic_tracing() or x.device.type == 'cpu':
+        if is_fx_symbolic_tracing():
             return 'conv'
+        if x.device.type == 'cpu':
+            return 'matmul' if self.narrowest < CPU_CONV_MIN_CHANNELS else 'conv'
         return 'matmul'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -872,7 +882,10 @@ def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False,
         CNTDistilled if distilled else CNT, variant, pretrained, checkpoint_filter_fn, default_depth=12, **kwargs)
 
 
-_CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3)
+# CNT-Ti keeps its pixel path's activations for backward: at 8 channels the recompute cost about 6% of a CPU training
+# step (README) for 1.25x DeiT-Ti's training memory instead of 1.1x; CNT-S, whose kept activations cost page faults
+# as much as the recompute costs, recomputes (the class default)
+_CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3, recompute_pixels=False)
 _CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=16, depth=12, num_heads=6)
 _CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10)
 # 28x28 grayscale: 16 patches of 7x7 px, a 4x4 pixel grid each (stride-2 pixel embedding); cf. tnt_nano_patch7_28
