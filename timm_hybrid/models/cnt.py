@@ -344,9 +344,9 @@ class Block(nn.Module):
     input for backward and runs again there (non-reentrant checkpoint, same RNG, BatchNorm running stats updated
     once). Its activations are the bulk of what CNT holds beyond DeiT: at CNT-S shapes about 5 pixel-stream tensors
     and a patch-width one per block. The pixel path is ~12% of the step's multiply-adds: on CPU (batch 32) the
-    recompute cost CNT-S nothing measurable (the page faults of the kept activations cost as much) and CNT-Ti about 6%
-    of a step; figures in the README. torch.compile, FX and TorchScript run the
-    plain path (inductor plans its own recomputation).
+    recompute cost CNT-S nothing measurable (the page faults of the kept activations cost as much) and CNT-Ti about 5%
+    of a step, so cnt_ti keeps them (`recompute_pixels=False`); figures in the README. torch.compile, FX and
+    TorchScript run the plain path (inductor plans its own recomputation).
     """
 
     def __init__(
@@ -882,9 +882,9 @@ def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False,
         CNTDistilled if distilled else CNT, variant, pretrained, checkpoint_filter_fn, default_depth=12, **kwargs)
 
 
-# CNT-Ti keeps its pixel path's activations for backward: at 8 channels the recompute cost about 6% of a CPU training
-# step (README) for 1.25x DeiT-Ti's training memory instead of 1.1x; CNT-S, whose kept activations cost page faults
-# as much as the recompute costs, recomputes (the class default)
+# CNT-Ti keeps its pixel path's activations for backward: recomputing them cost about 5% of a CPU training step
+# (0.80x vs 0.85x DeiT-Ti) for 1.09x instead of 1.28x DeiT-Ti's training memory (README); CNT-S, whose kept
+# activations cost as much in page faults as the recompute costs, recomputes (the class default)
 _CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3, recompute_pixels=False)
 _CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=16, depth=12, num_heads=6)
 _CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10)
