@@ -34,7 +34,8 @@ from .flops import count_flops
 
 __all__ = [
     'REFERENCES', 'QUICK_MODELS', 'FULL_MODELS', 'SWEEP_MODELS', 'DEFAULT_OUTPUT', 'SpeedSettings', 'Timing',
-    'Progress', 'ModelSpecError', 'parse_model_spec', 'create_model_spec', 'free_cpu_threads', 'make_step', 'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens',
+    'Progress', 'ModelSpecError', 'parse_model_spec', 'create_model_spec', 'free_cpu_threads', 'make_step',
+    'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens',
     'train_step_peak_memory_mb', 'peak_memory_mb', 'compare_models', 'resolution_sweep', 'markdown_table',
     'write_results', 'plot_speed_ratios', 'plot_resolution', 'plot_speed_vs_gmacs',
 ]

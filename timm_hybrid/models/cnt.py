@@ -254,7 +254,7 @@ class InnerResBlock(nn.Module):
             else:
                 matrix = conv3x3_as_matrix(conv.weight, self.taps)  # per patch: rows (B*N, h*w*C_in)
             repeats = matrix.shape[1] // conv.out_channels  # output columns are (pixel, channel) pairs
-            rows = y.reshape(-1, matrix.shape[0])
+            rows = y.reshape(y.numel() // matrix.shape[0], matrix.shape[0])  # sizes, not -1: B = 0 is allowed
             if self.training:
                 # batch statistics: the norm itself, on the channels-last (B*N, C, h, w) view of the GEMM's output
                 # (CPU: 2.1x faster than on a (B*N*h*w, C, 1, 1) view, which takes the NCHW kernel)
@@ -265,7 +265,7 @@ class InnerResBlock(nn.Module):
                 if scale is not None:
                     matrix = matrix * scale.repeat(repeats)
                 out = rows @ matrix if shift is None else torch.addmm(shift.repeat(repeats), rows, matrix)
-            y = out.reshape(BN, -1)
+            y = out.reshape(BN, P * conv.out_channels)
             if act_name:
                 y = getattr(self.conv_block, act_name)(y)
         drop_path = self.conv_block.drop_path
@@ -445,7 +445,7 @@ class CNT(TokenClassifierMixin, nn.Module):
     | cnt_ti | 192 / 3 | 8  | 12 | a basic block costs 18*C^2 MACs per pixel vs 12*C^2 + 32*C for TNT's inner
     |        |         |    |    | transformer, so C drops; a smaller C also shrinks every block's pixel->patch proj |
     | cnt_s  | 384 / 6 | 16 | 24 | as above; 16 rather than the 20 the budget allows: C a multiple of 8 for bf16 |
-    |        |         |    |    | tensor cores (16*C = 256 for the GEMM form), 4.99 vs 5.16 GMACs, params -2.8% vs TNT |
+    |        |         |    |    | tensor cores (16*C = 256 for the GEMM form), 4.99 vs 5.16 GMACs, params -2.8% |
     | cnt_b  | 640 / 10| 32 | 40 | as above |
 
     The measured figures are in the README (benchmarks/cnt_speed.py, `timm-hybrid compare`).
