@@ -91,8 +91,9 @@ def cpu_chunk_size(x: torch.Tensor, setting: Optional[int], per_sample_bytes: Ca
     """ How many images of the batch `x` a large-activation computation on CPU should run at a time; 0: whole.
 
     `setting` is the model's `cpu_chunk`: None sizes the chunk from `per_sample_bytes()` (the largest activation of
-    one image, asked only when needed: tracers cannot read shapes) and CPU_CHUNK_BYTES, 0 never chunks, n chunks by n. Accelerators (caching allocators; small kernels
-    cost launches there) and tracers / compilers (they plan memory themselves) run the batch whole. """
+    one image, asked only when needed: tracers cannot read shapes) and CPU_CHUNK_BYTES, 0 never chunks, n chunks by
+    n. Accelerators (caching allocators; small kernels cost launches there) and tracers / compilers (they plan memory
+    themselves) run the batch whole. """
     if setting == 0 or is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return 0  # before reading x: a traced x's device and shape steer no Python branch
     if x.device.type != 'cpu' or x.shape[0] < 2:  # one image (or none) is no batch to cut

@@ -173,8 +173,8 @@ class InnerResBlock(nn.Module):
         if impl == 'matmul' and not self.norms_fold():
             raise ValueError("inner_impl='matmul' needs BatchNorm in the inner block (conv_norm_layer).")
         self.impl = impl
-        self.narrowest = min(min(c.in_channels, c.out_channels) for c in self.conv_block.modules()
-                             if isinstance(c, nn.Conv2d))
+        self.narrowest_conv_channels = min(  # what 'auto' goes by on CPU
+            min(c.in_channels, c.out_channels) for c in self.conv_block.modules() if isinstance(c, nn.Conv2d))
         self.register_buffer('taps', conv3x3_taps(pixel_grid, **dd), persistent=False)
 
     def init_weights(self, zero_init_last: bool = True) -> None:
@@ -204,7 +204,7 @@ class InnerResBlock(nn.Module):
         if is_fx_symbolic_tracing():
             return 'conv'
         if x.device.type == 'cpu':
-            return 'matmul' if self.narrowest < CPU_CONV_MIN_CHANNELS else 'conv'
+            return 'matmul' if self.narrowest_conv_channels < CPU_CONV_MIN_CHANNELS else 'conv'
         return 'matmul'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
