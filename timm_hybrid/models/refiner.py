@@ -63,7 +63,7 @@ from timm.models import generate_default_cfgs, register_model
 from ._common import (
     PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, build_with_official_weights, check_int,
     check_ints, check_loaded_share, check_positive, check_token_model_args, cpu_chunk_size, describe_layout,
-    resample_token_pos, source_token_grid, token_model_cfg, unwrap_checkpoint,
+    eager_on_cpu, resample_token_pos, source_token_grid, token_model_cfg, unwrap_checkpoint,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -76,6 +76,12 @@ class ConvPatchEmbed(PatchGridEmbed):
 
     The stem is LV-ViT's (itself after T2T-ViT): the 7x7 conv and two 3x3 convs see pixels across patch borders
     before the patches are cut.
+
+    Eager on CPU the stem runs channels-last (oneDNN's own layout: NCHW maps are reordered around every conv) and a
+    training step runs it on `cpu_chunk`-image slices with the batch statistics of the whole batch, as the refiners
+    do: its 64- and 128-channel maps at 112 x 112 are 3.2 / 6.4 MB an image. Measured (2 threads, batch 32, Refiner-S
+    stem forward + backward, interleaved): 5.3 s NCHW whole, 2.4 s channels-last whole, 1.9 s channels-last in
+    4-image slices. Same outputs and gradients within fp32 rounding.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class ConvPatchEmbed(PatchGridEmbed):
             stem_chs: Sequence[int] = (32, 64, 128),
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU,
+            cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -100,11 +107,38 @@ class ConvPatchEmbed(PatchGridEmbed):
         self.conv3 = ConvNormAct(stem_chs[1], stem_chs[2], 3, **conv_kwargs)
         half_patch = (self.patch_size[0] // 2, self.patch_size[1] // 2)
         self.proj = nn.Conv2d(stem_chs[2], embed_dim, kernel_size=half_patch, stride=half_patch, **dd)
+        self.cpu_chunk = cpu_chunk  # see RefinerViT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if not torch.jit.is_scripting():
+            if eager_on_cpu(x):
+                x = x.contiguous(memory_format=torch.channels_last)
+                chunk = self._train_chunk(x)
+                if chunk:
+                    return self._forward_chunked(x, chunk)
         x = self.proj(self.conv3(self.conv2(self.conv1(x))))  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)
+
+    @torch.jit.unused
+    def _train_chunk(self, x: torch.Tensor) -> int:
+        """ Images per slice for a CPU training step (0: the batch whole), sized by the stem's largest map. """
+        if not self.training or torch.is_autocast_enabled('cpu'):
+            return 0
+        conv_norms = (self.conv1, self.conv2, self.conv3)
+        if not all(isinstance(c.bn, nn.modules.batchnorm._BatchNorm) and c.bn.training for c in conv_norms):
+            return 0
+        return cpu_chunk_size(x, self.cpu_chunk, lambda: (
+            max(c.conv.out_channels for c in conv_norms) * ((x.shape[-2] + 1) // 2) * ((x.shape[-1] + 1) // 2)
+            * x.element_size()))  # conv1 runs at stride 2
+
+    @torch.jit.unused
+    def _forward_chunked(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """ The training forward on `chunk`-image slices, batch statistics of the whole batch. """
+        maps = list(x.split(chunk))
+        for conv_norm in (self.conv1, self.conv2, self.conv3):
+            maps = batch_norm_chunks(conv_norm.bn, [conv_norm.conv(m) for m in maps])
+        return torch.cat([self.proj(m).flatten(2).transpose(1, 2) for m in maps])
 
 
 class _MapAttention(nn.Module):
@@ -542,7 +576,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
 
         self.patch_embed = ConvPatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, stem_chs=stem_chs,
-            norm_layer=conv_norm_layer, act_layer=conv_act_layer, **dd)
+            norm_layer=conv_norm_layer, act_layer=conv_act_layer, cpu_chunk=self.cpu_chunk, **dd)
         self.num_patches = self.patch_embed.num_patches
         self._register_token_grid(device=device)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
