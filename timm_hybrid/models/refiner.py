@@ -79,9 +79,9 @@ class ConvPatchEmbed(PatchGridEmbed):
 
     Eager on CPU the stem runs channels-last (oneDNN's own layout: NCHW maps are reordered around every conv) and a
     training step runs it on `cpu_chunk`-image slices with the batch statistics of the whole batch, as the refiners
-    do: its 64- and 128-channel maps at 112 x 112 are 3.2 / 6.4 MB an image. Measured (2 threads, batch 32, Refiner-S
-    stem forward + backward, interleaved): 5.3 s NCHW whole, 2.4 s channels-last whole, 1.9 s channels-last in
-    4-image slices. Same outputs and gradients within fp32 rounding.
+    do: its 64- and 128-channel maps at 112 x 112 are 3.2 / 6.4 MB an image, far above malloc's mmap threshold at
+    batch 32 (CPU_CHUNK_BYTES in models/_common.py). Same outputs and gradients within fp32 rounding; the measured
+    effect is in the README.
     """
 
     def __init__(
@@ -305,17 +305,52 @@ def batch_norm_chunks(norm: nn.Module, chunks: List[torch.Tensor]) -> List[torch
     """ `norm` (a training BatchNorm2d, or timm's BatchNormAct2d with its act) over the batch that `chunks` split:
     the same outputs, gradients and running-stat update as on the concatenated batch. """
     *outs, mean, var = _ChunkedBatchNorm.apply(norm.weight, norm.bias, norm.eps, *chunks)
+    _update_running_stats(norm, mean, var, sum(c.numel() // c.shape[1] for c in chunks))
+    return _after_norm(norm, outs)
+
+
+def _update_running_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """ A training BatchNorm's running-stat update from a batch's mean and biased variance over `n` values. """
     if norm.track_running_stats and norm.running_mean is not None:
         with torch.no_grad():
             norm.num_batches_tracked.add_(1)
             momentum = 1. / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-            n = sum(c.numel() // c.shape[1] for c in chunks)
-            norm.running_mean.lerp_(mean, momentum)
-            norm.running_var.lerp_(var * (n / max(n - 1, 1)), momentum)  # unbiased, as BatchNorm's update
-    post = [m for m in (getattr(norm, 'drop', None), getattr(norm, 'act', None)) if m is not None]
-    for m in post:
-        outs = [m(o) for o in outs]
+            norm.running_mean.lerp_(mean.detach(), momentum)
+            norm.running_var.lerp_(var.detach() * (n / max(n - 1, 1)), momentum)  # unbiased, as BatchNorm's update
+
+
+def _after_norm(norm: nn.Module, outs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """ What timm's BatchNormAct2d applies after the normalisation (drop, act); nothing for a plain BatchNorm. """
+    for m in (getattr(norm, 'drop', None), getattr(norm, 'act', None)):
+        if m is not None:
+            outs = [m(o) for o in outs]
     return outs
+
+
+def pointwise_conv_norm_chunks(conv_norm: ConvNormAct, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
+    """ A bias-free 1x1 conv and its training BatchNorm (and act) over the batch that `chunks` split, as one 1x1 conv
+    with a bias: y = W a has the batch mean W mu and variances diag(W S W^T), where mu and S are the mean and
+    covariance of the input's channels, so BN(W a) = (gamma / sigma) W a + beta - (gamma / sigma) W mu. The input's
+    statistics cost one pass over its C channels (a centred copy and a C x C Gram matrix), where BatchNorm's
+    statistics, normalisation and backward cost four over the conv's wider output; outputs, gradients and running
+    stats are BatchNorm's (within rounding). """
+    conv, norm = conv_norm.conv, conv_norm.bn
+    n = sum(c.numel() // c.shape[1] for c in chunks)
+    mean = sum(c.sum((0, 2, 3)) for c in chunks) / n
+    centred = [(c - mean.reshape(1, -1, 1, 1)).flatten(2) for c in chunks]  # (b, C, H*W)
+    cov = sum(torch.bmm(c, c.transpose(1, 2)).sum(0) for c in centred) / n  # (C, C), centred: the maps are
+    # near-uniform at init, where E[a a^T] - mu mu^T would cancel
+    weight = conv.weight.flatten(1)  # (C_out, C)
+    out_mean, out_var = weight @ mean, ((weight @ cov) * weight).sum(1)
+    scale = torch.rsqrt(out_var + norm.eps)
+    shift = -scale * out_mean
+    if norm.weight is not None:
+        scale, shift = scale * norm.weight, shift * norm.weight
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    _update_running_stats(norm, out_mean, out_var, n)
+    fused = (weight * scale[:, None]).reshape_as(conv.weight)
+    return _after_norm(norm, [F.conv2d(c, fused, shift) for c in chunks])
 
 
 class RefinerAttention(_MapAttention):
@@ -375,8 +410,8 @@ class RefinerAttention(_MapAttention):
     def _forward_chunked(self, prev_attn: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
         """ The training forward on `chunk`-image slices of the maps, batch statistics of the whole batch. """
         maps = list(prev_attn.split(chunk))
-        refined = maps
-        for conv_norm in (self.refine.expand, self.refine.conv_dw, self.refine.reduce):
+        refined = pointwise_conv_norm_chunks(self.refine.expand, maps)
+        for conv_norm in (self.refine.conv_dw, self.refine.reduce):
             refined = batch_norm_chunks(conv_norm.bn, [conv_norm.conv(m) for m in refined])
         attn = batch_norm_chunks(self.norm, [m + r for m, r in zip(maps, refined)])
         return torch.cat([self._aggregate(a, part * self.scale) for a, part in zip(attn, v.split(chunk))])
