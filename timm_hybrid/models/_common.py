@@ -22,9 +22,9 @@ __all__ = [
     'MIN_LOADED_SHARE', 'PatchGridEmbed', 'PretrainedWeightsUnavailable', 'TokenClassifierMixin', 'bn_scale_shift',
     'build_token_model', 'build_with_official_weights', 'check_global_pool', 'check_image_batch', 'check_int',
     'check_ints', 'check_loaded_share', 'check_positive', 'check_rate', 'check_token_model_args',
-    'checkpoint_keeping_bn_stats', 'cpu_chunk_size', 'describe_layout', 'official_weights_cache_file', 'patch_grid',
-    'prune_sequence', 'resample_token_pos', 'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens',
-    'summarize_keys', 'token_model_cfg', 'unwrap_checkpoint', 'weights_source_hint',
+    'checkpoint_keeping_bn_stats', 'cpu_chunk_size', 'describe_layout', 'eager_on_cpu', 'official_weights_cache_file',
+    'patch_grid', 'prune_sequence', 'resample_token_pos', 'size_mismatch_message', 'source_token_grid',
+    'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'unwrap_checkpoint', 'weights_source_hint',
 ]
 
 
@@ -87,6 +87,16 @@ CPU_CHUNK_BYTES = 24 * 2 ** 20
 
 
 @torch.jit.unused
+def eager_on_cpu(x: torch.Tensor) -> bool:
+    """ Whether `x` runs eagerly on the CPU: not on an accelerator, not under fx / jit tracing or torch.compile
+    (tracers and compilers plan memory and layouts themselves), the case CPU-only layout and chunking choices are
+    measured for. """
+    if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False  # before reading x: a traced x's device steers no Python branch
+    return x.device.type == 'cpu'
+
+
+@torch.jit.unused
 def cpu_chunk_size(x: torch.Tensor, setting: Optional[int], per_sample_bytes: Callable[[], int]) -> int:
     """ How many images of the batch `x` a large-activation computation on CPU should run at a time; 0: whole.
 
@@ -94,9 +104,7 @@ def cpu_chunk_size(x: torch.Tensor, setting: Optional[int], per_sample_bytes: Ca
     one image, asked only when needed: tracers cannot read shapes) and CPU_CHUNK_BYTES, 0 never chunks, n chunks by
     n. Accelerators (caching allocators; small kernels cost launches there) and tracers / compilers (they plan memory
     themselves) run the batch whole. """
-    if setting == 0 or is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return 0  # before reading x: a traced x's device and shape steer no Python branch
-    if x.device.type != 'cpu' or x.shape[0] < 2:  # one image (or none) is no batch to cut
+    if setting == 0 or not eager_on_cpu(x) or x.shape[0] < 2:  # one image (or none) is no batch to cut
         return 0
     chunk = setting if setting is not None else max(1, CPU_CHUNK_BYTES // max(1, per_sample_bytes()))
     return chunk if x.shape[0] > chunk else 0

@@ -63,7 +63,7 @@ from timm.models import generate_default_cfgs, register_model
 from ._common import (
     PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, build_with_official_weights, check_int,
     check_ints, check_loaded_share, check_positive, check_token_model_args, cpu_chunk_size, describe_layout,
-    resample_token_pos, source_token_grid, token_model_cfg, unwrap_checkpoint,
+    eager_on_cpu, resample_token_pos, source_token_grid, token_model_cfg, unwrap_checkpoint,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -76,6 +76,12 @@ class ConvPatchEmbed(PatchGridEmbed):
 
     The stem is LV-ViT's (itself after T2T-ViT): the 7x7 conv and two 3x3 convs see pixels across patch borders
     before the patches are cut.
+
+    Eager on CPU the stem runs channels-last (oneDNN's own layout: NCHW maps are reordered around every conv) and a
+    training step runs it on `cpu_chunk`-image slices with the batch statistics of the whole batch, as the refiners
+    do: its 64- and 128-channel maps at 112 x 112 are 3.2 / 6.4 MB an image, far above malloc's mmap threshold at
+    batch 32 (CPU_CHUNK_BYTES in models/_common.py). Same outputs and gradients within fp32 rounding; the measured
+    effect is in the README.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class ConvPatchEmbed(PatchGridEmbed):
             stem_chs: Sequence[int] = (32, 64, 128),
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU,
+            cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -100,11 +107,38 @@ class ConvPatchEmbed(PatchGridEmbed):
         self.conv3 = ConvNormAct(stem_chs[1], stem_chs[2], 3, **conv_kwargs)
         half_patch = (self.patch_size[0] // 2, self.patch_size[1] // 2)
         self.proj = nn.Conv2d(stem_chs[2], embed_dim, kernel_size=half_patch, stride=half_patch, **dd)
+        self.cpu_chunk = cpu_chunk  # see RefinerViT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
+        if not torch.jit.is_scripting():
+            if eager_on_cpu(x):
+                x = x.contiguous(memory_format=torch.channels_last)
+                chunk = self._train_chunk(x)
+                if chunk:
+                    return self._forward_chunked(x, chunk)
         x = self.proj(self.conv3(self.conv2(self.conv1(x))))  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)
+
+    @torch.jit.unused
+    def _train_chunk(self, x: torch.Tensor) -> int:
+        """ Images per slice for a CPU training step (0: the batch whole), sized by the stem's largest map. """
+        if not self.training or torch.is_autocast_enabled('cpu'):
+            return 0
+        conv_norms = (self.conv1, self.conv2, self.conv3)
+        if not all(isinstance(c.bn, nn.modules.batchnorm._BatchNorm) and c.bn.training for c in conv_norms):
+            return 0
+        return cpu_chunk_size(x, self.cpu_chunk, lambda: (
+            max(c.conv.out_channels for c in conv_norms) * ((x.shape[-2] + 1) // 2) * ((x.shape[-1] + 1) // 2)
+            * x.element_size()))  # conv1 runs at stride 2
+
+    @torch.jit.unused
+    def _forward_chunked(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """ The training forward on `chunk`-image slices, batch statistics of the whole batch. """
+        maps = list(x.split(chunk))
+        for conv_norm in (self.conv1, self.conv2, self.conv3):
+            maps = batch_norm_chunks(conv_norm.bn, [conv_norm.conv(m) for m in maps])
+        return torch.cat([self.proj(m).flatten(2).transpose(1, 2) for m in maps])
 
 
 class _MapAttention(nn.Module):
@@ -271,17 +305,52 @@ def batch_norm_chunks(norm: nn.Module, chunks: List[torch.Tensor]) -> List[torch
     """ `norm` (a training BatchNorm2d, or timm's BatchNormAct2d with its act) over the batch that `chunks` split:
     the same outputs, gradients and running-stat update as on the concatenated batch. """
     *outs, mean, var = _ChunkedBatchNorm.apply(norm.weight, norm.bias, norm.eps, *chunks)
+    _update_running_stats(norm, mean, var, sum(c.numel() // c.shape[1] for c in chunks))
+    return _after_norm(norm, outs)
+
+
+def _update_running_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """ A training BatchNorm's running-stat update from a batch's mean and biased variance over `n` values. """
     if norm.track_running_stats and norm.running_mean is not None:
         with torch.no_grad():
             norm.num_batches_tracked.add_(1)
             momentum = 1. / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-            n = sum(c.numel() // c.shape[1] for c in chunks)
-            norm.running_mean.lerp_(mean, momentum)
-            norm.running_var.lerp_(var * (n / max(n - 1, 1)), momentum)  # unbiased, as BatchNorm's update
-    post = [m for m in (getattr(norm, 'drop', None), getattr(norm, 'act', None)) if m is not None]
-    for m in post:
-        outs = [m(o) for o in outs]
+            norm.running_mean.lerp_(mean.detach(), momentum)
+            norm.running_var.lerp_(var.detach() * (n / max(n - 1, 1)), momentum)  # unbiased, as BatchNorm's update
+
+
+def _after_norm(norm: nn.Module, outs: List[torch.Tensor]) -> List[torch.Tensor]:
+    """ What timm's BatchNormAct2d applies after the normalisation (drop, act); nothing for a plain BatchNorm. """
+    for m in (getattr(norm, 'drop', None), getattr(norm, 'act', None)):
+        if m is not None:
+            outs = [m(o) for o in outs]
     return outs
+
+
+def pointwise_conv_norm_chunks(conv_norm: ConvNormAct, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
+    """ A bias-free 1x1 conv and its training BatchNorm (and act) over the batch that `chunks` split, as one 1x1 conv
+    with a bias: y = W a has the batch mean W mu and variances diag(W S W^T), where mu and S are the mean and
+    covariance of the input's channels, so BN(W a) = (gamma / sigma) W a + beta - (gamma / sigma) W mu. The input's
+    statistics cost one pass over its C channels (a centred copy and a C x C Gram matrix), where BatchNorm's
+    statistics, normalisation and backward cost four over the conv's wider output; outputs, gradients and running
+    stats are BatchNorm's (within rounding). """
+    conv, norm = conv_norm.conv, conv_norm.bn
+    n = sum(c.numel() // c.shape[1] for c in chunks)
+    mean = sum(c.sum((0, 2, 3)) for c in chunks) / n
+    centred = [(c - mean.reshape(1, -1, 1, 1)).flatten(2) for c in chunks]  # (b, C, H*W)
+    cov = sum(torch.bmm(c, c.transpose(1, 2)).sum(0) for c in centred) / n  # (C, C), centred: the maps are
+    # near-uniform at init, where E[a a^T] - mu mu^T would cancel
+    weight = conv.weight.flatten(1)  # (C_out, C)
+    out_mean, out_var = weight @ mean, ((weight @ cov) * weight).sum(1)
+    scale = torch.rsqrt(out_var + norm.eps)
+    shift = -scale * out_mean
+    if norm.weight is not None:
+        scale, shift = scale * norm.weight, shift * norm.weight
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    _update_running_stats(norm, out_mean, out_var, n)
+    fused = (weight * scale[:, None]).reshape_as(conv.weight)
+    return _after_norm(norm, [F.conv2d(c, fused, shift) for c in chunks])
 
 
 class RefinerAttention(_MapAttention):
@@ -341,8 +410,8 @@ class RefinerAttention(_MapAttention):
     def _forward_chunked(self, prev_attn: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
         """ The training forward on `chunk`-image slices of the maps, batch statistics of the whole batch. """
         maps = list(prev_attn.split(chunk))
-        refined = maps
-        for conv_norm in (self.refine.expand, self.refine.conv_dw, self.refine.reduce):
+        refined = pointwise_conv_norm_chunks(self.refine.expand, maps)
+        for conv_norm in (self.refine.conv_dw, self.refine.reduce):
             refined = batch_norm_chunks(conv_norm.bn, [conv_norm.conv(m) for m in refined])
         attn = batch_norm_chunks(self.norm, [m + r for m, r in zip(maps, refined)])
         return torch.cat([self._aggregate(a, part * self.scale) for a, part in zip(attn, v.split(chunk))])
@@ -542,7 +611,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
 
         self.patch_embed = ConvPatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, stem_chs=stem_chs,
-            norm_layer=conv_norm_layer, act_layer=conv_act_layer, **dd)
+            norm_layer=conv_norm_layer, act_layer=conv_act_layer, cpu_chunk=self.cpu_chunk, **dd)
         self.num_patches = self.patch_embed.num_patches
         self._register_token_grid(device=device)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd))
