@@ -47,12 +47,11 @@ the position embedding to the model's grid.
 import logging
 import re
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from timm.layers import (
     ConvNormAct, DropPath, LayerScale, Mlp, calculate_drop_path_rates, get_act_layer, get_norm_layer,
@@ -123,12 +122,10 @@ class ConvPatchEmbed(PatchGridEmbed):
     @torch.jit.unused
     def _train_chunk(self, x: torch.Tensor) -> int:
         """ Images per slice for a CPU training step (0: the batch whole), sized by the stem's largest map. """
-        if not self.training or torch.is_autocast_enabled('cpu'):
+        if not self.training:
             return 0
         conv_norms = (self.conv1, self.conv2, self.conv3)
-        if not all(isinstance(c.bn, nn.modules.batchnorm._BatchNorm) and c.bn.training for c in conv_norms):
-            return 0
-        return cpu_chunk_size(x, self.cpu_chunk, lambda: (
+        return training_chunk_size(x, self.cpu_chunk, [c.bn for c in conv_norms], lambda: (
             max(c.conv.out_channels for c in conv_norms) * ((x.shape[-2] + 1) // 2) * ((x.shape[-1] + 1) // 2)
             * x.element_size()))  # conv1 runs at stride 2
 
@@ -327,6 +324,22 @@ def _after_norm(norm: nn.Module, outs: List[torch.Tensor]) -> List[torch.Tensor]
     return outs
 
 
+@torch.jit.unused
+def training_chunk_size(
+        x: torch.Tensor,
+        setting: Optional[int],
+        norms: Sequence[nn.Module],
+        per_sample_bytes: Callable[[], int],
+) -> int:
+    """ `cpu_chunk_size` for a training computation whose `norms` the chunked path replaces by `batch_norm_chunks`:
+    0 (the batch whole) under CPU autocast or unless every one is a BatchNorm in training mode. """
+    if torch.is_autocast_enabled('cpu'):
+        return 0
+    if not all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.training for n in norms):
+        return 0
+    return cpu_chunk_size(x, setting, per_sample_bytes)
+
+
 def pointwise_conv_norm_chunks(conv_norm: ConvNormAct, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
     """ A bias-free 1x1 conv and its training BatchNorm (and act) over the batch that `chunks` split, as one 1x1 conv
     with a bias: y = W a has the batch mean W mu and variances diag(W S W^T), where mu and S are the mean and
@@ -396,14 +409,10 @@ class RefinerAttention(_MapAttention):
         """ Images per chunk for a CPU training step (0: the batch whole): the refinement's maps, kept for backward,
         are the bulk of Refiner's training memory, and each one above 32 MiB is page-faulted in anew per step
         (CPU_CHUNK_BYTES in models/_common.py). """
-        if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return 0  # first: the shapes below are no ints under a tracer
-        if not self.training or torch.is_autocast_enabled('cpu') or self.refine.shortcut_scale is not None:
+        if not self.training or self.refine.shortcut_scale is not None:
             return 0
         norms = (self.refine.expand.bn, self.refine.conv_dw.bn, self.refine.reduce.bn, self.norm)
-        if not all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.training for n in norms):
-            return 0
-        return cpu_chunk_size(prev_attn, self.cpu_chunk, lambda: (
+        return training_chunk_size(prev_attn, self.cpu_chunk, norms, lambda: (
             prev_attn[0].numel() * self.refine.expand.conv.out_channels // self.num_heads * prev_attn.element_size()))
 
     @torch.jit.unused
