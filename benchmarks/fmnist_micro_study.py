@@ -17,6 +17,7 @@ The script writes results, it does not commit them.
     python benchmarks/fmnist_micro_study.py recipe --timm-scripts /work/timm-scripts   # the recipe check
     python benchmarks/fmnist_micro_study.py report [--compare-csv benchmarks/results/compare_micro/compare.csv]
     python benchmarks/fmnist_micro_study.py list
+    python benchmarks/fmnist_micro_study.py export-teacher   # the committed teacher folder, from the teacher run
 
 The time columns need the three models' training img/s timed side by side on the final code, e.g.
 
@@ -25,6 +26,7 @@ The time columns need the three models' training img/s timed side by side on the
         --output benchmarks/results/compare_micro
 """
 import argparse
+import ast
 import json
 import os
 import statistics
@@ -42,7 +44,8 @@ from study_lib import (  # noqa: E402
 )
 from timm_hybrid.compare import markdown_table  # noqa: E402
 from timm_hybrid.data import (  # noqa: E402
-    FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_NUM_CLASSES, FASHION_MNIST_STD, prepare_fashion_mnist,
+    FASHION_MNIST_DATASET, FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_NUM_CLASSES, FASHION_MNIST_STD,
+    prepare_fashion_mnist,
 )
 
 RESULTS = REPO / 'benchmarks' / 'results' / 'fmnist_micro'
@@ -101,8 +104,11 @@ def data_root(data: str, eval_split: str) -> Path:
     return root
 
 
+# the trained teacher, committed (fp16 halves it to about 22 MB): distillation runs need no teacher run first
+TEACHER_EXPORT = RESULTS / 'teacher'
+TEACHER_DTYPE = 'float16'
 STUDY = Study(results=RESULTS, work=WORK, recipe=RECIPE, fields=FIELDS, data_root=data_root,
-              teacher_dir=WORK / 'teacher_export', train_images=TRAIN_IMAGES)
+              teacher_dir=TEACHER_EXPORT, train_images=TRAIN_IMAGES)
 
 
 def _run(group: str, family: str, data: str, seed: int, suffix: str = '', distill: Optional[str] = None,
@@ -119,7 +125,8 @@ def _run(group: str, family: str, data: str, seed: int, suffix: str = '', distil
 # 0.176 M instead of 0.227 M)
 ABLATIONS = ('patch_pos_embed=none', 'patch_pos_embed=sincos', 'pixel_pos_embed=none', 'pixel_pos_embed=sincos',
              'inner_block=bottleneck', 'inner_block=attn', 'embed_dim=52 inner_dim=8')
-TEACHER_RUN = f'teacher-{TEACHER_MODEL}-10pct-s0'
+TEACHER_RUN = Run(f'teacher-{TEACHER_MODEL}-10pct-s0', 'teacher', TEACHER_MODEL, '10pct', 0, EPOCHS['10pct'],
+                  VAL_INTERVAL['10pct'])
 
 
 def planned_runs() -> List[Run]:
@@ -128,7 +135,7 @@ def planned_runs() -> List[Run]:
     main = [_run('main', f, d, s) for s, d in ((0, '10pct'), (0, '1pct'), (1, '10pct'), (2, '10pct'),
                                                (1, '1pct'), (2, '1pct')) for f in FAMILIES]
     main += [_run('main', f, '100pct', s) for s in SEEDS for f in FAMILIES]
-    teacher = [Run(TEACHER_RUN, 'teacher', TEACHER_MODEL, '10pct', 0, EPOCHS['10pct'], VAL_INTERVAL['10pct'])]
+    teacher = [TEACHER_RUN]
     distill = [_run('distill', f, '10pct', s, f'-{d or "nodistill"}', distill=d)
                for s in SEEDS for f in ('cnt', 'deit') for d in ('', 'hard', 'soft')]
     ablation = [_run('ablation', 'cnt', '10pct', s, '-' + kv.replace('=', '-').replace(' ', '-'),
@@ -155,9 +162,17 @@ def test_command(run: Run, validate_py: Path) -> List[str]:
     return cmd
 
 
+def _literal(value: str) -> object:
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
 def _complexity(run: Run) -> Dict[str, object]:
     from timm_hybrid import count_flops
-    kwargs = dict(kv.split('=', 1) for kv in run.model_kwargs)
+    # values parsed as timm's train.py parses --model-kwargs (ast.literal_eval, else the string itself)
+    kwargs = {k: _literal(v) for k, v in (kv.split('=', 1) for kv in run.model_kwargs)}
     try:
         flops = count_flops(run.model, input_size=FASHION_MNIST_INPUT_SIZE, num_classes=FASHION_MNIST_NUM_CLASSES,
                             in_chans=FASHION_MNIST_INPUT_SIZE[0], **kwargs)
@@ -165,6 +180,19 @@ def _complexity(run: Run) -> Dict[str, object]:
         print(f'warning: {run.model}: no FLOP count ({e})', file=sys.stderr)
         return dict(gmacs='', params_m='')
     return dict(gmacs=round(flops.gmacs, 5), params_m=round(flops.mparams, 4))
+
+
+def teacher_card(test: Dict[str, object], train_command: str) -> Dict[str, object]:
+    """ Model card data of the exported teacher: what it was trained on and how, its test accuracy. """
+    return dict(
+        model_name=f'{TEACHER_MODEL}.fmnist_micro_teacher', dataset=FASHION_MNIST_DATASET[0],
+        dataset_id=FASHION_MNIST_DATASET[1],
+        accuracy={k: test[k] for k in ('top1', 'top5') if test.get(k) not in (None, '')},
+        description=(f'The distillation teacher of the Fashion-MNIST micro study (benchmarks/fmnist_micro_study.py): '
+                     f'{TEACHER_MODEL} trained from scratch on its 10% training fraction ({TRAIN_IMAGES["10pct"]} '
+                     f'images), weights stored in {TEACHER_DTYPE}. Not ImageNet weights: the tag in config.json is '
+                     f'the source cfg\'s.'),
+        train_command=train_command)
 
 
 def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dict[str, object]:
@@ -180,7 +208,8 @@ def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dic
         test = json.loads((STUDY.run_dir(run) / 'test.json').read_text())
         shown_test = shown_command(cmd, validate_py.parent).replace('python -m timm_hybrid.cli run', 'timm-hybrid run')
     if run.group == 'teacher':
-        export_teacher(STUDY, TEACHER_MODEL, STUDY.run_dir(run) / 'last.pth.tar')
+        export_teacher(STUDY, TEACHER_MODEL, STUDY.run_dir(run) / 'last.pth.tar', dtype=TEACHER_DTYPE,
+                       card_data=teacher_card(test, shown_command(command, validate_py.parent)))
     return dict(
         run=run.name, group=run.group, model=run.model, model_kwargs=' '.join(run.model_kwargs),
         distill=run.distill, data=run.data, train_images=TRAIN_IMAGES[run.data], seed=run.seed,
@@ -311,6 +340,7 @@ def main() -> None:
     p.add_argument('--compare-csv', type=Path, default=None,
                    help='`timm-hybrid compare` CSV with train_img_s of the micro models (time columns)')
     sub.add_parser('list', help='planned runs and whether they are recorded')
+    sub.add_parser('export-teacher', help=f'(re-)write {TEACHER_EXPORT.relative_to(REPO)} from the teacher run')
     args = parser.parse_args()
     if args.command in ('run', 'recipe'):
         scripts = Path(args.timm_scripts)
@@ -326,6 +356,15 @@ def main() -> None:
         write_report()
     elif args.command == 'report':
         write_report(args.compare_csv)
+    elif args.command == 'export-teacher':
+        checkpoint = STUDY.run_dir(TEACHER_RUN) / 'last.pth.tar'
+        if not checkpoint.exists():
+            sys.exit(f'{checkpoint} does not exist: train the teacher first (run --only teacher)')
+        row = recorded_runs(STUDY).get(TEACHER_RUN.name, {})
+        test = {k: row.get(f'{k}_test') for k in ('top1', 'top5')}
+        export_teacher(STUDY, TEACHER_MODEL, checkpoint, dtype=TEACHER_DTYPE,
+                       card_data=teacher_card(test, row.get('command', '')))
+        print(f'wrote {TEACHER_EXPORT}')
     else:
         done = recorded_runs(STUDY)
         for r in recipe_runs() + planned_runs():

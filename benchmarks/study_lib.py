@@ -265,18 +265,27 @@ def train(study: Study, run: Run, train_py: Path, threads: int) -> Tuple[int, Li
                 proc.wait()
 
 
-def export_teacher(study: Study, model: str, checkpoint: Path) -> None:
+def export_teacher(study: Study, model: str, checkpoint: Path, dtype: Optional[str] = None,
+                   card_data: Optional[Dict[str, object]] = None) -> None:
     """ A trained teacher checkpoint as the local-dir folder train.py's --kd-model-name reads (study.teacher_dir).
     The Fashion-MNIST data settings go into its config.json: train.py's distillation re-normalises the student's
-    input with the teacher's mean / std. """
+    input with the teacher's mean / std. With `dtype` (e.g. 'float16') the float weights are stored in it: a folder
+    small enough to commit, so distillation runs need no teacher training first; timm loads it into an fp32 model.
+    `card_data` goes to the model card (`timm_hybrid.hub.render_model_card`). """
     from timm_hybrid.data import (
         FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_NUM_CLASSES, FASHION_MNIST_STD,
     )
-    from timm_hybrid.hub import export
+    import torch
+    from timm_hybrid.hub import export, read_checkpoint
+    if dtype is not None:
+        state_dict = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v
+                      for k, v in read_checkpoint(checkpoint).items()}
+        checkpoint = study.work / f'teacher-{dtype}.pth'
+        torch.save(state_dict, checkpoint)
     export(model, checkpoint, study.teacher_dir, num_classes=FASHION_MNIST_NUM_CLASSES,
            in_chans=FASHION_MNIST_INPUT_SIZE[0],
            data_config=dict(input_size=FASHION_MNIST_INPUT_SIZE, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
-                            crop_pct=1.0))
+                            crop_pct=1.0), card_data=card_data, overwrite=True)
 
 
 def thread_env(threads: int) -> Dict[str, str]:
