@@ -114,6 +114,18 @@ def test_grad_checkpointing_same_outputs_grads_and_bn_stats():
     torch.testing.assert_close(buf1, buf0)
 
 
+def test_training_chunks_are_sized_by_the_maps_an_op_touches():
+    """ A training step's refinement runs Refiner-S's 5.3 MiB expanded maps one image at a time (a backward op
+    touches three of them: they stay in the cache), the stem its 6.4 MB maps three at a time; in eval the whole
+    model runs two images at a time (an op reads one map and writes one). """
+    model = timm.create_model('refiner_vit_small_patch16_224', depth=2).train()
+    maps = torch.empty(32, 12, 197, 197)
+    assert model.blocks[1].attn._train_chunk(maps) == 1
+    assert model.patch_embed._train_chunk(torch.empty(32, 3, 224, 224)) == 3
+    assert model.blocks[1].attn._train_chunk(maps[:1]) == 0  # one image is no batch to cut
+    assert model.eval().blocks[1].attn._train_chunk(maps) == 0  # eval chunks the whole model instead
+
+
 @pytest.mark.parametrize('checkpointing', [False, True])
 def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
     """ cpu_chunk: the conv stem and the refinements of a CPU training step on 2-image slices, batch statistics of the
