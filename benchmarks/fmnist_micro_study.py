@@ -18,6 +18,11 @@ The script writes results, it does not commit them.
     python benchmarks/fmnist_micro_study.py report [--compare-csv benchmarks/results/compare_micro/compare.csv]
     python benchmarks/fmnist_micro_study.py list
     python benchmarks/fmnist_micro_study.py export-teacher   # the committed teacher folder, from the teacher run
+    python benchmarks/fmnist_micro_study.py carry   # before a session ends: unfinished runs' checkpoints -> results
+
+A run longer than a session (a distillation run: about 3 h on one thread) moves on with `carry`: it copies each
+unfinished run's last checkpoint, curve and log to results/unfinished/<run>/, and `run` on the next machine resumes
+from there (the copy goes once the run is in runs.csv).
 
 The time columns need the three models' training img/s timed side by side on the final code, e.g.
 
@@ -38,8 +43,8 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
-    REPO, Run, Study, change_over_last_tenth, epochs_done, export_teacher, mean_std, plot_bands, read_curve,
-    recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
+    REPO, Run, Study, carry_unfinished, change_over_last_tenth, epochs_done, export_teacher, mean_std, plot_bands,
+    read_curve, recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
     train_images_per_second, train_throughput,
 )
 from timm_hybrid.compare import markdown_table  # noqa: E402
@@ -276,6 +281,8 @@ def write_report(compare_csv: Optional[Path] = None) -> None:
                 {'run': r['run'], 'model kwargs': r['model_kwargs'] or '-', 'distill': r['distill'] or '-',
                  'epochs': r['epochs'], 'val top-1': r['top1_val'], 'best val top-1': r['top1_val_best'],
                  'test top-1': r['top1_test'] or '-', 'GMACs': r['gmacs']} for r in mine])]
+            if group == 'ablation':
+                lines += ['', *_ablation_effects(mine, main)]
     panels = []  # (data, title, {family: [curve of each seed]})
     for data in FRACTIONS:
         series = {f: [read_curve(STUDY, r['run']) for r in main if r['model'] == MODELS[f] and r['data'] == data]
@@ -297,6 +304,22 @@ def write_report(compare_csv: Optional[Path] = None) -> None:
                        'validation top-1 (%)')
             lines += ['', '![validation top-1 per training second](top1_per_second.png)']
     (RESULTS / 'README.md').write_text('\n'.join(lines) + '\n')
+
+
+def _ablation_effects(ablations: Sequence[Dict[str, str]], main: Sequence[Dict[str, str]]) -> List[str]:
+    """ Each CNT option against the default CNT of the same seeds (10%): test top-1 over the seeds run, and the
+    mean of the per-seed differences (a seed fixes the data order and the initialisation of both). """
+    default = {r['seed']: _float(r, 'top1_test') for r in main if r['model'] == MODELS['cnt'] and r['data'] == '10pct'}
+    table = []
+    for kwargs in dict.fromkeys(r['model_kwargs'] for r in ablations):
+        runs = [r for r in ablations if r['model_kwargs'] == kwargs and _float(r, 'top1_test') is not None]
+        paired = [_float(r, 'top1_test') - default[r['seed']] for r in runs if default.get(r['seed']) is not None]
+        table.append({'CNT option': kwargs, 'seeds': ' '.join(r['seed'] for r in runs),
+                      'test top-1': mean_std([_float(r, 'top1_test') for r in runs]),
+                      'difference per seed (pt)': ' '.join(f'{d:+.2f}' for d in paired) or '-',
+                      'mean difference (pt)': f'{statistics.mean(paired):+.2f}' if paired else '-'})
+    return ['Against the default CNT (learned position encodings, basic block, outer 64 / inner 4) of the same '
+            'seed:', '', markdown_table(table)] if table else []
 
 
 def _time_to_deit(main: Sequence[Dict[str, str]], speed: Dict[str, float]) -> List[str]:
@@ -341,6 +364,7 @@ def main() -> None:
                    help='`timm-hybrid compare` CSV with train_img_s of the micro models (time columns)')
     sub.add_parser('list', help='planned runs and whether they are recorded')
     sub.add_parser('export-teacher', help=f'(re-)write {TEACHER_EXPORT.relative_to(REPO)} from the teacher run')
+    sub.add_parser('carry', help=f'copy unfinished runs\' checkpoints to {STUDY.carried.relative_to(REPO)}')
     args = parser.parse_args()
     if args.command in ('run', 'recipe'):
         scripts = Path(args.timm_scripts)
@@ -356,6 +380,9 @@ def main() -> None:
         write_report()
     elif args.command == 'report':
         write_report(args.compare_csv)
+    elif args.command == 'carry':
+        carried = carry_unfinished(STUDY, recipe_runs() + planned_runs())
+        print(f'carried {len(carried)} unfinished runs to {STUDY.carried}: {" ".join(carried) or "-"}')
     elif args.command == 'export-teacher':
         checkpoint = STUDY.run_dir(TEACHER_RUN) / 'last.pth.tar'
         if not checkpoint.exists():

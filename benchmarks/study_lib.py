@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -62,6 +63,12 @@ class Study:
 
     def run_dir(self, run: Run) -> Path:
         return self.work / run.name
+
+    @property
+    def carried(self) -> Path:
+        """ Unfinished runs' last checkpoints, kept with the results (`carry_unfinished`): a machine's work dir does
+        not outlive its session, and a distillation run takes longer than one. """
+        return self.results / 'unfinished'
 
 
 def train_command(study: Study, run: Run, train_py: Path, eval_split: str = 'validation') -> List[str]:
@@ -245,10 +252,50 @@ def _log(message: str) -> None:
     print(f'[{time.strftime("%H:%M:%S")}] {message}', flush=True)
 
 
+# what a carried run needs to resume as if it had not moved: the checkpoint, the curve so far, the log
+CARRIED_FILES = ('last.pth.tar', 'summary.csv', 'log.txt', 'args.yaml')
+
+
+def carry_unfinished(study: Study, runs: Sequence[Run]) -> List[str]:
+    """ Copies the work dir's unfinished runs (a checkpoint, not yet in runs.csv) into `study.carried`, replacing an
+    older copy if the work dir's is further on; drops the copies of runs recorded since. Returns the runs carried. """
+    done = recorded_runs(study)
+    carried = []
+    for run in runs:
+        keep = study.carried / run.name
+        if run.name in done:
+            shutil.rmtree(keep, ignore_errors=True)
+            continue
+        source = study.run_dir(run)
+        if not (source / 'last.pth.tar').exists():
+            continue
+        kept, here = read_summary(keep / 'summary.csv'), read_summary(source / 'summary.csv')
+        if kept and (not here or int(kept[-1]['epoch']) >= int(here[-1]['epoch'])):
+            continue  # the kept copy is as far on (this machine resumed from it and has not gone further)
+        keep.mkdir(parents=True, exist_ok=True)
+        for name in CARRIED_FILES:
+            if (source / name).exists():
+                shutil.copy2(source / name, keep / name)
+        carried.append(run.name)
+    return carried
+
+
+def restore_carried(study: Study, run: Run) -> None:
+    """ A run carried from another machine continues from its kept checkpoint where this work dir has none. """
+    keep, target = study.carried / run.name, study.run_dir(run)
+    if (keep / 'last.pth.tar').exists() and not (target / 'last.pth.tar').exists():
+        target.mkdir(parents=True, exist_ok=True)
+        for name in CARRIED_FILES:
+            if (keep / name).exists():
+                shutil.copy2(keep / name, target / name)
+        _log(f'{run.name}: restored the carried checkpoint (epoch {epochs_done(study, run)})')
+
+
 def train(study: Study, run: Run, train_py: Path, threads: int) -> Tuple[int, List[str]]:
-    """ Trains `run` to its last epoch in the foreground, resuming from its last checkpoint if there is one. Returns
-    train.py's exit code and the command (without --resume). """
+    """ Trains `run` to its last epoch in the foreground, resuming from its last checkpoint if there is one (in the
+    work dir, else a carried one). Returns train.py's exit code and the command (without --resume). """
     command = train_command(study, run, train_py)
+    restore_carried(study, run)
     last = study.run_dir(run) / 'last.pth.tar'
     if epochs_done(study, run) >= run.epochs:
         return 0, command
@@ -328,4 +375,5 @@ def run_queue(
             _log(f'FAILED to finish {run.name}: {type(e).__name__}: {e}')
             continue
         append_row(study.runs_csv, study.fields, row)
+        shutil.rmtree(study.carried / run.name, ignore_errors=True)
         _log(f'done {run.name}: ' + ', '.join(f'{k} {row[k]}' for k in ('top1_val', 'top1_test') if k in row))

@@ -144,3 +144,39 @@ def test_micro_study_trains_on_validation_and_tests_once(tmp_path, monkeypatch):
     test = fmnist_micro_study.test_command(run, Path('/s/validate.py'))
     assert test[test.index('--data-dir') + 1] == str(tmp_path / '10pct-test')
     assert test[test.index('--checkpoint') + 1].endswith(f'{run.name}/last.pth.tar')
+
+
+def test_an_unfinished_run_is_carried_to_the_next_machine_and_dropped_once_recorded(tmp_path):
+    """ `carry`: the work dir's unfinished run (checkpoint, curve, log) is copied with the results; a fresh work dir
+    (the next machine) gets it back before train.py resumes; a further-on work dir replaces the copy, an earlier one
+    does not; a recorded run's copy goes. """
+    def study(work):
+        return study_lib.Study(results=tmp_path / 'results', work=tmp_path / work, recipe='', fields=('run',),
+                               data_root=lambda data, split: tmp_path)
+
+    def write_run(s, run, last_epoch):
+        d = s.run_dir(run)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / 'last.pth.tar').write_bytes(f'checkpoint of epoch {last_epoch}'.encode())
+        (d / 'summary.csv').write_text('epoch,eval_top1\n' + ''.join(f'{e},{50 + e}\n' for e in range(last_epoch + 1)))
+
+    run, other = study_lib.Run('a-10pct-s0', 'main', 'm', '10pct'), study_lib.Run('b-10pct-s0', 'main', 'm', '10pct')
+    first = study('machine1')
+    write_run(first, run, 4)
+    assert study_lib.carry_unfinished(first, [run, other]) == ['a-10pct-s0']  # `other` has no checkpoint: nothing
+    kept = first.carried / run.name
+    assert (kept / 'last.pth.tar').read_bytes() == b'checkpoint of epoch 4'
+
+    second = study('machine2')
+    study_lib.restore_carried(second, run)
+    assert study_lib.epochs_done(second, run) == 5
+    assert (second.run_dir(run) / 'last.pth.tar').read_bytes() == b'checkpoint of epoch 4'
+    assert study_lib.carry_unfinished(second, [run]) == []  # no further on than the kept copy
+    write_run(second, run, 7)
+    assert study_lib.carry_unfinished(second, [run]) == ['a-10pct-s0']
+    assert study_lib.carry_unfinished(first, [run]) == []  # machine 1 is behind: the copy stays at epoch 7
+    assert (kept / 'last.pth.tar').read_bytes() == b'checkpoint of epoch 7'
+
+    study_lib.append_row(second.runs_csv, ('run',), {'run': run.name})
+    study_lib.carry_unfinished(second, [run])
+    assert not kept.exists()
