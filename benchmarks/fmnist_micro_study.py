@@ -385,13 +385,19 @@ def main() -> None:
         print(f'carried {len(carried)} unfinished runs to {STUDY.carried}: {" ".join(carried) or "-"}')
     elif args.command == 'export-teacher':
         checkpoint = STUDY.run_dir(TEACHER_RUN) / 'last.pth.tar'
-        if not checkpoint.exists():
-            sys.exit(f'{checkpoint} does not exist: train the teacher first (run --only teacher)')
         row = recorded_runs(STUDY).get(TEACHER_RUN.name, {})
-        test = {k: row.get(f'{k}_test') for k in ('top1', 'top5')}
-        export_teacher(STUDY, TEACHER_MODEL, checkpoint, dtype=TEACHER_DTYPE,
-                       card_data=teacher_card(test, row.get('command', '')))
-        print(f'wrote {TEACHER_EXPORT}')
+        card_data = teacher_card({k: row.get(f'{k}_test') for k in ('top1', 'top5')}, row.get('command', ''))
+        if checkpoint.exists():
+            export_teacher(STUDY, TEACHER_MODEL, checkpoint, dtype=TEACHER_DTYPE, card_data=card_data)
+            print(f'wrote {TEACHER_EXPORT}')
+        elif (TEACHER_EXPORT / 'config.json').exists():  # another machine trained it: the card from the weights
+            import timm
+            from timm_hybrid.hub import render_model_card
+            teacher = timm.create_model(f'local-dir:{TEACHER_EXPORT}', pretrained=True).eval()
+            render_model_card(teacher, card_data).save(TEACHER_EXPORT / 'README.md')
+            print(f'wrote {TEACHER_EXPORT / "README.md"} (no checkpoint here: the weights are kept)')
+        else:
+            sys.exit(f'{checkpoint} does not exist: train the teacher first (run --only teacher)')
     else:
         done = recorded_runs(STUDY)
         for r in recipe_runs() + planned_runs():
