@@ -22,7 +22,9 @@ The script writes results, it does not commit them.
 
 A run longer than a session (a distillation run: about 3 h on one thread) moves on with `carry`: it copies each
 unfinished run's last checkpoint, curve and log to results/unfinished/<run>/, and `run` on the next machine resumes
-from there (the copy goes once the run is in runs.csv).
+from there (the copy goes once the run is in runs.csv). It also keeps the final weights of finished full-data and
+distillation runs (results/weights/<run>.safetensors, the `.fmnist` candidates) where a queue started before that
+existed did not.
 
 The time columns need the three models' training img/s timed side by side on the final code, e.g.
 
@@ -43,8 +45,8 @@ from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
-    REPO, Run, Study, carry_unfinished, change_over_last_tenth, epochs_done, export_teacher, mean_std, plot_bands,
-    read_curve, recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
+    REPO, Run, Study, carry_unfinished, change_over_last_tenth, epochs_done, export_teacher, keep_final_weights,
+    mean_std, plot_bands, read_curve, recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
     train_images_per_second, train_throughput,
 )
 from timm_hybrid.compare import markdown_table  # noqa: E402
@@ -154,6 +156,12 @@ def recipe_runs() -> List[Run]:
                 extra_args=('--lr', lr)) for lr in RECIPE_CHECK_LRS for f in ('cnt', 'deit')]
 
 
+def keeps_weights(run: Run) -> bool:
+    """ The runs whose final weights are kept with the results (~0.9 MB each): the candidates for the published
+    `.fmnist` micro weights, i.e. the full-data models and the distilled students. """
+    return run.group == 'distill' or (run.group == 'main' and run.data == '100pct')
+
+
 def test_command(run: Run, validate_py: Path) -> List[str]:
     """ timm's validate.py on the run's final checkpoint and the real test set, through `timm-hybrid run`. """
     cmd = [sys.executable, '-m', 'timm_hybrid.cli', 'run', str(validate_py),
@@ -212,6 +220,8 @@ def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dic
                            cwd=STUDY.work)
         test = json.loads((STUDY.run_dir(run) / 'test.json').read_text())
         shown_test = shown_command(cmd, validate_py.parent).replace('python -m timm_hybrid.cli run', 'timm-hybrid run')
+    if keeps_weights(run):
+        keep_final_weights(STUDY, run)
     if run.group == 'teacher':
         export_teacher(STUDY, TEACHER_MODEL, STUDY.run_dir(run) / 'last.pth.tar', dtype=TEACHER_DTYPE,
                        card_data=teacher_card(test, shown_command(command, validate_py.parent)))
@@ -383,6 +393,10 @@ def main() -> None:
     elif args.command == 'carry':
         carried = carry_unfinished(STUDY, recipe_runs() + planned_runs())
         print(f'carried {len(carried)} unfinished runs to {STUDY.carried}: {" ".join(carried) or "-"}')
+        done = recorded_runs(STUDY)
+        kept = [r.name for r in planned_runs() if r.name in done and keeps_weights(r)
+                and not (STUDY.weights / f'{r.name}.safetensors').exists() and keep_final_weights(STUDY, r)]
+        print(f'kept the final weights of {len(kept)} finished runs in {STUDY.weights}: {" ".join(kept) or "-"}')
     elif args.command == 'export-teacher':
         checkpoint = STUDY.run_dir(TEACHER_RUN) / 'last.pth.tar'
         row = recorded_runs(STUDY).get(TEACHER_RUN.name, {})

@@ -65,6 +65,11 @@ class Study:
         return self.work / run.name
 
     @property
+    def weights(self) -> Path:
+        """ Finished runs' final weights (`keep_final_weights`): what `.fmnist` tags are later published from. """
+        return self.results / 'weights'
+
+    @property
     def carried(self) -> Path:
         """ Unfinished runs' last checkpoints, kept with the results (`carry_unfinished`): a machine's work dir does
         not outlive its session, and a distillation run takes longer than one. """
@@ -278,6 +283,21 @@ def carry_unfinished(study: Study, runs: Sequence[Run]) -> List[str]:
                 shutil.copy2(source / name, keep / name)
         carried.append(run.name)
     return carried
+
+
+def keep_final_weights(study: Study, run: Run) -> Optional[Path]:
+    """ The model weights of a finished run's last checkpoint (the one its test top-1 was measured on), fp32, as
+    `study.weights/<run>.safetensors`; None if the work dir holds no checkpoint of it (another machine trained it). """
+    from safetensors.torch import save_file
+    from timm_hybrid.hub import read_checkpoint
+    checkpoint = study.run_dir(run) / 'last.pth.tar'
+    if not checkpoint.exists():
+        return None
+    study.weights.mkdir(parents=True, exist_ok=True)
+    target = study.weights / f'{run.name}.safetensors'
+    save_file({k: v.contiguous() for k, v in read_checkpoint(checkpoint).items()}, str(target),
+              metadata={'run': run.name, 'model': run.model, 'model_kwargs': ' '.join(run.model_kwargs)})
+    return target
 
 
 def restore_carried(study: Study, run: Run) -> None:

@@ -180,3 +180,26 @@ def test_an_unfinished_run_is_carried_to_the_next_machine_and_dropped_once_recor
     study_lib.append_row(second.runs_csv, ('run',), {'run': run.name})
     study_lib.carry_unfinished(second, [run])
     assert not kept.exists()
+
+
+def test_a_finished_runs_final_weights_are_kept_as_they_were_tested(tmp_path):
+    """ The weights kept with the results are the last checkpoint's model state (what validate.py measured), with
+    the run named in the file's metadata; only full-data and distillation runs keep theirs. """
+    from safetensors import safe_open
+    study = study_lib.Study(results=tmp_path / 'results', work=tmp_path / 'work', recipe='', fields=('run',),
+                            data_root=lambda data, split: tmp_path)
+    run = study_lib.Run('cnt-100pct-s0', 'main', 'cnt_micro_patch4_28', '100pct', 0, 40)
+    assert study_lib.keep_final_weights(study, run) is None  # trained on another machine: nothing to keep
+    model = timm.create_model('cnt_micro_patch4_28')
+    study.run_dir(run).mkdir(parents=True)
+    torch.save({'epoch': 39, 'state_dict': model.state_dict(), 'optimizer': {}}, study.run_dir(run) / 'last.pth.tar')
+    path = study_lib.keep_final_weights(study, run)
+    with safe_open(path, 'pt') as f:
+        assert f.metadata()['run'] == 'cnt-100pct-s0'
+        kept = {k: f.get_tensor(k) for k in f.keys()}
+    assert kept.keys() == model.state_dict().keys()
+    torch.testing.assert_close(kept, model.state_dict(), rtol=0, atol=0)
+    assert fmnist_micro_study.keeps_weights(run)
+    distill = [r for r in fmnist_micro_study.planned_runs() if r.group == 'distill']
+    assert distill and all(fmnist_micro_study.keeps_weights(r) for r in distill)
+    assert not fmnist_micro_study.keeps_weights(study_lib.Run('cnt-10pct-s0', 'main', 'm', '10pct'))
