@@ -221,7 +221,10 @@ def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dic
         test = json.loads((STUDY.run_dir(run) / 'test.json').read_text())
         shown_test = shown_command(cmd, validate_py.parent).replace('python -m timm_hybrid.cli run', 'timm-hybrid run')
     if keeps_weights(run):
-        keep_final_weights(STUDY, run)
+        try:
+            keep_final_weights(STUDY, run)
+        except Exception as e:  # `carry` keeps them later from the same checkpoint; a failed copy must not lose the run
+            print(f'warning: {run.name}: final weights not kept ({type(e).__name__}: {e})', file=sys.stderr)
     if run.group == 'teacher':
         export_teacher(STUDY, TEACHER_MODEL, STUDY.run_dir(run) / 'last.pth.tar', dtype=TEACHER_DTYPE,
                        card_data=teacher_card(test, shown_command(command, validate_py.parent)))
