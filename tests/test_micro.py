@@ -125,7 +125,9 @@ def test_micro_study_plan_runs_the_most_informative_first():
     assert len(set(names)) == len(names)
     assert names[:6] == ['deit-10pct-s0', 'cnt-10pct-s0', 'tnt-10pct-s0', 'deit-1pct-s0', 'cnt-1pct-s0', 'tnt-1pct-s0']
     groups = [r.group for r in runs]
-    assert groups == sorted(groups, key=['main', 'teacher', 'distill', 'ablation'].index)
+    assert groups == sorted(groups, key=['main', 'teacher', 'distill', 'ablation', 'long'].index)
+    long = [r for r in runs if r.group == 'long']
+    assert [(r.model, r.data, r.epochs) for r in long] == [('cnt_micro_patch4_28', '100pct', 120)]
     main = [r for r in runs if r.group == 'main']
     assert [r.data for r in main][-9:] == ['100pct'] * 9 and len(main) == 27
     assert {(r.model, r.seed) for r in main if r.data == '1pct'} == {
