@@ -34,7 +34,6 @@ The time columns need the three models' training img/s timed side by side on the
         --output benchmarks/results/compare_micro
 """
 import argparse
-import ast
 import dataclasses
 import json
 import os
@@ -51,7 +50,7 @@ from study_lib import (  # noqa: E402
     mean_std, plot_bands, read_curve, recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
     train_images_per_second, train_throughput,
 )
-from timm_hybrid.compare import markdown_table  # noqa: E402
+from timm_hybrid.compare import markdown_table, parse_model_spec  # noqa: E402
 from timm_hybrid.data import (  # noqa: E402
     FASHION_MNIST_DATASET, FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_NUM_CLASSES, FASHION_MNIST_STD,
     prepare_fashion_mnist,
@@ -182,17 +181,10 @@ def test_command(run: Run, validate_py: Path) -> List[str]:
     return cmd
 
 
-def _literal(value: str) -> object:
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
-
-
 def _complexity(run: Run) -> Dict[str, object]:
     from timm_hybrid import count_flops
-    # values parsed as timm's train.py parses --model-kwargs (ast.literal_eval, else the string itself)
-    kwargs = {k: _literal(v) for k, v in (kv.split('=', 1) for kv in run.model_kwargs)}
+    # values read as train.py reads --model-kwargs (Python literals, else plain words): compare's model-spec parser
+    _, kwargs = parse_model_spec(f'{run.model}:{",".join(run.model_kwargs)}')
     try:
         flops = count_flops(run.model, input_size=FASHION_MNIST_INPUT_SIZE, num_classes=FASHION_MNIST_NUM_CLASSES,
                             in_chans=FASHION_MNIST_INPUT_SIZE[0], **kwargs)

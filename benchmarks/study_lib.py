@@ -261,6 +261,13 @@ def _log(message: str) -> None:
 CARRIED_FILES = ('last.pth.tar', 'summary.csv', 'log.txt', 'args.yaml')
 
 
+def _copy_run_files(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in CARRIED_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, target / name)
+
+
 def carry_unfinished(study: Study, runs: Sequence[Run]) -> List[str]:
     """ Copies the work dir's unfinished runs (a checkpoint, not yet in runs.csv) into `study.carried`, replacing an
     older copy if the work dir's is further on; drops the copies of runs recorded since. Returns the runs carried. """
@@ -277,10 +284,7 @@ def carry_unfinished(study: Study, runs: Sequence[Run]) -> List[str]:
         kept, here = read_summary(keep / 'summary.csv'), read_summary(source / 'summary.csv')
         if kept and (not here or int(kept[-1]['epoch']) >= int(here[-1]['epoch'])):
             continue  # the kept copy is as far on (this machine resumed from it and has not gone further)
-        keep.mkdir(parents=True, exist_ok=True)
-        for name in CARRIED_FILES:
-            if (source / name).exists():
-                shutil.copy2(source / name, keep / name)
+        _copy_run_files(source, keep)
         carried.append(run.name)
     return carried
 
@@ -304,10 +308,7 @@ def restore_carried(study: Study, run: Run) -> None:
     """ A run carried from another machine continues from its kept checkpoint where this work dir has none. """
     keep, target = study.carried / run.name, study.run_dir(run)
     if (keep / 'last.pth.tar').exists() and not (target / 'last.pth.tar').exists():
-        target.mkdir(parents=True, exist_ok=True)
-        for name in CARRIED_FILES:
-            if (keep / name).exists():
-                shutil.copy2(keep / name, target / name)
+        _copy_run_files(keep, target)
         _log(f'{run.name}: restored the carried checkpoint (epoch {epochs_done(study, run)})')
 
 
