@@ -20,6 +20,7 @@ The script writes results, it does not commit them.
     python benchmarks/fmnist_micro_study.py list
     python benchmarks/fmnist_micro_study.py export-teacher   # the committed teacher folder, from the teacher run
     python benchmarks/fmnist_micro_study.py carry   # before a session ends: unfinished runs' checkpoints -> results
+    python benchmarks/fmnist_micro_study.py publish   # best kept runs -> timm_hybrid/weights/<arch>.fmnist, verified
 
 A run longer than a session (a distillation run: about 3 h on one thread) moves on with `carry`: it copies each
 unfinished run's last checkpoint, curve and log to results/unfinished/<run>/, and `run` on the next machine resumes
@@ -47,8 +48,8 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
     REPO, Run, Study, carry_unfinished, change_over_last_tenth, epochs_done, export_teacher, keep_final_weights,
-    mean_std, plot_bands, read_curve, recorded_runs, run_queue, save_curve, seconds_to_reach, shown_command, thread_env,
-    train_images_per_second, train_throughput,
+    mean_std, plot_bands, publish_weights, read_curve, recorded_runs, run_queue, save_curve, seconds_to_reach,
+    shown_command, thread_env, train_images_per_second, train_throughput,
 )
 from timm_hybrid.compare import markdown_table, parse_model_spec  # noqa: E402
 from timm_hybrid.data import (  # noqa: E402
@@ -238,6 +239,104 @@ def finish(run: Run, command: List[str], validate_py: Path, threads: int) -> Dic
         test_command=shown_test)
 
 
+# --- published weights -----------------------------------------------------------------------------------------------
+
+# timm_hybrid/weights/<arch>.fmnist: the three families and the two distilled students
+PUBLISHED_MODELS = tuple(MODELS.values()) + tuple(f'{f}_micro_distilled_patch4_28' for f in ('cnt', 'deit'))
+PUBLISH_TOLERANCE = 0.1  # pt of test top-1 between the shipped folder and validate.py on the run's checkpoint
+
+
+def publish_candidates(rows: Sequence[Dict[str, str]], model: str) -> List[Dict[str, str]]:
+    """ The recorded runs that may be published as `model`'s `.fmnist` weights: the full training set for the three
+    families (main and long runs), token distillation (hard or soft) for the distilled students. """
+    if model in MODELS.values():
+        return [r for r in rows if r['model'] == model and r['group'] in ('main', 'long') and r['data'] == '100pct']
+    return [r for r in rows if r['model'] == model and r['group'] == 'distill' and r['distill'] in ('hard', 'soft')]
+
+
+def _card_curves(path: Path, row: Dict[str, str], rows: Sequence[Dict[str, str]]) -> None:
+    """ The published run's validation top-1 and training loss per epoch, with the other families' runs of the same
+    group, data and seed for comparison, and its test top-1 at the end. """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    peers = [row] + [r for r in rows if r['run'] != row['run'] and r['group'] == row['group']
+                     and r['data'] == row['data'] and r['seed'] == row['seed'] and r['distill'] == row['distill']
+                     and not r['model_kwargs']]
+    fig, (top1, loss) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in peers:
+        style = dict(lw=2.) if r is row else dict(lw=1., alpha=.6)
+        for ax, metric in ((top1, 'eval_top1'), (loss, 'train_loss')):
+            curve = read_curve(STUDY, r['run'], metric)
+            ax.plot([e for e, _ in curve], [v for _, v in curve], label=f'{r["model"]} ({r["run"]})', **style)
+    top1.plot([int(row['epochs'])], [float(row['top1_test'])], 'k*', ms=10, label=f'test top-1 {row["top1_test"]}')
+    top1.set_ylabel('validation top-1 (%)')
+    loss.set_ylabel('training loss')
+    for ax in (top1, loss):
+        ax.set_xlabel('epoch')
+        ax.grid(alpha=.3)
+    top1.legend(fontsize=7)
+    fig.suptitle(f'{row["run"]}: Fashion-MNIST micro study, {TRAIN_IMAGES[row["data"]]} training images', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def publish() -> List[str]:
+    """ For each of PUBLISHED_MODELS, the candidate run with the best validation top-1 (the test set chooses
+    nothing) whose final weights were kept (results/weights/<run>.safetensors) becomes
+    timm_hybrid/weights/<arch>.fmnist (`study_lib.publish_weights`): exported, re-measured from the folder on the real
+    test set, refused unless within PUBLISH_TOLERANCE of validate.py's test top-1 of the run; the card has the
+    run's curves. Returns what it did, a line per model. """
+    import tempfile
+    from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR
+    rows = list(recorded_runs(STUDY).values())
+    best = {}
+    for model in PUBLISHED_MODELS:
+        kept = [r for r in publish_candidates(rows, model) if (STUDY.weights / f'{r["run"]}.safetensors').exists()]
+        if kept:
+            best[model] = max(kept, key=lambda r: float(r['top1_val']))
+    teacher = recorded_runs(STUDY).get(TEACHER_RUN.name, {})
+    done = []
+    for model in PUBLISHED_MODELS:
+        if model not in best:
+            done.append(f'{model}: no candidate run with kept weights yet')
+            continue
+        row = best[model]
+        data_text = (f'{TRAIN_IMAGES[row["data"]]} training images: the study\'s {row["data"]} fraction of the 55000 '
+                     f'left after its 5000-image validation split')
+        if row['distill']:
+            data_text += (f'; {row["distill"]} token distillation from the {TEACHER_MODEL} teacher of run '
+                          f'`{TEACHER_RUN.name}` (test top-1 {teacher.get("top1_test", "?")})')
+        candidates = len(publish_candidates(rows, model))
+        card = dict(
+            train_command=(f'# --data-dir: prepare_fashion_mnist(ROOT, train_fraction={FRACTIONS[row["data"]]}, '
+                           f'seed=0, validation_per_class={VALIDATION_PER_CLASS}) from timm_hybrid.data\n'
+                           f'{row["command"]}'),
+            compare=[dict(model=f'{other} (published run {b["run"]})', top1=float(b['top1_test']),
+                          params=float(b['params_m']), gmacs=float(b['gmacs']), input_size=FASHION_MNIST_INPUT_SIZE)
+                     for other, b in best.items() if other != model],
+            curves_caption=f'validation top-1 and training loss per epoch of run {row["run"]}',
+            description=(f'{model} trained from scratch on Fashion-MNIST ({data_text}; {row["epochs"]} epochs, '
+                         f'seed {row["seed"]}) with timm\'s train.py: run `{row["run"]}` of the micro study '
+                         f'(benchmarks/fmnist_micro_study.py), the best of {candidates} candidate runs by validation '
+                         f'top-1 ({row["top1_val"]}). Accuracy: the 10000-image test split, final epoch, measured on '
+                         f'this folder with timm\'s data config and ClassificationEvaluator '
+                         f'(`timm_hybrid.data.evaluate_fashion_mnist`); the run\'s own validate.py measured '
+                         f'{row["top1_test"]}.'))
+        with tempfile.TemporaryDirectory() as scratch:
+            curves = Path(scratch) / 'curves.png'
+            _card_curves(curves, row, rows)
+            out = PACKAGED_WEIGHTS_DIR / f'{model}.fmnist'
+            measured = publish_weights(f'{model}.fmnist', STUDY.weights / f'{row["run"]}.safetensors', out, card,
+                                       data_root('100pct', 'test'), float(row['top1_test']), PUBLISH_TOLERANCE,
+                                       curves_png=curves)
+        shown = out.relative_to(REPO) if out.is_relative_to(REPO) else out
+        done.append(f'{shown}: run {row["run"]} (val {row["top1_val"]}), test top-1 '
+                    f'{measured["top1"]:.2f} re-measured from the folder, {row["top1_test"]} by validate.py')
+    return done
+
+
 # --- report ----------------------------------------------------------------------------------------------------------
 
 def _float(row: Dict[str, str], key: str) -> Optional[float]:
@@ -378,6 +477,7 @@ def main() -> None:
     sub.add_parser('list', help='planned runs and whether they are recorded')
     sub.add_parser('export-teacher', help=f'(re-)write {TEACHER_EXPORT.relative_to(REPO)} from the teacher run')
     sub.add_parser('carry', help=f'copy unfinished runs\' checkpoints to {STUDY.carried.relative_to(REPO)}')
+    sub.add_parser('publish', help='the best kept run of each published model -> timm_hybrid/weights/<arch>.fmnist')
     args = parser.parse_args()
     if args.command in ('run', 'recipe'):
         scripts = Path(args.timm_scripts)
@@ -400,6 +500,8 @@ def main() -> None:
         kept = [r.name for r in planned_runs() if r.name in done and keeps_weights(r)
                 and not (STUDY.weights / f'{r.name}.safetensors').exists() and keep_final_weights(STUDY, r)]
         print(f'kept the final weights of {len(kept)} finished runs in {STUDY.weights}: {" ".join(kept) or "-"}')
+    elif args.command == 'publish':
+        print('\n'.join(publish()))
     elif args.command == 'export-teacher':
         checkpoint = STUDY.run_dir(TEACHER_RUN) / 'last.pth.tar'
         row = recorded_runs(STUDY).get(TEACHER_RUN.name, {})

@@ -23,7 +23,6 @@ The micro study (benchmarks/fmnist_micro_study.py) supersedes this one; its resu
 import argparse
 import csv
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
-    REPO, Run, Study, epochs_done, export_teacher, read_summary, recorded_runs, run_queue, save_curve, shown_command,
-    train_images_per_second,
+    REPO, Run, Study, epochs_done, export_teacher, publish_weights, read_summary, recorded_runs, run_queue, save_curve,
+    shown_command, train_images_per_second,
 )
 from timm_hybrid.data import FASHION_MNIST_INPUT_SIZE, FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
 from timm_hybrid.models.baselines import PACKAGED_WEIGHTS_DIR  # noqa: E402
@@ -157,10 +156,6 @@ def publish() -> None:
     and `ClassificationEvaluator`), checks that it reproduces the top-1 train.py recorded, and writes the measured
     top-1 / top-5 into the card's model-index. The source is the run's last checkpoint, or, once the run's work
     folder is gone, the weights already in the package (the card is re-rendered from the same tensors). """
-    import tempfile
-    import timm
-    from timm_hybrid.data import evaluate_fashion_mnist
-    from timm_hybrid.hub import export, render_model_card
     rows = recorded_runs(STUDY)
     best = {}
     for model_name in PUBLISHED_MODELS:
@@ -189,17 +184,8 @@ def publish() -> None:
                         f'benchmarks/fmnist_study.py. Accuracy: test split, final epoch (no checkpoint selection), '
                         f'measured on this folder with timm\'s data config and ClassificationEvaluator '
                         f'(`timm_hybrid.data.evaluate_fashion_mnist`).')
-        with tempfile.TemporaryDirectory() as scratch:
-            folder = export(f'{model_name}.fmnist', checkpoint, Path(scratch) / out.name, card_data=card)
-            model = timm.create_model(f'local-dir:{folder}', pretrained=True)
-            measured = evaluate_fashion_mnist(model, test_root)
-            if abs(measured['top1'] - float(row['top1_last'])) > 0.02:
-                raise RuntimeError(f'{out}: re-evaluated top-1 {measured["top1"]:.2f} != recorded {row["top1_last"]}')
-            card['accuracy'] = {k: round(measured[k], 2) for k in ('top1', 'top5')}
-            render_model_card(model.eval(), card).save(folder / 'README.md')
-            if out.exists():
-                shutil.rmtree(out)
-            shutil.copytree(folder, out)
+        measured = publish_weights(f'{model_name}.fmnist', checkpoint, out, card, test_root,
+                                   float(row['top1_last']), tolerance=0.02)
         print(f'{out.relative_to(REPO)}: run {row["run"]}, top-1 {measured["top1"]:.2f} (recorded '
               f'{row["top1_last"]}), top-5 {measured["top5"]:.2f}, from {checkpoint}')
 

@@ -398,3 +398,45 @@ def run_queue(
         append_row(study.runs_csv, study.fields, row)
         shutil.rmtree(study.carried / run.name, ignore_errors=True)
         _log(f'done {run.name}: ' + ', '.join(f'{k} {row[k]}' for k in ('top1_val', 'top1_test') if k in row))
+
+
+# --- published weights -----------------------------------------------------------------------------------------------
+
+def publish_weights(
+        tag: str,
+        source: Path,
+        out: Path,
+        card: Dict[str, object],
+        test_root: Path,
+        recorded_top1: float,
+        tolerance: float,
+        curves_png: Optional[Path] = None,
+) -> Dict[str, float]:
+    """ Writes the weight folder `out` of timm tag `tag` (e.g. timm_hybrid/weights/<arch>.fmnist) from `source`, a
+    training checkpoint or a state-dict file (the folder's own model.safetensors for a re-render), with
+    `timm_hybrid.hub.export`. The folder is then loaded as a user loads it (`local-dir:`, timm's data config, eval
+    transforms and `ClassificationEvaluator`) and measured on the test set at `test_root`; it replaces `out` only if
+    its top-1 is within `tolerance` points of `recorded_top1` (what the run's own evaluation measured). The card
+    gets the measured top-1 / top-5 and, with `curves_png`, the run's curves as curves.png. Returns the measurement.
+    """
+    import tempfile
+    import timm
+    from timm_hybrid.data import evaluate_fashion_mnist
+    from timm_hybrid.hub import export, render_model_card
+    card = dict(card)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = export(tag, source, Path(scratch) / out.name, card_data=card)
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+        measured = evaluate_fashion_mnist(model, test_root)
+        if abs(measured['top1'] - recorded_top1) > tolerance:
+            raise RuntimeError(f'{out}: re-evaluated top-1 {measured["top1"]:.2f} is more than {tolerance} pt from '
+                               f'the recorded {recorded_top1}; {out} left as it was')
+        card['accuracy'] = {k: round(measured[k], 2) for k in ('top1', 'top5')}
+        if curves_png is not None:
+            shutil.copyfile(curves_png, folder / 'curves.png')
+            card['curves'] = 'curves.png'
+        render_model_card(model.eval(), card).save(folder / 'README.md')
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(folder, out)
+    return measured

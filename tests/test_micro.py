@@ -205,3 +205,62 @@ def test_a_finished_runs_final_weights_are_kept_as_they_were_tested(tmp_path):
     distill = [r for r in fmnist_micro_study.planned_runs() if r.group == 'distill']
     assert distill and all(fmnist_micro_study.keeps_weights(r) for r in distill)
     assert not fmnist_micro_study.keeps_weights(study_lib.Run('cnt-10pct-s0', 'main', 'm', '10pct'))
+
+
+def test_publish_ships_the_best_validation_run_whose_folder_reproduces_its_card_and_refuses_a_mismatch(
+        tmp_path, monkeypatch):
+    """ `publish`: among the full-data runs with kept weights, the best by validation top-1 (not by test) becomes
+    <arch>.fmnist; the folder loads those weights, its card reports what timm's evaluator measures on the folder and
+    shows the run's curves; a recorded test top-1 the folder does not reproduce leaves the published folder as it
+    was. """
+    import csv
+    import dataclasses
+    from safetensors.torch import save_file
+    from timm_hybrid.data import DEBIAN_FASHION_MNIST_DIR, evaluate_fashion_mnist, prepare_fashion_mnist
+    from timm_hybrid.hub import card_accuracy
+    from timm_hybrid.models import baselines
+    if not DEBIAN_FASHION_MNIST_DIR.exists():
+        pytest.skip('Debian dataset-fashion-mnist not installed')
+    root = tmp_path / 'fm'
+    prepare_fashion_mnist(root)
+    study = dataclasses.replace(fmnist_micro_study.STUDY, results=tmp_path / 'results', work=tmp_path / 'work')
+    monkeypatch.setattr(fmnist_micro_study, 'STUDY', study)
+    monkeypatch.setattr(fmnist_micro_study, 'data_root', lambda data, split: root)
+    monkeypatch.setattr(baselines, 'PACKAGED_WEIGHTS_DIR', tmp_path / 'weights')
+    study.weights.mkdir(parents=True)
+    torch.manual_seed(0)
+    models, test_top1 = {}, {}
+    # (run, data, validation top-1): the 10% run has the best validation top-1 but is not a full-data candidate
+    for name, data, val in (('cnt-100pct-s0', '100pct', 50.), ('cnt-100pct-s1', '100pct', 60.),
+                            ('cnt-10pct-s0', '10pct', 70.)):
+        model = models[name] = timm.create_model('cnt_micro_patch4_28').eval()
+        save_file(model.state_dict(), str(study.weights / f'{name}.safetensors'))
+        # a real measurement only where it is checked (a 10000-image pass costs ~15 s)
+        test_top1[name] = round(evaluate_fashion_mnist(model, root)['top1'], 2) if name == 'cnt-100pct-s1' else 10.
+        study_lib.write_rows(study.curves / f'{name}.csv', [
+            dict(epoch=e, train_loss=2. - e / 10, eval_top1=val - 2 + e) for e in range(2)])
+        study_lib.append_row(study.runs_csv, fmnist_micro_study.FIELDS, dict(
+            run=name, group='main', model='cnt_micro_patch4_28', data=data, seed=name[-1], epochs=2, top1_val=val,
+            top1_test=test_top1[name], gmacs=0.01352, params_m=0.2265, command='python train.py --model cnt'))
+
+    lines = fmnist_micro_study.publish()
+    folder = tmp_path / 'weights' / 'cnt_micro_patch4_28.fmnist'
+    assert any(line.startswith(f'{folder}: run cnt-100pct-s1 ') for line in lines), lines
+    assert 'tnt_micro_patch4_28: no candidate run with kept weights yet' in lines
+    shipped = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(2, *FASHION_MNIST_INPUT_SIZE)
+    with torch.no_grad():
+        assert torch.equal(shipped(x), models['cnt-100pct-s1'](x))
+    assert card_accuracy(folder / 'README.md')['top1'] == pytest.approx(test_top1['cnt-100pct-s1'], abs=0.01)
+    card = (folder / 'README.md').read_text()
+    assert '](curves.png)' in card and (folder / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+    with open(study.runs_csv) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row['run'] == 'cnt-100pct-s1':
+            row['top1_test'] = test_top1['cnt-100pct-s1'] + 1.
+    study_lib.write_rows(study.runs_csv, rows)
+    with pytest.raises(RuntimeError, match='more than 0.1 pt from the recorded'):
+        fmnist_micro_study.publish()
+    assert (folder / 'README.md').read_text() == card

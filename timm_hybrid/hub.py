@@ -502,7 +502,8 @@ def render_model_card(
             description: a paragraph; accuracy: {'top1': .., 'top5': ..} in %, measured on `eval_split`
             (default 'test'); dataset / dataset_id: data set name and Hub id (default from the tag: 'fmnist' ->
             Fashion-MNIST, 'in1k' -> ImageNet-1k); teacher: the Hub repo of a distilled student's teacher (the
-            card's `base_model`); train_command: the command that trained the weights; compare: other timm model
+            card's `base_model`); train_command: the command that trained the weights; curves: an image file in
+            the repo (e.g. 'curves.png') shown under Training, curves_caption its alt text; compare: other timm model
             names (params and GMACs counted) or rows {'model': .., 'top1': .., ...} for the comparison table;
             license.
         template: Jinja template of the card (default `MODEL_CARD_TEMPLATE`).
@@ -572,6 +573,8 @@ def render_model_card(
         top_k=min(5, model.num_classes) if model.num_classes else 5,
         train_command=card_data.get('train_command'),
         training_note=card_data.get('training_note') or 'The training command was not recorded.',
+        curves=card_data.get('curves'),
+        curves_caption=card_data.get('curves_caption') or 'training curves',
         comparison=[_formatted(r) for r in rows],
         citations=[CITATIONS.get(p) or f'{p}: {_arxiv_url(p)}' for p in cited],
         **_output_shapes(model, this['input_size']),

@@ -67,8 +67,11 @@ PACKAGED_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / 'weights'
 def packaged_weights(arch: str, tag: str = 'fmnist') -> Dict[str, str]:
     """ Where the weights of a tag that ships in the wheel come from (shared with cnt.py): timm's `file`, which its
     builder loads before `hf_hub_id`, so the tag loads offline from the installed package; `hf_hub_id` names the
-    published copy (`timm.create_model('hf-hub:...')`). """
+    published copy (`timm.create_model('hf-hub:...')`). Nothing while the package holds no folder for the tag (a
+    study has not exported it yet): such a tag has no source, and `pretrained=True` says that no weights exist. """
     name = f'{arch}.{tag}'
+    if not (PACKAGED_WEIGHTS_DIR / name / 'model.safetensors').is_file():
+        return {}
     return dict(file=str(PACKAGED_WEIGHTS_DIR / name / 'model.safetensors'), hf_hub_id=f'timm-hybrid/{name}')
 
 
@@ -84,10 +87,11 @@ default_cfgs = generate_default_cfgs({
     'deit_nano_patch7_28.fmnist': nano_cfg(**packaged_weights('deit_nano_patch7_28'), **_DEIT_CFG),
     'deit_nano_distilled_patch7_28.fmnist': nano_cfg(
         **packaged_weights('deit_nano_distilled_patch7_28'), **dict(_DEIT_CFG, classifier=('head', 'head_dist'))),
-    # micro: no weights anywhere yet, so no source (when the study exports them, the tag gets packaged_weights)
-    'tnt_micro_patch4_28.fmnist': nano_cfg(**_TNT_CFG),
-    'deit_micro_patch4_28.fmnist': nano_cfg(**_DEIT_CFG),
-    'deit_micro_distilled_patch4_28.fmnist': nano_cfg(**dict(_DEIT_CFG, classifier=('head', 'head_dist'))),
+    # micro: the folders `benchmarks/fmnist_micro_study.py publish` has written (no source until then)
+    'tnt_micro_patch4_28.fmnist': nano_cfg(**packaged_weights('tnt_micro_patch4_28'), **_TNT_CFG),
+    'deit_micro_patch4_28.fmnist': nano_cfg(**packaged_weights('deit_micro_patch4_28'), **_DEIT_CFG),
+    'deit_micro_distilled_patch4_28.fmnist': nano_cfg(
+        **packaged_weights('deit_micro_distilled_patch4_28'), **dict(_DEIT_CFG, classifier=('head', 'head_dist'))),
 })
 
 

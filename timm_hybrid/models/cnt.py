@@ -856,11 +856,13 @@ default_cfgs = generate_default_cfgs({
         **packaged_weights('cnt_nano_distilled_patch7_28'),
         first_conv='pixel_embed.proj', classifier=('head', 'head_dist'),
         paper_ids=('arXiv:2103.00112', 'arXiv:2012.12877'), paper_name='Transformer in Transformer'),
-    # micro: no weights anywhere yet, so no source (when the study exports them, the tag gets packaged_weights)
+    # micro: the folders `benchmarks/fmnist_micro_study.py publish` has written (no source until then)
     'cnt_micro_patch4_28.fmnist': nano_cfg(
+        **packaged_weights('cnt_micro_patch4_28'),
         first_conv='pixel_embed.proj', classifier='head',
         paper_ids='arXiv:2103.00112', paper_name='Transformer in Transformer'),
     'cnt_micro_distilled_patch4_28.fmnist': nano_cfg(
+        **packaged_weights('cnt_micro_distilled_patch4_28'),
         first_conv='pixel_embed.proj', classifier=('head', 'head_dist'),
         paper_ids=('arXiv:2103.00112', 'arXiv:2012.12877'), paper_name='Transformer in Transformer'),
 })
