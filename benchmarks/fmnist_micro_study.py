@@ -347,12 +347,16 @@ def _seconds_per_epoch(model: str, data: str, speed: Dict[str, float]) -> Option
     return TRAIN_IMAGES[data] / speed[model] if model in speed else None
 
 
-def write_report(compare_csv: Optional[Path] = None) -> None:
+# the committed side-by-side timing of the three micro models (the command in the module docstring)
+COMPARE_CSV = REPO / 'benchmarks' / 'results' / 'compare_micro' / 'compare.csv'
+
+
+def write_report(compare_csv: Optional[Path] = COMPARE_CSV) -> None:
     """ README.md (tables), the recipe-check table, and the plots, from runs.csv and the kept curves. `compare_csv`
     (a `timm-hybrid compare` CSV of the micro models, timed side by side on the final code) turns epochs into
     training seconds: the time-to-DeiT-accuracy column and the accuracy-vs-seconds plot. """
     rows = list(recorded_runs(STUDY).values())
-    speed = train_throughput(compare_csv) if compare_csv else {}
+    speed = train_throughput(compare_csv) if compare_csv and compare_csv.exists() else {}
     lines = ['# Fashion-MNIST micro study: CNT vs TNT vs DeiT, 4x4 pixel grid per patch, matched GMACs', '',
              'Produced by `python benchmarks/fmnist_micro_study.py run` (timm\'s train.py; every row of '
              '[runs.csv](runs.csv) holds its exact training and test commands). Validation: 500 images per class '
@@ -395,6 +399,8 @@ def write_report(compare_csv: Optional[Path] = None) -> None:
                  'test top-1': r['top1_test'] or '-', 'GMACs': r['gmacs']} for r in mine])]
             if group == 'ablation':
                 lines += ['', *_ablation_effects(mine, main)]
+            if group == 'distill':
+                lines += ['', *_students_vs_teacher(mine, rows)]
     panels = []  # (data, title, {family: [curve of each seed]})
     for data in FRACTIONS:
         series = {f: [read_curve(STUDY, r['run']) for r in main if r['model'] == MODELS[f] and r['data'] == data]
@@ -432,6 +438,28 @@ def _ablation_effects(ablations: Sequence[Dict[str, str]], main: Sequence[Dict[s
                       'mean difference (pt)': f'{statistics.mean(paired):+.2f}' if paired else '-'})
     return ['Against the default CNT (learned position encodings, basic block, outer 64 / inner 4) of the same '
             'seed:', '', markdown_table(table)] if table else []
+
+
+def _students_vs_teacher(distill: Sequence[Dict[str, str]], rows: Sequence[Dict[str, str]]) -> List[str]:
+    """ The "lighter student" question: each student and distillation mode over its seeds, against the teacher's
+    test top-1 and GMACs. """
+    teacher = next((r for r in rows if r['run'] == TEACHER_RUN.name), None)
+    if teacher is None or _float(teacher, 'top1_test') is None:
+        return []
+    table = []
+    for model in dict.fromkeys(r['model'] for r in distill):
+        for mode in ('', 'hard', 'soft'):
+            runs = [r for r in distill if r['model'] == model and r['distill'] == mode
+                    and _float(r, 'top1_test') is not None]
+            if not runs:
+                continue
+            top1 = [_float(r, 'top1_test') for r in runs]
+            table.append({'student': model, 'distillation': mode or 'none', 'seeds': ' '.join(r['seed'] for r in runs),
+                          'test top-1': mean_std(top1),
+                          'vs teacher (pt)': f'{statistics.mean(top1) - _float(teacher, "top1_test"):+.2f}',
+                          'GMACs / teacher\'s': f'{_float(runs[0], "gmacs") / _float(teacher, "gmacs"):.2f}'})
+    return [f'Students against the teacher ({TEACHER_MODEL}, test top-1 {teacher["top1_test"]}, {teacher["gmacs"]} '
+            f'GMACs):', '', markdown_table(table)] if table else []
 
 
 def _time_to_deit(main: Sequence[Dict[str, str]], speed: Dict[str, float]) -> List[str]:
@@ -472,8 +500,8 @@ def main() -> None:
         p.add_argument('--threads', type=int, default=1, help='torch threads of the training process')
         p.add_argument('--only', nargs='+', default=None, help='groups (main, teacher, distill, ablation) or runs')
     p = sub.add_parser('report', help='re-render README.md and the plots from runs.csv')
-    p.add_argument('--compare-csv', type=Path, default=None,
-                   help='`timm-hybrid compare` CSV with train_img_s of the micro models (time columns)')
+    p.add_argument('--compare-csv', type=Path, default=COMPARE_CSV,
+                   help='`timm-hybrid compare` CSV with the micro models\' training img/s (time columns; default: %(default)s)')
     sub.add_parser('list', help='planned runs and whether they are recorded')
     sub.add_parser('export-teacher', help=f'(re-)write {TEACHER_EXPORT.relative_to(REPO)} from the teacher run')
     sub.add_parser('carry', help=f'copy unfinished runs\' checkpoints to {STUDY.carried.relative_to(REPO)}')
