@@ -501,7 +501,8 @@ def main() -> None:
         p.add_argument('--only', nargs='+', default=None, help='groups (main, teacher, distill, ablation) or runs')
     p = sub.add_parser('report', help='re-render README.md and the plots from runs.csv')
     p.add_argument('--compare-csv', type=Path, default=COMPARE_CSV,
-                   help='`timm-hybrid compare` CSV with the micro models\' training img/s (time columns; default: %(default)s)')
+                   help='`timm-hybrid compare` CSV with the micro models\' training img/s (the time columns; '
+                        'default: %(default)s)')
     sub.add_parser('list', help='planned runs and whether they are recorded')
     sub.add_parser('export-teacher', help=f'(re-)write {TEACHER_EXPORT.relative_to(REPO)} from the teacher run')
     sub.add_parser('carry', help=f'copy unfinished runs\' checkpoints to {STUDY.carried.relative_to(REPO)}')
