@@ -264,3 +264,16 @@ def test_publish_ships_the_best_validation_run_whose_folder_reproduces_its_card_
     with pytest.raises(RuntimeError, match='more than 0.1 pt from the recorded'):
         fmnist_micro_study.publish()
     assert (folder / 'README.md').read_text() == card
+
+
+def test_students_are_set_against_the_teacher_per_distillation_mode():
+    rows = [dict(run=fmnist_micro_study.TEACHER_RUN.name, top1_test='88.00', gmacs='0.04')]
+    distill = [dict(run=f'cnt_distilled-10pct-s{seed}-{mode or "nodistill"}', model='cnt_micro_distilled_patch4_28',
+                    distill=mode, seed=str(seed), top1_test=str(top1), gmacs='0.01')
+               for seed, mode, top1 in ((0, '', 85.), (1, '', 86.), (0, 'hard', 87.5))]
+    lines = fmnist_micro_study._students_vs_teacher(distill, rows + distill)
+    assert lines[0].startswith('Students against the teacher (resnet18, test top-1 88.00, 0.04 GMACs)')
+    table = lines[-1].splitlines()
+    assert table[-2].endswith('| none | 0 1 | 85.50 ± 0.71 (n=2) | -2.50 | 0.25 |')
+    assert table[-1].endswith('| hard | 0 | 87.50 (n=1) | -0.50 | 0.25 |')
+    assert fmnist_micro_study._students_vs_teacher(distill, distill) == []  # no teacher run recorded: no table
