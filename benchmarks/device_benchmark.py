@@ -5,11 +5,12 @@
     python benchmarks/device_benchmark.py --models cnt_nano_patch7_28 tnt_nano_patch7_28 \\
         --reference deit_nano_patch7_28 --output /tmp/smoke   # a quick check that it runs
 
-On a GPU: bf16 autocast, batch 256 (timm's benchmark.py `--amp --amp-dtype bfloat16 -b 256`), 20 timed steps after
-5 warm-up ones. On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size group is timed
-interleaved with the DeiT of its size (the hybrid families with DeiT-S), so every `x DeiT` ratio comes from shared
-rounds. Writes, through `timm_hybrid.compare`: `<size>.csv/.md/.json/.png` per group (compare_models), and
-`benchmark.csv/.md/.json` (all models, ratios to the DeiT of their size) with `speed_vs_gmacs.png`.
+On a GPU: bf16 autocast, batch 256 (timm's benchmark.py `--amp --amp-dtype bfloat16 -b 256`), 20 timed steps after 5
+warm-up ones, and the S group with GPU_VARIANTS (the alternatives to two GPU-only choices). On a CPU: float32, batch
+32, 7 repeats, `free_cpu_threads()` threads. Each size group is timed interleaved with the DeiT of its size (the
+hybrid families with DeiT-S), so every `x DeiT` ratio comes from shared rounds. Writes, through `timm_hybrid.compare`:
+`<size>.csv/.md/.json/.png` per group (compare_models), and `benchmark.csv/.md/.json` (all models, ratios to the DeiT
+of their size) with `speed_vs_gmacs.png`.
 """
 import argparse
 import re
@@ -30,6 +31,10 @@ SIZE_GROUPS = {
            'transcnn_small', 'hatnet_small', 'refiner_vit_small_patch16_224'), 'deit_small_patch16_224'),
     'b': (('cnt_b_patch16_224', 'tnt_b_patch16_224', 'deit_base_patch16_224'), 'deit_base_patch16_224'),
 }
+# On a GPU the S group also times the settings that the models pick there by reasoning, not yet by a measurement,
+# against the alternative (model specs, same rounds): CNT's inner block as GEMMs (`inner_impl='auto'`) vs as
+# convolutions; Refiner's refinement on channels-last maps (cuDNN's depthwise conv) vs NCHW ones.
+GPU_VARIANTS = {'s': ('cnt_s_patch16_224:inner_impl=conv', 'refiner_vit_small_patch16_224:refine_channels_last=False')}
 
 
 def device_settings(args: argparse.Namespace) -> SpeedSettings:
@@ -69,7 +74,9 @@ def main() -> None:
 
     settings = device_settings(args)
     out = args.output or RESULTS / device_folder_name(settings)
-    groups = {'models': (args.models, args.reference)} if args.models else {s: SIZE_GROUPS[s] for s in args.sizes}
+    groups = {'models': (args.models, args.reference)} if args.models else {
+        s: (SIZE_GROUPS[s][0] + (GPU_VARIANTS.get(s, ()) if settings.on_gpu else ()), SIZE_GROUPS[s][1])
+        for s in args.sizes}
     progress = Progress()
     rows = []
     for stem, (names, reference) in groups.items():

@@ -161,6 +161,38 @@ def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
     torch.testing.assert_close(buf1, buf0, rtol=1e-10, atol=1e-13)
 
 
+def test_channels_last_refinement_equals_the_default_train_eval_and_folded():
+    """ refine_channels_last (the default on CUDA, where it sends the depthwise conv to cuDNN): the refiners' convs
+    run on channels-last maps, with the logits, every gradient and the running stats of the NCHW path, in a training
+    step on the whole batch, in eval and after `reparameterize` folds the norms. """
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for channels_last in (False, True):
+        model = _tiny(cpu_chunk=0, refine_channels_last=channels_last).double().train()
+        layouts = []
+        for blk, refine in zip(model.blocks, model.refiner_blocks):
+            if refine:
+                blk.attn.refine.conv_dw.conv.register_forward_pre_hook(lambda m, args: layouts.append(
+                    args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+        out = model(x)
+        out.square().mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+            timm.utils.reparameterize_model(model, inplace=True)
+            folded = model(x)
+        assert set(layouts) == {channels_last}
+        results.append((out.detach(), grads, dict(model.named_buffers()), logits, folded))
+    (out0, grads0, buf0, eval0, fold0), (out1, grads1, buf1, eval1, fold1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads1, grads0, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(buf1, buf0, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(eval1, eval0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fold1, eval0, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(fold0, eval0, rtol=1e-8, atol=1e-10)
+
+
 def test_batchnorm_eval_independent_of_batch():
     model = _tiny().eval()
     x = torch.randn(3, 3, 32, 32)

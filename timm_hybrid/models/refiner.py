@@ -52,6 +52,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from timm.layers import (
     ConvNormAct, DropPath, LayerScale, Mlp, calculate_drop_path_rates, get_act_layer, get_norm_layer,
@@ -204,6 +205,14 @@ class AttentionRefiner(nn.Module):
     multiply-adds 1368 ms (17 eager passes over the expanded maps). So the plain convs stay. The ReLU6 and the
     refined map's BatchNorm each need the statistics of a whole map before anything after them can start, so in
     training nothing between the three convs folds; at eval everything linear folds (`reparameterize`).
+
+    `channels_last` (None: on CUDA tensors) runs the three convs on a channels-last copy of the maps. PyTorch's CUDA
+    convolution sends every channels-last depthwise convolution to cuDNN; an NCHW one goes to cuDNN only in fp16
+    (by a table of shapes), so in bf16 or fp32 it runs PyTorch's own depthwise kernels, whose weight gradient gives
+    each of the kernel's weights (324 for Refiner-S's 36 maps) a thread block of its own, reducing batch x N x N
+    values: the likely cause of Refiner-S training at 0.04x DeiT-S on an H100 in bf16. Not yet measured on a GPU:
+    `benchmarks/device_benchmark.py` times both settings. On CPU the NCHW convs measured faster (above), and a CPU
+    training step takes the chunked path, which runs NCHW whatever this says.
     """
 
     def __init__(
@@ -213,10 +222,12 @@ class AttentionRefiner(nn.Module):
             kernel_size: int = 3,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU6,
+            channels_last: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
         super().__init__()
+        self.channels_last = channels_last
         hidden = num_heads * expand_ratio
         conv_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, device=device, dtype=dtype)
         self.expand = ConvNormAct(num_heads, hidden, 1, **conv_kwargs)
@@ -225,11 +236,21 @@ class AttentionRefiner(nn.Module):
         self.register_buffer('shortcut_scale', None, persistent=False)
 
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        refined = self.reduce(self.conv_dw(self.expand(attn)))  # (B, H, N, N) -> (B, eH, N, N) -> (B, H, N, N)
+        maps = attn
+        if not torch.jit.is_scripting() and self._use_channels_last(attn):
+            maps = attn.contiguous(memory_format=torch.channels_last)  # the convs' outputs follow it
+        refined = self.reduce(self.conv_dw(self.expand(maps)))  # (B, H, N, N) -> (B, eH, N, N) -> (B, H, N, N)
         shortcut_scale = self.shortcut_scale
         if shortcut_scale is None:
-            return attn + refined
-        return torch.addcmul(refined, attn, shortcut_scale)
+            return attn + refined  # in attn's (contiguous) layout, which the aggregation's matmul wants
+        # contiguous: a no-op unless the convs ran channels-last, whose layout the aggregation's matmul would copy
+        return torch.addcmul(refined, attn, shortcut_scale).contiguous()
+
+    @torch.jit.unused
+    def _use_channels_last(self, attn: torch.Tensor) -> bool:
+        if self.channels_last is not None:
+            return self.channels_last
+        return not is_fx_symbolic_tracing() and attn.is_cuda  # a traced graph keeps the maps' layout
 
 
 def _fold_norm_into_conv(
@@ -391,6 +412,7 @@ class RefinerAttention(_MapAttention):
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU6,
             cpu_chunk: Optional[int] = None,
+            channels_last: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -400,7 +422,7 @@ class RefinerAttention(_MapAttention):
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
         self.refine = AttentionRefiner(
             num_heads, expand_ratio=expand_ratio, kernel_size=kernel_size, norm_layer=norm_layer,
-            act_layer=act_layer, **dd)
+            act_layer=act_layer, channels_last=channels_last, **dd)
         self.norm = norm_layer(num_heads, **dd)
 
     def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -475,6 +497,7 @@ class Block(nn.Module):
             norm_layer: Type[nn.Module] = nn.LayerNorm,
             refine_norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             refine_act_layer: Type[nn.Module] = nn.ReLU6,
+            refine_channels_last: Optional[bool] = None,
             cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
@@ -488,7 +511,7 @@ class Block(nn.Module):
             self.attn = RefinerAttention(
                 dim, num_heads=num_heads, qkv_bias=qkv_bias, expand_ratio=refine_expand,
                 kernel_size=refine_kernel_size, proj_drop=proj_drop, norm_layer=refine_norm_layer,
-                act_layer=refine_act_layer, cpu_chunk=cpu_chunk, **dd)
+                act_layer=refine_act_layer, cpu_chunk=cpu_chunk, channels_last=refine_channels_last, **dd)
         else:
             self.attn = Attention(
                 dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
@@ -559,6 +582,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             conv_norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
             conv_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             refine_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+            refine_channels_last: Optional[bool] = None,
             cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
@@ -594,6 +618,8 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             conv_norm_layer: Norm of the stem and the refiner convs (default BatchNorm2d).
             conv_act_layer: Stem activation (default ReLU).
             refine_act_layer: Refiner activation (default ReLU6).
+            refine_channels_last: Run the refiners' convs on channels-last maps; None (default): on CUDA, where it
+                sends the depthwise conv to cuDNN (AttentionRefiner). Same outputs either way.
             cpu_chunk: On CPU, run a batch this many images at a time where the attention maps are large: the
                 whole forward in eval, the refinements in a training step (batch statistics over the whole batch).
                 None: as many as keep the expanded maps one op touches below 24 MiB (EVAL_MAPS_PER_OP,
@@ -647,7 +673,8 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
                 refine_expand=refine_expand, refine_kernel_size=refine_kernel_size, init_values=init_values,
                 branch_gain=branch_gain, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
                 act_layer=act_layer, norm_layer=norm_layer, refine_norm_layer=conv_norm_layer,
-                refine_act_layer=refine_act_layer, cpu_chunk=self.cpu_chunk, **dd)
+                refine_act_layer=refine_act_layer, refine_channels_last=refine_channels_last, cpu_chunk=self.cpu_chunk,
+                **dd)
             for i in range(depth)])
         self._init_head(norm_layer, drop_rate, reduction=max(self.patch_embed.patch_size), **dd)
         # token labelling's per-patch head of the released large model
