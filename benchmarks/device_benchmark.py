@@ -15,6 +15,7 @@ of their size) with `speed_vs_gmacs.png`.
 import argparse
 import re
 from pathlib import Path
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -35,6 +36,11 @@ SIZE_GROUPS = {
 # against the alternative (model specs, same rounds): CNT's inner block as GEMMs (`inner_impl='auto'`) vs as
 # convolutions; Refiner's refinement on channels-last maps (cuDNN's depthwise conv) vs NCHW ones.
 GPU_VARIANTS = {'s': ('cnt_s_patch16_224:inner_impl=conv', 'refiner_vit_small_patch16_224:refine_channels_last=False')}
+
+
+def size_groups(sizes: Sequence[str], on_gpu: bool) -> Dict[str, Tuple[Tuple[str, ...], str]]:
+    """ The size groups to time, {size: (models, their DeiT)}; on a GPU with the GPU_VARIANTS of each. """
+    return {s: (SIZE_GROUPS[s][0] + (GPU_VARIANTS.get(s, ()) if on_gpu else ()), SIZE_GROUPS[s][1]) for s in sizes}
 
 
 def device_settings(args: argparse.Namespace) -> SpeedSettings:
@@ -74,9 +80,7 @@ def main() -> None:
 
     settings = device_settings(args)
     out = args.output or RESULTS / device_folder_name(settings)
-    groups = {'models': (args.models, args.reference)} if args.models else {
-        s: (SIZE_GROUPS[s][0] + (GPU_VARIANTS.get(s, ()) if settings.on_gpu else ()), SIZE_GROUPS[s][1])
-        for s in args.sizes}
+    groups = {'models': (args.models, args.reference)} if args.models else size_groups(args.sizes, settings.on_gpu)
     progress = Progress()
     rows = []
     for stem, (names, reference) in groups.items():

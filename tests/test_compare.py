@@ -1,6 +1,8 @@
 """ timm_hybrid.compare: settings, threads, spread, token counts, the one result writer, AMP / channels-last steps. """
 import csv
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -132,3 +134,19 @@ def test_resolution_sweep_counts_tokens_from_the_model(tmp_path):
     assert [(r['infer_img_size'], r['tokens']) for r in rows] == [(28, 16), (56, 64)]
     assert rows[1]['infer_gmacs'] > 3 * rows[0]['infer_gmacs']
     assert {p.name for p in tmp_path.iterdir()} == {f'resolution.{s}' for s in ('csv', 'md', 'json', 'png')}
+
+
+def test_device_benchmark_times_the_gpu_only_choices_against_their_alternatives_on_a_gpu():
+    """ benchmarks/device_benchmark.py: on a GPU the S group adds the alternatives of the two settings the models
+    choose there unmeasured (CNT's GEMM inner block, Refiner's channels-last refinement); on a CPU it does not. """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    import device_benchmark
+    cpu = device_benchmark.size_groups(['ti', 's'], on_gpu=False)
+    gpu = device_benchmark.size_groups(['ti', 's'], on_gpu=True)
+    assert cpu == {s: device_benchmark.SIZE_GROUPS[s] for s in ('ti', 's')}
+    assert gpu['ti'] == cpu['ti'] and gpu['s'][1] == 'deit_small_patch16_224'
+    added = gpu['s'][0][len(cpu['s'][0]):]
+    assert gpu['s'][0][:len(cpu['s'][0])] == cpu['s'][0] and len(added) == 2
+    cnt, refiner = (compare.create_model_spec(spec) for spec in added)
+    assert {blk.inner.impl for blk in cnt.blocks} == {'conv'}
+    assert {blk.attn.refine.channels_last for blk, r in zip(refiner.blocks, refiner.refiner_blocks) if r} == {False}
