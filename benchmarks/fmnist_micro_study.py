@@ -296,7 +296,7 @@ def publish() -> List[str]:
         kept = [r for r in publish_candidates(rows, model) if (STUDY.weights / f'{r["run"]}.safetensors').exists()]
         if kept:
             best[model] = max(kept, key=lambda r: float(r['top1_val']))
-    teacher = recorded_runs(STUDY).get(TEACHER_RUN.name, {})
+    teacher = next((r for r in rows if r['run'] == TEACHER_RUN.name), {})
     done = []
     for model in PUBLISHED_MODELS:
         if model not in best:
@@ -310,9 +310,9 @@ def publish() -> List[str]:
                           f'`{TEACHER_RUN.name}` (test top-1 {teacher.get("top1_test", "?")})')
         candidates = len(publish_candidates(rows, model))
         card = dict(
-            train_command=(f'# --data-dir: prepare_fashion_mnist(ROOT, train_fraction={FRACTIONS[row["data"]]}, '
-                           f'seed=0, validation_per_class={VALIDATION_PER_CLASS}) from timm_hybrid.data\n'
-                           f'{row["command"]}'),
+            train_command=(f'# the --data-dir folder: timm_hybrid.data.prepare_fashion_mnist(ROOT, train_fraction='
+                           f'{FRACTIONS[row["data"]]}, seed=0, validation_per_class={VALIDATION_PER_CLASS}, '
+                           f'eval_split="validation")\n{row["command"]}'),
             compare=[dict(model=f'{other} (published run {b["run"]})', top1=float(b['top1_test']),
                           params=float(b['params_m']), gmacs=float(b['gmacs']), input_size=FASHION_MNIST_INPUT_SIZE)
                      for other, b in best.items() if other != model],
