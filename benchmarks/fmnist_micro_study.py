@@ -400,7 +400,7 @@ def write_report(compare_csv: Optional[Path] = COMPARE_CSV) -> None:
             if group == 'ablation':
                 lines += ['', *_ablation_effects(mine, main)]
             if group == 'distill':
-                lines += ['', *_students_vs_teacher(mine, rows)]
+                lines += ['', *students_vs_teacher(mine, rows)]
     panels = []  # (data, title, {family: [curve of each seed]})
     for data in FRACTIONS:
         series = {f: [read_curve(STUDY, r['run']) for r in main if r['model'] == MODELS[f] and r['data'] == data]
@@ -440,7 +440,7 @@ def _ablation_effects(ablations: Sequence[Dict[str, str]], main: Sequence[Dict[s
             'seed:', '', markdown_table(table)] if table else []
 
 
-def _students_vs_teacher(distill: Sequence[Dict[str, str]], rows: Sequence[Dict[str, str]]) -> List[str]:
+def students_vs_teacher(distill: Sequence[Dict[str, str]], rows: Sequence[Dict[str, str]]) -> List[str]:
     """ The "lighter student" question: each student and distillation mode over its seeds, against the teacher's
     test top-1 and GMACs. """
     teacher = next((r for r in rows if r['run'] == TEACHER_RUN.name), None)

@@ -271,9 +271,9 @@ def test_students_are_set_against_the_teacher_per_distillation_mode():
     distill = [dict(run=f'cnt_distilled-10pct-s{seed}-{mode or "nodistill"}', model='cnt_micro_distilled_patch4_28',
                     distill=mode, seed=str(seed), top1_test=str(top1), gmacs='0.01')
                for seed, mode, top1 in ((0, '', 85.), (1, '', 86.), (0, 'hard', 87.5))]
-    lines = fmnist_micro_study._students_vs_teacher(distill, rows + distill)
+    lines = fmnist_micro_study.students_vs_teacher(distill, rows + distill)
     assert lines[0].startswith('Students against the teacher (resnet18, test top-1 88.00, 0.04 GMACs)')
     table = lines[-1].splitlines()
     assert table[-2].endswith('| none | 0 1 | 85.50 ± 0.71 (n=2) | -2.50 | 0.25 |')
     assert table[-1].endswith('| hard | 0 | 87.50 (n=1) | -0.50 | 0.25 |')
-    assert fmnist_micro_study._students_vs_teacher(distill, distill) == []  # no teacher run recorded: no table
+    assert fmnist_micro_study.students_vs_teacher(distill, distill) == []  # no teacher run recorded: no table
