@@ -293,7 +293,7 @@ def publish() -> List[str]:
     rows = list(recorded_runs(STUDY).values())
     best = {}
     for model in PUBLISHED_MODELS:
-        kept = [r for r in publish_candidates(rows, model) if (STUDY.weights / f'{r["run"]}.safetensors').exists()]
+        kept = [r for r in publish_candidates(rows, model) if STUDY.weights_file(r['run']).exists()]
         if kept:
             best[model] = max(kept, key=lambda r: float(r['top1_val']))
     teacher = next((r for r in rows if r['run'] == TEACHER_RUN.name), {})
@@ -328,7 +328,7 @@ def publish() -> List[str]:
             curves = Path(scratch) / 'curves.png'
             _card_curves(curves, row, rows)
             out = PACKAGED_WEIGHTS_DIR / f'{model}.fmnist'
-            measured = publish_weights(f'{model}.fmnist', STUDY.weights / f'{row["run"]}.safetensors', out, card,
+            measured = publish_weights(f'{model}.fmnist', STUDY.weights_file(row['run']), out, card,
                                        data_root('100pct', 'test'), float(row['top1_test']), PUBLISH_TOLERANCE,
                                        curves_png=curves)
         shown = out.relative_to(REPO) if out.is_relative_to(REPO) else out
@@ -527,7 +527,7 @@ def main() -> None:
         print(f'carried {len(carried)} unfinished runs to {STUDY.carried}: {" ".join(carried) or "-"}')
         done = recorded_runs(STUDY)
         kept = [r.name for r in planned_runs() if r.name in done and keeps_weights(r)
-                and not (STUDY.weights / f'{r.name}.safetensors').exists() and keep_final_weights(STUDY, r)]
+                and not STUDY.weights_file(r.name).exists() and keep_final_weights(STUDY, r)]
         print(f'kept the final weights of {len(kept)} finished runs in {STUDY.weights}: {" ".join(kept) or "-"}')
     elif args.command == 'publish':
         print('\n'.join(publish()))

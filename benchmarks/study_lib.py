@@ -69,6 +69,10 @@ class Study:
         """ Finished runs' final weights (`keep_final_weights`): what `.fmnist` tags are later published from. """
         return self.results / 'weights'
 
+    def weights_file(self, run_name: str) -> Path:
+        """ The kept final weights of run `run_name` (written by `keep_final_weights`, read by the publishers). """
+        return self.weights / f'{run_name}.safetensors'
+
     @property
     def carried(self) -> Path:
         """ Unfinished runs' last checkpoints, kept with the results (`carry_unfinished`): a machine's work dir does
@@ -298,7 +302,7 @@ def keep_final_weights(study: Study, run: Run) -> Optional[Path]:
     if not checkpoint.exists():
         return None
     study.weights.mkdir(parents=True, exist_ok=True)
-    target = study.weights / f'{run.name}.safetensors'
+    target = study.weights_file(run.name)
     save_file({k: v.contiguous() for k, v in read_checkpoint(checkpoint).items()}, str(target),
               metadata={'run': run.name, 'model': run.model, 'model_kwargs': ' '.join(run.model_kwargs)})
     return target

@@ -234,7 +234,7 @@ def test_publish_ships_the_best_validation_run_whose_folder_reproduces_its_card_
     for name, data, val in (('cnt-100pct-s0', '100pct', 50.), ('cnt-100pct-s1', '100pct', 60.),
                             ('cnt-10pct-s0', '10pct', 70.)):
         model = models[name] = timm.create_model('cnt_micro_patch4_28').eval()
-        save_file(model.state_dict(), str(study.weights / f'{name}.safetensors'))
+        save_file(model.state_dict(), str(study.weights_file(name)))
         # a real measurement only where it is checked (a 10000-image pass costs ~15 s)
         test_top1[name] = round(evaluate_fashion_mnist(model, root)['top1'], 2) if name == 'cnt-100pct-s1' else 10.
         study_lib.write_rows(study.curves / f'{name}.csv', [

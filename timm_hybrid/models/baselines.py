@@ -70,9 +70,10 @@ def packaged_weights(arch: str, tag: str = 'fmnist') -> Dict[str, str]:
     published copy (`timm.create_model('hf-hub:...')`). Nothing while the package holds no folder for the tag (a
     study has not exported it yet): such a tag has no source, and `pretrained=True` says that no weights exist. """
     name = f'{arch}.{tag}'
-    if not (PACKAGED_WEIGHTS_DIR / name / 'model.safetensors').is_file():
+    file = PACKAGED_WEIGHTS_DIR / name / 'model.safetensors'
+    if not file.is_file():
         return {}
-    return dict(file=str(PACKAGED_WEIGHTS_DIR / name / 'model.safetensors'), hf_hub_id=f'timm-hybrid/{name}')
+    return dict(file=str(file), hf_hub_id=f'timm-hybrid/{name}')
 
 
 _TNT_CFG = dict(first_conv='pixel_embed.proj', classifier='head', paper_ids='arXiv:2103.00112',
