@@ -204,14 +204,35 @@ def test_recomputed_pixel_path_gives_the_same_step_with_less_saved(inner_block):
         grads = {n: p.grad for n, p in model.named_parameters()}
         return sum(saved), out, grads, {k: v for k, v in model.state_dict().items() if 'running' in k}
 
-    saved_r, out_r, grads_r, stats_r = saved_bytes_and_step(True)
+    saved_r, out_r, grads_r, stats_r = saved_bytes_and_step(None)  # the default recomputes on CPU
     saved_k, out_k, grads_k, stats_k = saved_bytes_and_step(False)
+    assert saved_bytes_and_step(True)[0] == saved_r
     assert torch.allclose(out_r, out_k, atol=1e-6)
     for n in grads_k:
         assert torch.allclose(grads_r[n], grads_k[n], atol=1e-6), n
     for k in stats_k:
         assert torch.equal(stats_r[k], stats_k[k]), k
     assert saved_r < 0.8 * saved_k, (saved_r, saved_k)
+
+
+def test_recompute_pixels_default_recomputes_on_cpu_only():
+    """ recompute_pixels=None (the class default, CNT-S's): recompute for CPU tensors, keep the activations on other
+    devices (a meta tensor stands in for an accelerator's); an explicit True / False holds everywhere; never in eval or
+    without grad. """
+    model = _small_cnt().train()
+    assert model.blocks[0].recompute_pixels is None
+    assert timm.create_model('cnt_ti_patch16_224').blocks[0].recompute_pixels is False
+    block = model.blocks[0]
+    on = {device: torch.zeros(2, 16, 8, device=device, requires_grad=True) for device in ('cpu', 'meta')}
+    for setting, expected in ((None, {'cpu': True, 'meta': False}), (True, {'cpu': True, 'meta': True}),
+                              (False, {'cpu': False, 'meta': False})):
+        block.recompute_pixels = setting
+        assert {d: block._recomputed(x) for d, x in on.items()} == expected, setting
+    assert not block._recomputed(on['cpu'].detach())
+    with torch.no_grad():
+        assert not block._recomputed(on['cpu'])
+    block.recompute_pixels = True
+    assert not block.eval()._recomputed(on['cpu'])
 
 
 @pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])

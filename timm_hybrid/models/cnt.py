@@ -345,8 +345,11 @@ class Block(nn.Module):
     once). Its activations are the bulk of what CNT holds beyond DeiT: at CNT-S shapes about 5 pixel-stream tensors
     and a patch-width one per block. The pixel path is ~12% of the step's multiply-adds: on CPU (batch 32) the
     recompute cost CNT-S nothing measurable (the page faults of the kept activations cost as much) and CNT-Ti about 5%
-    of a step, so cnt_ti keeps them (`recompute_pixels=False`); figures in the README. torch.compile, FX and
-    TorchScript run the plain path (inductor plans its own recomputation).
+    of a step, so cnt_ti keeps them (`recompute_pixels=False`); figures in the README. None (the default) recomputes
+    on CPU tensors only: on an accelerator there are no page faults to save, so the recompute would be extra
+    arithmetic and kernel launches (reasoned, not yet measured: `benchmarks/device_benchmark.py` times
+    `recompute_pixels=True` beside it on a GPU). torch.compile, FX and TorchScript run the plain path (inductor plans
+    its own recomputation).
     """
 
     def __init__(
@@ -364,7 +367,7 @@ class Block(nn.Module):
             drop_path: float = 0.,  # the inner block's and the outer transformer's alike
             act_layer: Type[nn.Module] = nn.GELU,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
-            recompute_pixels: bool = True,
+            recompute_pixels: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -394,7 +397,11 @@ class Block(nn.Module):
         # the tracers first: a traced tensor's requires_grad cannot steer Python control flow
         if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return False
-        return self.recompute_pixels and self.training and torch.is_grad_enabled() and pixel_embed.requires_grad
+        if not (self.training and torch.is_grad_enabled() and pixel_embed.requires_grad):
+            return False
+        if self.recompute_pixels is None:
+            return pixel_embed.device.type == 'cpu'
+        return self.recompute_pixels
 
     @torch.jit.unused
     def _pixel_path_recomputed(
@@ -484,7 +491,7 @@ class CNT(TokenClassifierMixin, nn.Module):
             norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
             act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             zero_init_last: bool = True,
-            recompute_pixels: bool = True,
+            recompute_pixels: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -526,7 +533,8 @@ class CNT(TokenClassifierMixin, nn.Module):
                 starts close to identity.
             recompute_pixels: In eager training, recompute each block's pixel path in backward instead of keeping
                 its activations (same outputs and gradients; see Block). False keeps them: CNT-S then needs
-                1.22x DeiT-S's training-step memory instead of 1.05-1.09x (batch 32, CPU).
+                1.22x DeiT-S's training-step memory instead of 1.05-1.09x (batch 32, CPU). None (default): recompute
+                on CPU, keep on accelerators.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -886,7 +894,7 @@ def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False,
 
 # CNT-Ti keeps its pixel path's activations for backward: recomputing them cost about 5% of a CPU training step
 # (0.80x vs 0.85x DeiT-Ti) for 1.09x instead of 1.28x DeiT-Ti's training memory (README); CNT-S, whose kept
-# activations cost as much in page faults as the recompute costs, recomputes (the class default)
+# activations cost as much in page faults as the recompute costs, recomputes on CPU (the class default)
 _CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3, recompute_pixels=False)
 _CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=16, depth=12, num_heads=6)
 _CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10)
