@@ -6,7 +6,7 @@
         --reference deit_nano_patch7_28 --output /tmp/smoke   # a quick check that it runs
 
 On a GPU: bf16 autocast, batch 256 (timm's benchmark.py `--amp --amp-dtype bfloat16 -b 256`), 20 timed steps after 5
-warm-up ones, and the S group with GPU_VARIANTS (the alternatives to three GPU-only choices). On a CPU: float32, batch
+warm-up ones, and the S group with GPU_VARIANTS (the alternatives to four choices made for GPUs unmeasured). On a CPU: float32, batch
 32, 7 repeats, `free_cpu_threads()` threads. Each size group is timed interleaved with the DeiT of its size (the
 hybrid families with DeiT-S), so every `x DeiT` ratio comes from shared rounds. Writes, through `timm_hybrid.compare`:
 `<size>.csv/.md/.json/.png` per group (compare_models), and `benchmark.csv/.md/.json` (all models, ratios to the DeiT
@@ -35,9 +35,10 @@ SIZE_GROUPS = {
 # On a GPU the S group also times the settings that the models pick there by reasoning, not yet by a measurement,
 # against the alternative (model specs, same rounds): CNT's inner block as GEMMs (`inner_impl='auto'`) vs as
 # convolutions; CNT's pixel path kept for backward (`recompute_pixels=None`) vs recomputed; Refiner's refinement on
-# channels-last maps (cuDNN's depthwise conv) vs NCHW ones.
+# channels-last maps (cuDNN's depthwise conv) vs NCHW ones; HAT-Net's maps channels-last through its layout-keeping
+# GroupNorms vs NCHW.
 GPU_VARIANTS = {'s': ('cnt_s_patch16_224:inner_impl=conv', 'cnt_s_patch16_224:recompute_pixels=True',
-                      'refiner_vit_small_patch16_224:refine_channels_last=False')}
+                      'refiner_vit_small_patch16_224:refine_channels_last=False', 'hatnet_small:channels_last=False')}
 
 
 def size_groups(sizes: Sequence[str], on_gpu: bool) -> Dict[str, Tuple[Tuple[str, ...], str]]:

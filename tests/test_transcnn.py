@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
+from timm.layers import GroupNorm1
 from timm.models._features_fx import create_feature_extractor
 
 from timm_hybrid import count_flops  # importing timm_hybrid registers the models
+from timm_hybrid.models import transcnn
 from timm_hybrid.models.transcnn import avg_pool_partial, checkpoint_filter_fn, window_attention
 
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -93,6 +95,62 @@ def test_channels_last_fast_path_equals_plain_nchw(name, size, train):
     assert (out_fast - out_plain).abs().max() < 1e-5
     assert max((grads_fast[n] - grads_plain[n]).abs().max() for n in grads_plain) < 1e-5
     assert fast.forward_features(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_norm_keeps_channels_last_maps_on_every_device_and_equals_timms():
+    """ HAT-Net's GroupNorm(1): aten's group_norm returns a channels-last map NCHW on any device but the CPU (the meta
+    device runs the same code as CUDA); the layer-norm form keeps it channels-last with the same values and gradients
+    (float64) as timm's GroupNorm1, and HAT-Net builds every norm, the stem's and downsampling's too, from it. """
+    norm = transcnn.LayoutKeepingGroupNorm1(12, eps=1e-6).double()
+    timm_norm = GroupNorm1(12, eps=1e-6).double()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    timm_norm.load_state_dict(norm.state_dict())
+    x = torch.randn(3, 12, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ours = transcnn.group_norm1_channels_last(x, norm.weight, norm.bias, norm.eps)
+    reference = timm_norm(x)
+    assert ours.is_contiguous(memory_format=torch.channels_last) and not ours.is_contiguous()
+    upstream = torch.randn_like(reference)
+    grads = torch.autograd.grad(ours, (x, norm.weight, norm.bias), upstream)
+    expected = torch.autograd.grad(reference, (x, timm_norm.weight, timm_norm.bias), upstream)
+    assert (ours - reference).abs().max() < 1e-12
+    assert max((g - e).abs().max() for g, e in zip(grads, expected)) < 1e-12
+
+    on_meta = torch.empty(2, 12, 5, 7, device='meta').contiguous(memory_format=torch.channels_last)
+    assert GroupNorm1(12).to('meta')(on_meta).is_contiguous()  # aten: NCHW out
+    for layer in (transcnn.LayoutKeepingGroupNorm1, transcnn.LayoutKeepingGroupNorm1Act):
+        assert layer(12, device='meta')(on_meta).is_contiguous(memory_format=torch.channels_last)
+        assert layer(12)(torch.randn(2, 12, 5, 7)).is_contiguous()  # an NCHW map stays NCHW
+
+    model = _small('hatnet_tiny')
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert {type(m) for m in norms} == {transcnn.LayoutKeepingGroupNorm1, transcnn.LayoutKeepingGroupNorm1Act}
+    assert {m.eps for m in norms} == {1e-6}
+    assert isinstance(model.stem[0].bn.act, torch.nn.SiLU) and isinstance(model.stages[1].downsample.conv.bn.act,
+                                                                        torch.nn.Identity)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_hatnet_with_every_norm_on_the_channels_last_path_equals_the_default(train, monkeypatch):
+    """ The whole model with each GroupNorm taking the layer-norm form (as on a GPU; forced here on CPU): the same
+    logits and gradients as aten's group_norm, and the maps stay channels-last to the end. """
+    torch.manual_seed(0)
+    model = _small('hatnet_tiny').double().train(train)
+    x = torch.randn(ODD_SIZE, dtype=torch.float64)
+    out, grads = _logits_and_grads(model, x)
+    taken = []
+
+    def on_gpu_path(t):
+        moves = t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+        taken.append(moves)
+        return moves
+    monkeypatch.setattr(transcnn, 'moves_layout_in_group_norm', on_gpu_path)
+    torch.manual_seed(0)
+    out_cl, grads_cl = _logits_and_grads(model, x)
+    assert taken and all(taken)
+    assert (out_cl - out).abs().max() < 1e-10
+    assert max((grads_cl[n] - grads[n]).abs().max() for n in grads) < 1e-10
+    assert model.forward_features(x).is_contiguous(memory_format=torch.channels_last)
 
 
 def _window_attention_loop(qkv: torch.Tensor, heads: int, ws: int) -> torch.Tensor:

@@ -41,18 +41,83 @@ from torch.jit import Final
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     ClassifierHead, ConvNormAct, DropPath, _assert, calculate_drop_path_rates, create_act_layer, create_conv2d,
-    get_act_layer, get_norm_layer, register_notrace_function, trunc_normal_, use_fused_attn,
+    GroupNorm1, GroupNorm1Act, get_act_layer, get_norm_layer, register_notrace_function, trunc_normal_, use_fused_attn,
 )
 from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._features import feature_take_indices
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ._common import (
     build_with_official_weights, check_image_batch, check_int, check_ints, check_loaded_share, check_positive,
     check_rate, checkpoint_keeping_bn_stats, cpu_chunk_size, describe_layout, prune_sequence, unwrap_checkpoint,
 )
 
-__all__ = ['TransCNN', 'checkpoint_filter_fn']
+__all__ = ['LayoutKeepingGroupNorm1', 'LayoutKeepingGroupNorm1Act', 'TransCNN', 'checkpoint_filter_fn']
+
+
+@torch.jit.unused
+def moves_layout_in_group_norm(x: torch.Tensor) -> bool:
+    """ Whether aten's group_norm would hand `x` back in another layout: a channels-last 4-D map on any device but
+    the CPU (there it keeps the layout; elsewhere it copies the map to NCHW and returns NCHW). False while FX traces
+    (a traced tensor's device cannot steer Python control flow). """
+    if is_fx_symbolic_tracing():
+        return False
+    return (x.device.type != 'cpu' and x.ndim == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+@torch.jit.unused
+def group_norm1_channels_last(
+        x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """ GroupNorm with one group of a channels-last (B, C, H, W) map, returned channels-last.
+
+    One group normalises over all of C, H, W, whose order does not matter: a layer norm over the (B, H, W, C) view of
+    the map is the same norm, computed in the map's own memory in one kernel, the per-channel affine as its (H, W, C)
+    weight and bias.
+    """
+    hwc = (x.shape[2], x.shape[3], x.shape[1])
+    weight = None if weight is None else weight.expand(hwc)
+    bias = None if bias is None else bias.expand(hwc)
+    return F.layer_norm(x.permute(0, 2, 3, 1), hwc, weight, bias, eps).permute(0, 3, 1, 2)
+
+
+def group_norm1(
+        x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """ GroupNorm with one group, in the layout the map came in (`group_norm1_channels_last` where aten would change
+    it, aten's group_norm elsewhere and in TorchScript). """
+    if torch.jit.is_scripting() or not moves_layout_in_group_norm(x):
+        return F.group_norm(x, 1, weight, bias, eps)
+    return group_norm1_channels_last(x, weight, bias, eps)
+
+
+class LayoutKeepingGroupNorm1(GroupNorm1):
+    """ timm's GroupNorm1, HAT-Net's norm, returning a channels-last map channels-last on every device.
+
+    aten's group_norm keeps a channels-last map's layout on CPU only; on a GPU it copies the map to NCHW and returns
+    NCHW. HAT-Net has five such norms a block, so on a GPU its maps ran NCHW after the first, and each FFN's depthwise
+    conv ran PyTorch's own NCHW depthwise kernels instead of cuDNN's (which a depthwise conv gets for channels-last
+    maps, for NCHW ones in fp16 only). Here such a map goes through `group_norm1_channels_last`; CPU, TorchScript and
+    FX run aten's group_norm as timm does (timm's optional fast-norm kernels are not used). The parameters are timm's
+    (weight, bias): checkpoints do not change.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm1(x, self.weight, self.bias, self.eps)
+
+
+class LayoutKeepingGroupNorm1Act(GroupNorm1Act):
+    """ timm's GroupNorm1Act (the norm + act of HAT-Net's stem and downsampling convs, in ConvNormAct) keeping a
+    channels-last map channels-last on every device, as LayoutKeepingGroupNorm1. """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(group_norm1(x, self.weight, self.bias, self.eps)))
+
+
+def layout_keeping_group_norm1_act(num_channels: int, **kwargs) -> LayoutKeepingGroupNorm1Act:
+    """ LayoutKeepingGroupNorm1Act as ConvNormAct's `norm_layer`: timm's `get_norm_act_layer` takes a function as
+    the norm + act layer itself (a class it would look up among its own). Bind `act_layer` (it is not passed on). """
+    return LayoutKeepingGroupNorm1Act(num_channels, **kwargs)
 
 
 def scaled_dot_product(
@@ -341,6 +406,7 @@ class TransCNNStage(nn.Module):
             drop_path: Union[float, List[float]] = 0.,
             act_layer: Type[nn.Module] = nn.SiLU,
             norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            conv_norm_layer: Optional[Callable[..., nn.Module]] = None,  # the downsampling ConvNormAct's; norm_layer
             device=None,
             dtype=None,
             **block_kwargs,
@@ -349,7 +415,8 @@ class TransCNNStage(nn.Module):
         layer_kwargs = dict(act_layer=act_layer, norm_layer=norm_layer, device=device, dtype=dtype)
         self.grad_checkpointing = False
         if downsample:
-            self.downsample = Downsample(in_dim, dim, shortcut=downsample_shortcut, **layer_kwargs)
+            self.downsample = Downsample(
+                in_dim, dim, shortcut=downsample_shortcut, **dict(layer_kwargs, norm_layer=conv_norm_layer or norm_layer))
         else:
             self.downsample = nn.Identity()
         drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
@@ -475,10 +542,14 @@ class TransCNN(nn.Module):
             check_positive('mlp_ratios', ratio)
         check_rate('drop_rate', drop_rate)
         check_rate('drop_path_rate', drop_path_rate)
-        norm_layer = get_norm_layer(norm_layer)
-        if norm_eps is not None:
-            norm_layer = partial(norm_layer, eps=norm_eps)
         act_layer = get_act_layer(act_layer)
+        # conv_norm_layer: what the stem's and downsampling's ConvNormAct make their norm + act from
+        norm_layer = conv_norm_layer = get_norm_layer(norm_layer)
+        if norm_layer is GroupNorm1:  # HAT-Net's: its maps stay channels-last on GPUs as well
+            norm_layer = LayoutKeepingGroupNorm1
+            conv_norm_layer = partial(layout_keeping_group_norm1_act, act_layer=act_layer)
+        if norm_eps is not None:
+            norm_layer, conv_norm_layer = partial(norm_layer, eps=norm_eps), partial(conv_norm_layer, eps=norm_eps)
 
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -492,7 +563,7 @@ class TransCNN(nn.Module):
 
         self.stem = nn.Sequential(
             ConvNormAct(
-                in_chans, stem_chs, 3, stride=2, bias=True, norm_layer=norm_layer, act_layer=act_layer, **dd),
+                in_chans, stem_chs, 3, stride=2, bias=True, norm_layer=conv_norm_layer, act_layer=act_layer, **dd),
             nn.Conv2d(stem_chs, embed_dims[0], 3, stride=2, padding=1, **dd),
         )
 
@@ -517,6 +588,7 @@ class TransCNN(nn.Module):
                 drop_path=dpr[first_block:first_block + depths[i]],
                 act_layer=act_layer,
                 norm_layer=norm_layer,
+                conv_norm_layer=conv_norm_layer,
                 **dd,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f'stages.{i}'))
