@@ -41,8 +41,28 @@ def test_settings_defaults_and_validation():
         SpeedSettings(amp='int8')
     with pytest.raises(ValueError, match='>= 1'):
         SpeedSettings(repeats=0)
+    with pytest.raises(ValueError, match='settle_steps'):
+        SpeedSettings(settle_steps=-1)
     text = SpeedSettings(threads=2, batch_size=4, repeats=5, amp='bf16').describe()
     assert 'threads=2, batch_size=4, repeats=5' in text and 'amp=bf16' in text
+    assert '1 untimed step(s) of the same model before each timed one' in text
+
+
+@pytest.mark.parametrize('settle_steps', [0, 1, 2])
+def test_each_timed_step_follows_untimed_steps_of_the_same_model(settle_steps):
+    """ Rounds rotate the models; within a round each model runs `settle_steps` untimed steps, then its timed one,
+    so a timed step never follows another model's step (unless settle_steps=0). """
+    calls = []
+    models = {n: torch.nn.Linear(3, 2) for n in 'abc'}
+    for n, m in models.items():
+        m.register_forward_hook(lambda *_, n=n: calls.append(n))
+    settings = SpeedSettings(batch_size=2, repeats=3, warmup=1, settle_steps=settle_steps)
+    timings = compare.time_interleaved(models, {n: (3,) for n in models}, settings)
+    assert {n: len(t.seconds) for n, t in timings.items()} == {n: 3 for n in models}
+    per_round = 3 * (1 + settle_steps)
+    rounds = [calls[3 + i * per_round:3 + (i + 1) * per_round] for i in range(3)]  # after the warm-up a, b, c
+    assert calls[:3] == ['a', 'b', 'c'] and len(calls) == 3 + 3 * per_round
+    assert rounds == [[n for n in order for _ in range(1 + settle_steps)] for order in ('abc', 'bca', 'cab')]
 
 
 @pytest.mark.parametrize('name, kwargs, tokens', [

@@ -81,7 +81,8 @@ def _compare(args: argparse.Namespace) -> int:
     try:
         settings = compare.SpeedSettings.defaults(
             full=args.full, device=args.device, batch_size=args.batch_size, repeats=args.repeats,
-            threads=args.threads, amp=args.amp, compile=args.compile or None, channels_last=args.channels_last or None)
+            threads=args.threads, amp=args.amp, compile=args.compile or None, channels_last=args.channels_last or None,
+            settle_steps=args.settle_steps)
     except ValueError as e:
         return _usage_error(e)
     progress = compare.Progress()
@@ -140,6 +141,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--repeats', type=POSITIVE_INT, default=None,
                    help='interleaved timing rounds (default 3, or 7 with --full); short steps such as the 28 px '
                         'models on a shared machine need more for a stable median')
+    p.add_argument('--settle-steps', type=NON_NEGATIVE_INT, default=None,
+                   help='untimed steps of the same model before each timed one (default 1: as in timm\'s '
+                        'benchmark.py, a timed step follows a step of its own model, not another model\'s)')
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -123,6 +123,10 @@ class SpeedSettings:
     compile: bool = False  # torch.compile (inductor)
     channels_last: bool = False
     warmup: int = 1
+    # untimed steps of the same model right before each timed one: timm's benchmark.py times steps that follow steps
+    # of the same model, and a step right after another model's finds the allocator's heap shaped by that model (CPU:
+    # more page faults; in scratch A/B runs CNT-S / DeiT-S training ratios came out 0.03 lower without it)
+    settle_steps: int = 1
 
     @classmethod
     def defaults(cls, full: bool = False, device: str = 'cpu', **overrides) -> 'SpeedSettings':
@@ -141,6 +145,8 @@ class SpeedSettings:
             raise ValueError(f'amp must be one of {sorted(AMP_DTYPES)} or None, not {self.amp!r}')
         if self.repeats < 1 or self.batch_size < 1 or self.threads < 1:
             raise ValueError(f'batch_size, repeats and threads must be >= 1: {self}')
+        if self.warmup < 0 or self.settle_steps < 0:
+            raise ValueError(f'warmup and settle_steps must be >= 0: {self}')
         if torch.device(self.device).type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f'device {self.device!r} asked for, but torch sees no CUDA device')
 
@@ -150,7 +156,8 @@ class SpeedSettings:
 
     def describe(self) -> str:
         return (f'device={self.device}, threads={self.threads}, batch_size={self.batch_size}, repeats={self.repeats} '
-                f'(+{self.warmup} warm-up), amp={self.amp or "off (float32)"}, compile={self.compile}, '
+                f'(+{self.warmup} warm-up; {self.settle_steps} untimed step(s) of the same model before each timed '
+                f'one), amp={self.amp or "off (float32)"}, compile={self.compile}, '
                 f'channels_last={self.channels_last}, torch {torch.__version__}, timm {timm.__version__}')
 
     def autocast(self):
@@ -281,7 +288,8 @@ def time_interleaved(
         progress: Optional[Progress] = None,
 ) -> Dict[str, Timing]:
     """ Times one step of each model, `settings.repeats` rounds after the warm-up, the order rotated every round so
-    that no model always runs first. Models are prepared (device, channels-last, compile) by the caller. """
+    that no model always runs first; each timed step follows `settings.settle_steps` untimed ones of the same model.
+    Models are prepared (device, channels-last, compile) by the caller. """
     torch.set_num_threads(settings.threads)
     steps = {n: make_step(m, input_sizes[n], settings, train) for n, m in models.items()}
     names = list(models)
@@ -292,6 +300,8 @@ def time_interleaved(
     kind = 'train step' if train else 'inference'
     for r in range(settings.repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(settings.settle_steps):
+                steps[n]()
             start = time.perf_counter()
             steps[n]()
             timings[n].seconds.append(time.perf_counter() - start)
@@ -477,7 +487,8 @@ def compare_models(
     meta['matmul_gmacs_per_s'] = round(peak, 1)
     # first guesses until measured: a step runs at ~1/3 of matmul peak, a training step costs 3 forwards; a memory
     # measurement (a fresh process importing torch and timm, one step) ~10 s
-    work = {i: sum(gmacs[m] for m in g) * settings.batch_size * (settings.repeats + settings.warmup)
+    steps_run = settings.repeats * (1 + settings.settle_steps) + settings.warmup
+    work = {i: sum(gmacs[m] for m in g) * settings.batch_size * steps_run
             for i, g in enumerate(groups)}
     progress.plan('inference', sum(work.values()), 3 / peak)
     progress.plan('train step', 3 * sum(work.values()), 3 / peak)
