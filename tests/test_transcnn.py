@@ -122,6 +122,18 @@ def test_group_norm_keeps_channels_last_maps_on_every_device_and_equals_timms():
         assert layer(12, device='meta')(on_meta).is_contiguous(memory_format=torch.channels_last)
         assert layer(12)(torch.randn(2, 12, 5, 7)).is_contiguous()  # an NCHW map stays NCHW
 
+    timm.layers.set_fast_norm(True)  # timm's own fast-norm kernels, when asked for, run as in timm's layers
+    try:
+        fast = transcnn.LayoutKeepingGroupNorm1(12, eps=1e-6).double()
+        fast_act = transcnn.LayoutKeepingGroupNorm1Act(12, eps=1e-6).double()
+    finally:
+        timm.layers.set_fast_norm(False)
+    fast.load_state_dict(norm.state_dict())
+    fast_act.load_state_dict(norm.state_dict())
+    assert fast._fast_norm and fast_act._fast_norm
+    torch.testing.assert_close(fast(x), reference)
+    torch.testing.assert_close(fast_act(x), torch.nn.functional.relu(reference))
+
     model = _small('hatnet_tiny')
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert {type(m) for m in norms} == {transcnn.LayoutKeepingGroupNorm1, transcnn.LayoutKeepingGroupNorm1Act}

@@ -43,6 +43,7 @@ from timm.layers import (
     ClassifierHead, ConvNormAct, DropPath, _assert, calculate_drop_path_rates, create_act_layer, create_conv2d,
     GroupNorm1, GroupNorm1Act, get_act_layer, get_norm_layer, register_notrace_function, trunc_normal_, use_fused_attn,
 )
+from timm.layers.fast_norm import fast_group_norm
 from timm.models import generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import InvertedResidual
 from timm.models._features import feature_take_indices
@@ -98,11 +99,13 @@ class LayoutKeepingGroupNorm1(GroupNorm1):
     NCHW. HAT-Net has five such norms a block, so on a GPU its maps ran NCHW after the first, and each FFN's depthwise
     conv ran PyTorch's own NCHW depthwise kernels instead of cuDNN's (which a depthwise conv gets for channels-last
     maps, for NCHW ones in fp16 only). Here such a map goes through `group_norm1_channels_last`; CPU, TorchScript and
-    FX run aten's group_norm as timm does (timm's optional fast-norm kernels are not used). The parameters are timm's
-    (weight, bias): checkpoints do not change.
+    FX run aten's group_norm as timm does, and with timm's fast norm switched on (`timm.layers.set_fast_norm`) the
+    layer is timm's. The parameters are timm's (weight, bias): checkpoints do not change.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast_norm:
+            return fast_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return group_norm1(x, self.weight, self.bias, self.eps)
 
 
@@ -111,7 +114,11 @@ class LayoutKeepingGroupNorm1Act(GroupNorm1Act):
     channels-last map channels-last on every device, as LayoutKeepingGroupNorm1. """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(group_norm1(x, self.weight, self.bias, self.eps)))
+        if self._fast_norm:
+            x = fast_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        else:
+            x = group_norm1(x, self.weight, self.bias, self.eps)
+        return self.act(self.drop(x))
 
 
 def layout_keeping_group_norm1_act(num_channels: int, **kwargs) -> LayoutKeepingGroupNorm1Act:
