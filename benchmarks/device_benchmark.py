@@ -6,8 +6,8 @@
         --reference deit_nano_patch7_28 --output /tmp/smoke   # a quick check that it runs
 
 On a GPU: bf16 autocast, batch 256 (timm's benchmark.py `--amp --amp-dtype bfloat16 -b 256`), 20 timed steps after 5
-warm-up ones, and the S group with GPU_VARIANTS (the alternatives to four choices made for GPUs unmeasured). On a CPU: float32, batch
-32, 7 repeats, `free_cpu_threads()` threads. Each size group is timed interleaved with the DeiT of its size (the
+warm-up ones (no settling step between models), and the S group with GPU_VARIANTS (the alternatives to four choices
+made for GPUs, unmeasured). On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size group is timed interleaved with the DeiT of its size (the
 hybrid families with DeiT-S), so every `x DeiT` ratio comes from shared rounds. Writes, through `timm_hybrid.compare`:
 `<size>.csv/.md/.json/.png` per group (compare_models), and `benchmark.csv/.md/.json` (all models, ratios to the DeiT
 of their size) with `speed_vs_gmacs.png`.
@@ -49,7 +49,10 @@ def size_groups(sizes: Sequence[str], on_gpu: bool) -> Dict[str, Tuple[Tuple[str
 def device_settings(args: argparse.Namespace) -> SpeedSettings:
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     on_gpu = torch.device(device).type == 'cuda'
-    defaults = dict(batch_size=256, repeats=20, warmup=5, amp='bf16') if on_gpu else \
+    # on a GPU no settling step before each timed one (compare's default on CPU, where a step after another model's
+    # finds malloc's heap shaped by that model): CUDA's caching allocator keeps both models' blocks after the
+    # warm-up, and without it the three size groups take half the device time
+    defaults = dict(batch_size=256, repeats=20, warmup=5, amp='bf16', settle_steps=0) if on_gpu else \
         dict(batch_size=32, repeats=7, warmup=1, amp=None)
     chosen = dict(batch_size=args.batch_size, repeats=args.repeats, amp=args.amp)
     if args.compile:
