@@ -422,8 +422,8 @@ class TransCNNStage(nn.Module):
         layer_kwargs = dict(act_layer=act_layer, norm_layer=norm_layer, device=device, dtype=dtype)
         self.grad_checkpointing = False
         if downsample:
-            self.downsample = Downsample(
-                in_dim, dim, shortcut=downsample_shortcut, **dict(layer_kwargs, norm_layer=conv_norm_layer or norm_layer))
+            downsample_kwargs = dict(layer_kwargs, norm_layer=conv_norm_layer or norm_layer)
+            self.downsample = Downsample(in_dim, dim, shortcut=downsample_shortcut, **downsample_kwargs)
         else:
             self.downsample = nn.Identity()
         drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
