@@ -84,9 +84,16 @@ def group_norm1_channels_last(
 
 
 def group_norm1(
-        x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        eps: float,
+        fast_norm: bool = False,
+) -> torch.Tensor:
     """ GroupNorm with one group, in the layout the map came in (`group_norm1_channels_last` where aten would change
-    it, aten's group_norm elsewhere and in TorchScript). """
+    it, aten's group_norm elsewhere and in TorchScript); `fast_norm`: timm's `fast_group_norm`, as timm's layers. """
+    if fast_norm:
+        return fast_group_norm(x, 1, weight, bias, eps)
     if torch.jit.is_scripting() or not moves_layout_in_group_norm(x):
         return F.group_norm(x, 1, weight, bias, eps)
     return group_norm1_channels_last(x, weight, bias, eps)
@@ -104,9 +111,7 @@ class LayoutKeepingGroupNorm1(GroupNorm1):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast_norm:
-            return fast_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return group_norm1(x, self.weight, self.bias, self.eps)
+        return group_norm1(x, self.weight, self.bias, self.eps, self._fast_norm)
 
 
 class LayoutKeepingGroupNorm1Act(GroupNorm1Act):
@@ -114,11 +119,7 @@ class LayoutKeepingGroupNorm1Act(GroupNorm1Act):
     channels-last map channels-last on every device, as LayoutKeepingGroupNorm1. """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast_norm:
-            x = fast_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        else:
-            x = group_norm1(x, self.weight, self.bias, self.eps)
-        return self.act(self.drop(x))
+        return self.act(self.drop(group_norm1(x, self.weight, self.bias, self.eps, self._fast_norm)))
 
 
 def layout_keeping_group_norm1_act(num_channels: int, **kwargs) -> LayoutKeepingGroupNorm1Act:
