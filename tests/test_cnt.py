@@ -1,14 +1,16 @@
 """ CNT specifics: compute matched to TNT, TNT equivalence, weight conversion, position encodings, errors. """
 import copy
 import logging
+from functools import partial
 
 import pytest
 import timm
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import Mlp, resample_abs_pos_embed
 from timm.utils import reparameterize_model
 
 from timm_hybrid import count_flops
+from timm_hybrid.models._common import ActRecomputingMlp
 from timm_hybrid.models.cnt import CNT, InnerResBlock, checkpoint_filter_fn, conv3x3_as_matrix, conv3x3_taps
 
 TNT_OF_CNT = {'cnt_ti_patch16_224': 'tnt_ti_patch16_224', 'cnt_s_patch16_224': 'tnt_s_patch16_224',
@@ -183,30 +185,37 @@ def test_model_logits_and_flops_do_not_depend_on_inner_impl(inner_impl):
     assert count_flops(other, input_size=(1, 28, 28)).gmacs == count_flops(auto, input_size=(1, 28, 28)).gmacs
 
 
+def _saved_bytes(run):
+    """ What autograd keeps for backward while `run()` builds the graph, in bytes, and run()'s result. """
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(saved), out
+
+
 @pytest.mark.parametrize('inner_block', ['basic', 'attn'])
 def test_recomputed_pixel_path_gives_the_same_step_with_less_saved(inner_block):
-    """ recompute_pixels (default) vs kept activations, one training step with drop path on: same logits, gradients
-    and BatchNorm running stats (updated once), and backward holds less. """
-    def saved_bytes_and_step(recompute):
+    """ recompute_pixels=True vs kept activations (the default), one training step with drop path on: same logits,
+    gradients and BatchNorm running stats (updated once), and backward holds less. """
+    def saved_bytes_and_step(**recompute):
         torch.manual_seed(0)
-        model = _small_cnt(inner_block=inner_block, drop_path_rate=0.3, recompute_pixels=recompute).train()
+        model = _small_cnt(inner_block=inner_block, drop_path_rate=0.3, **recompute).train()
         _randomize(model)
         x = torch.randn(4, 3, 32, 32)
-        saved = []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
         torch.manual_seed(1)  # the drop-path draws
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x)
+        saved, out = _saved_bytes(lambda: model(x))
         out.square().sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters()}
-        return sum(saved), out, grads, {k: v for k, v in model.state_dict().items() if 'running' in k}
+        return saved, out, grads, {k: v for k, v in model.state_dict().items() if 'running' in k}
 
-    saved_r, out_r, grads_r, stats_r = saved_bytes_and_step(None)  # the default recomputes on CPU
-    saved_k, out_k, grads_k, stats_k = saved_bytes_and_step(False)
-    assert saved_bytes_and_step(True)[0] == saved_r
+    saved_r, out_r, grads_r, stats_r = saved_bytes_and_step(recompute_pixels=True)
+    saved_k, out_k, grads_k, stats_k = saved_bytes_and_step(recompute_pixels=False)
+    assert saved_bytes_and_step(recompute_pixels='cpu')[0] == saved_r
+    assert saved_bytes_and_step()[0] == saved_k
     assert torch.allclose(out_r, out_k, atol=1e-6)
     for n in grads_k:
         assert torch.allclose(grads_r[n], grads_k[n], atol=1e-6), n
@@ -215,24 +224,105 @@ def test_recomputed_pixel_path_gives_the_same_step_with_less_saved(inner_block):
     assert saved_r < 0.8 * saved_k, (saved_r, saved_k)
 
 
-def test_recompute_pixels_default_recomputes_on_cpu_only():
-    """ recompute_pixels=None (the class default, CNT-S's): recompute for CPU tensors, keep the activations on other
-    devices (a meta tensor stands in for an accelerator's); an explicit True / False holds everywhere; never in eval or
-    without grad. """
-    model = _small_cnt().train()
-    assert model.blocks[0].recompute_pixels is None
-    assert timm.create_model('cnt_ti_patch16_224').blocks[0].recompute_pixels is False
-    block = model.blocks[0]
-    on = {device: torch.zeros(2, 16, 8, device=device, requires_grad=True) for device in ('cpu', 'meta')}
-    for setting, expected in ((None, {'cpu': True, 'meta': False}), (True, {'cpu': True, 'meta': True}),
+def _check_recompute_rule(module: torch.nn.Module, setting_name: str, recomputes, shape) -> torch.Tensor:
+    """ The rule of a recompute setting: 'cpu' for CPU tensors only (a meta tensor stands in for an accelerator's),
+    True / False everywhere; set to True, never without grad or in eval. Returns a CPU input that recomputes. """
+    on = {device: torch.zeros(*shape, device=device, requires_grad=True) for device in ('cpu', 'meta')}
+    for setting, expected in (('cpu', {'cpu': True, 'meta': False}), (True, {'cpu': True, 'meta': True}),
                               (False, {'cpu': False, 'meta': False})):
-        block.recompute_pixels = setting
-        assert {d: block._recomputed(x) for d, x in on.items()} == expected, setting
-    assert not block._recomputed(on['cpu'].detach())
+        setattr(module, setting_name, setting)
+        assert {d: recomputes(x) for d, x in on.items()} == expected, setting
+    setattr(module, setting_name, True)
+    assert not recomputes(on['cpu'].detach())
     with torch.no_grad():
-        assert not block._recomputed(on['cpu'])
-    block.recompute_pixels = True
-    assert not block.eval()._recomputed(on['cpu'])
+        assert not recomputes(on['cpu'])
+    module.eval()
+    assert not recomputes(on['cpu'])
+    module.train()
+    assert recomputes(on['cpu'])
+    return on['cpu']
+
+
+def test_recompute_pixels_cpu_recomputes_on_cpu_only():
+    """ recompute_pixels='cpu': recompute for CPU tensors, keep the activations on other devices (a meta tensor stands
+    in for an accelerator's); an explicit True / False holds everywhere; never in eval or without grad. Every
+    registered CNT keeps them by default; CNT-S and CNT-B recompute their outer MLPs' activations on CPU instead. """
+    settings = (('cnt_ti_patch16_224', False), ('cnt_s_patch16_224', 'cpu'), ('cnt_b_patch16_224', 'cpu'))
+    for name, mlp_setting in settings:
+        block = timm.create_model(name, img_size=32).blocks[0]
+        assert block.recompute_pixels is False and block.outer.mlp.recompute_act == mlp_setting, name
+    block = _small_cnt().train().blocks[0]
+    _check_recompute_rule(block, 'recompute_pixels', block._recomputed, (2, 16, 8))
+
+
+@pytest.mark.parametrize('act_layer', [torch.nn.GELU, partial(torch.nn.GELU, approximate='tanh'), torch.nn.SiLU])
+@pytest.mark.parametrize('bias', [True, False])
+def test_act_recomputing_mlp_is_timm_mlp_keeping_one_hidden_tensor_less(act_layer, bias):
+    """ float64: the same outputs and gradients (input, fc1, fc2) as timm's Mlp, and backward keeps exactly one
+    (tokens, hidden) tensor less: the activation's output. """
+    torch.manual_seed(0)
+    plain = Mlp(6, 24, act_layer=act_layer, bias=bias).double()
+    recomputing = ActRecomputingMlp(6, 24, act_layer=act_layer, bias=bias, recompute_act=True).double()
+    recomputing.load_state_dict(plain.state_dict())
+    results = []
+    for mlp in (plain, recomputing):
+        torch.manual_seed(1)
+        x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+        saved, out = _saved_bytes(lambda: mlp(x))
+        out.sin().sum().backward()
+        results.append((saved, out, x.grad, {n: p.grad for n, p in mlp.named_parameters()}))
+    (saved_p, out_p, gx_p, grads_p), (saved_r, out_r, gx_r, grads_r) = results
+    assert saved_p - saved_r == 3 * 5 * 24 * 8
+    torch.testing.assert_close(out_r, out_p, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gx_r, gx_p, atol=1e-12, rtol=0)
+    assert grads_r.keys() == grads_p.keys() == {n for n, _ in plain.named_parameters()}
+    for n in grads_p:
+        torch.testing.assert_close(grads_r[n], grads_p[n], atol=1e-12, rtol=0, msg=n)
+
+
+def test_act_recomputing_mlp_recomputes_only_where_it_applies():
+    """ 'cpu' (default): eager CPU training with grad only (a meta tensor stands in for an accelerator's); True / False
+    everywhere; the plain Mlp in eval, without grad, under autocast, and for a hidden dropout or norm, or an in-place
+    activation, which the recompute could not reproduce. """
+    mlp = ActRecomputingMlp(8, 16)
+    x = _check_recompute_rule(mlp, 'recompute_act', mlp._recomputes, (2, 4, 8))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not mlp._recomputes(x)
+    for kwargs in (dict(drop=0.1), dict(norm_layer=torch.nn.LayerNorm), dict(act_layer=partial(torch.nn.ReLU, True))):
+        assert not ActRecomputingMlp(8, 16, recompute_act=True, **kwargs)._recomputes(x), kwargs
+    assert ActRecomputingMlp(8, 16, recompute_act=True, drop=(0., 0.1))._recomputes(x)
+
+
+@pytest.mark.parametrize('setting', [None, 1, 'gpu'])
+def test_recompute_settings_other_than_true_false_cpu_are_refused(setting):
+    for make in (lambda: CNT(img_size=32, patch_size=16, recompute_pixels=setting, depth=1),
+                 lambda: ActRecomputingMlp(8, 16, recompute_act=setting)):
+        with pytest.raises(ValueError, match=r"must be one of \(True, False, 'cpu'\), got"):
+            make()
+
+
+def test_cnt_outer_mlp_recompute_gives_the_same_step_with_less_saved():
+    """ recompute_mlp_act on / off, one training step with drop path: same logits, gradients and state-dict keys;
+    backward keeps the outer MLPs' activation outputs less. """
+    def step(recompute):
+        torch.manual_seed(0)
+        model = _small_cnt(drop_path_rate=0.3, recompute_mlp_act=recompute).train()
+        _randomize(model)
+        x = torch.randn(4, 3, 32, 32)
+        torch.manual_seed(1)
+        saved, out = _saved_bytes(lambda: model(x))
+        out.square().sum().backward()
+        return saved, out, {n: p.grad for n, p in model.named_parameters()}, model
+
+    saved_r, out_r, grads_r, model_r = step(True)
+    saved_k, out_k, grads_k, model_k = step(False)
+    assert step('cpu')[0] == saved_r  # the default recomputes on CPU
+    assert model_r.state_dict().keys() == model_k.state_dict().keys()
+    hidden_numel = 4 * (1 + 4) * 32 * 4  # batch x (class + patch tokens) x MLP hidden width (4 x 32)
+    assert saved_k - saved_r == 2 * hidden_numel * 4  # two blocks, fp32
+    torch.testing.assert_close(out_r, out_k, atol=1e-6, rtol=0)
+    for n in grads_k:
+        torch.testing.assert_close(grads_r[n], grads_k[n], atol=1e-6, rtol=0, msg=n)
 
 
 @pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])

@@ -124,6 +124,7 @@ def test_parse_model_spec(spec, parsed):
     ('cnt_nano_patch7_28:depth', "expected name:key=value"),
     ('cnt_nano_patch7_28:nosuch=1', "unexpected keyword argument 'nosuch'"),
     ('cnt_nano_patch7_28:inner_impl=nosuch', "Unknown inner_impl 'nosuch'"),
+    ('cnt_nano_patch7_28:recompute_pixels=cpu,global_pool=None', r'drops kwargs whose value is None \(global_pool\)'),
 ])
 def test_bad_model_spec_says_which(spec, message):
     with pytest.raises(compare.ModelSpecError, match=message) as e:
@@ -158,8 +159,8 @@ def test_resolution_sweep_counts_tokens_from_the_model(tmp_path):
 
 def test_device_benchmark_times_the_gpu_only_choices_against_their_alternatives_on_a_gpu():
     """ benchmarks/device_benchmark.py: on a GPU the S group adds the alternatives of the four settings the models
-    choose there unmeasured (CNT's GEMM inner block and kept pixel path, Refiner's channels-last refinement, HAT-Net's
-    channels-last maps); on a CPU it does not. """
+    choose there unmeasured (CNT's GEMM inner block and kept MLP activations, Refiner's channels-last refinement,
+    HAT-Net's channels-last maps); on a CPU it does not. """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
     import device_benchmark
     cpu = device_benchmark.size_groups(['ti', 's'], on_gpu=False)
@@ -171,5 +172,5 @@ def test_device_benchmark_times_the_gpu_only_choices_against_their_alternatives_
     cnt_conv, cnt_recompute, refiner, hatnet = (compare.create_model_spec(spec) for spec in added)
     assert hatnet.channels_last is False
     assert {blk.inner.impl for blk in cnt_conv.blocks} == {'conv'}
-    assert {blk.recompute_pixels for blk in cnt_recompute.blocks} == {True}
+    assert {blk.outer.mlp.recompute_act for blk in cnt_recompute.blocks} == {True}
     assert {blk.attn.refine.channels_last for blk, r in zip(refiner.blocks, refiner.refiner_blocks) if r} == {False}

@@ -93,6 +93,10 @@ def parse_model_spec(spec: str) -> Tuple[str, Dict[str, Any]]:
 def create_model_spec(spec: str, **overrides) -> nn.Module:
     """ `timm.create_model` for a model spec (`parse_model_spec`); `overrides` win over the spec's kwargs. """
     name, kwargs = parse_model_spec(spec)
+    dropped = [k for k, v in kwargs.items() if v is None]
+    if dropped:  # the row would be labelled with a setting the model never got
+        raise ModelSpecError(f'model spec {spec!r}: timm.create_model drops kwargs whose value is None '
+                             f'({", ".join(dropped)}), so the model would be built with its defaults.')
     if not kwargs:
         return timm.create_model(name, **overrides)
     try:

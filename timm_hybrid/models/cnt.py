@@ -36,9 +36,9 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
 from ._common import (
-    PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int, check_loaded_share,
-    check_token_model_args, checkpoint_keeping_bn_stats, describe_layout, resample_token_pos, source_token_grid,
-    summarize_keys, token_model_cfg, unwrap_checkpoint,
+    ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
+    check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats,
+    describe_layout, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -340,16 +340,18 @@ def create_inner_block(
 class Block(nn.Module):
     """ One CNT stage: inner block on the pixel grids, pixel -> patch projection, outer transformer block.
 
-    `recompute_pixels`: in an eager training step the pixel path (inner block, norm, projection, norm) keeps only its
-    input for backward and runs again there (non-reentrant checkpoint, same RNG, BatchNorm running stats updated
-    once). Its activations are the bulk of what CNT holds beyond DeiT: at CNT-S shapes about 5 pixel-stream tensors
-    and a patch-width one per block. The pixel path is ~12% of the step's multiply-adds: on CPU (batch 32) the
-    recompute cost CNT-S nothing measurable (the page faults of the kept activations cost as much) and CNT-Ti about 5%
-    of a step, so cnt_ti keeps them (`recompute_pixels=False`); figures in the README. None (the default) recomputes
-    on CPU tensors only: on an accelerator there are no page faults to save, so the recompute would be extra
-    arithmetic and kernel launches (reasoned, not yet measured: `benchmarks/device_benchmark.py` times
-    `recompute_pixels=True` beside it on a GPU). torch.compile, FX and TorchScript run the plain path (inductor plans
-    its own recomputation).
+    Two ways to hold less for backward in an eager training step, both giving the same outputs and gradients:
+
+    * `recompute_mlp_act` (outer MLP, `ActRecomputingMlp`): fc2 keeps fc1's output instead of the GELU's, which
+      backward recomputes. That is 39 MB a block at CNT-S shapes and batch 32, more than the whole pixel path keeps,
+      for one elementwise pass. 'cpu' (the default): for CPU tensors only.
+    * `recompute_pixels`: the pixel path (inner block, norm, projection, norm) keeps only its input for backward and
+      runs again there (non-reentrant checkpoint, same RNG, BatchNorm running stats updated once): about 5
+      pixel-stream tensors and a patch-width one a block, for a second forward of ~12% of the step's multiply-adds.
+      False (the default): with the MLP recompute CNT-S already holds 1.04x DeiT-S's memory on CPU and runs its
+      step faster than with this one (README, "Speed"); True everywhere, 'cpu' for CPU tensors only.
+
+    torch.compile, FX and TorchScript run the plain path (inductor plans its own recomputation).
     """
 
     def __init__(
@@ -367,7 +369,8 @@ class Block(nn.Module):
             drop_path: float = 0.,  # the inner block's and the outer transformer's alike
             act_layer: Type[nn.Module] = nn.GELU,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
-            recompute_pixels: Optional[bool] = None,
+            recompute_pixels: Union[bool, str] = False,
+            recompute_mlp_act: Union[bool, str] = 'cpu',
             device=None,
             dtype=None,
     ):
@@ -375,14 +378,15 @@ class Block(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         num_pixels = pixel_grid[0] * pixel_grid[1]
         self.num_prefix_tokens = num_prefix_tokens
-        self.recompute_pixels = recompute_pixels
+        self.recompute_pixels = check_recompute_setting('recompute_pixels', recompute_pixels)
         self.inner = inner_block(inner_dim, pixel_grid, drop_path=drop_path, **dd)
         self.norm1_proj = norm_layer(num_pixels * inner_dim, **dd)
         self.proj = nn.Linear(num_pixels * inner_dim, dim, bias=False, **dd)
         self.norm2_proj = norm_layer(dim, **dd)
         self.outer = TransformerBlock(
             dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
-            attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, **dd)
+            attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer,
+            mlp_layer=partial(ActRecomputingMlp, recompute_act=recompute_mlp_act), **dd)
 
     def pixel_path(self, pixel_embed: torch.Tensor, num_patches: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """ Pixel tokens (B*N, h*w, C_in) -> (new pixel tokens, their projection onto the patches (B, N, D)). """
@@ -399,7 +403,7 @@ class Block(nn.Module):
             return False
         if not (self.training and torch.is_grad_enabled() and pixel_embed.requires_grad):
             return False
-        if self.recompute_pixels is None:
+        if self.recompute_pixels == 'cpu':
             return pixel_embed.device.type == 'cpu'
         return self.recompute_pixels
 
@@ -491,7 +495,8 @@ class CNT(TokenClassifierMixin, nn.Module):
             norm_layer: Optional[Union[str, Type[nn.Module]]] = None,
             act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             zero_init_last: bool = True,
-            recompute_pixels: Optional[bool] = None,
+            recompute_pixels: Union[bool, str] = False,
+            recompute_mlp_act: Union[bool, str] = 'cpu',
             device=None,
             dtype=None,
     ):
@@ -532,9 +537,11 @@ class CNT(TokenClassifierMixin, nn.Module):
             zero_init_last: Zero-init the last norm of each inner conv block (ResNet practice), so that each block
                 starts close to identity.
             recompute_pixels: In eager training, recompute each block's pixel path in backward instead of keeping
-                its activations (same outputs and gradients; see Block). False keeps them: CNT-S then needs
-                1.22x DeiT-S's training-step memory instead of 1.05-1.09x (batch 32, CPU). None (default): recompute
-                on CPU, keep on accelerators.
+                its activations (same outputs and gradients; see Block). False (default) keeps them; True
+                recomputes; 'cpu' recomputes for CPU tensors only.
+            recompute_mlp_act: In eager training, recompute each outer MLP's activation in backward instead of
+                keeping its output (`ActRecomputingMlp`, same outputs and gradients). 'cpu' (default): CPU only,
+                where it keeps CNT-S's training-step memory at 1.04x DeiT-S's (1.22x without; batch 32).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -586,7 +593,7 @@ class CNT(TokenClassifierMixin, nn.Module):
                 embed_dim, inner_dim, pixel_grid, num_heads, inner_block, num_prefix_tokens=self.num_prefix_tokens,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
                 drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, recompute_pixels=recompute_pixels,
-                **dd)
+                recompute_mlp_act=recompute_mlp_act, **dd)
             for i in range(depth)])
         self._init_head(norm_layer, drop_rate, reduction=self.pixel_embed.feat_ratio(), **dd)
         self.init_weights(zero_init_last=zero_init_last)
@@ -895,7 +902,9 @@ def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False,
 # CNT-Ti keeps its pixel path's activations for backward: recomputing them cost about 5% of a CPU training step
 # (0.80x vs 0.85x DeiT-Ti) for 1.09x instead of 1.28x DeiT-Ti's training memory (README); CNT-S, whose kept
 # activations cost as much in page faults as the recompute costs, recomputes on CPU (the class default)
-_CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3, recompute_pixels=False)
+# CNT-Ti keeps its MLP activations: 0.850x DeiT-Ti's training step kept, 0.824x recomputed (README, "Speed"); the
+# issue bounds CNT-S's memory, not CNT-Ti's
+_CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3, recompute_mlp_act=False)
 _CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=16, depth=12, num_heads=6)
 _CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10)
 # 28x28 grayscale: 16 patches of 7x7 px, a 4x4 pixel grid each (stride-2 pixel embedding); cf. tnt_nano_patch7_28
