@@ -82,6 +82,7 @@ class _ActThenLinear(torch.autograd.Function):
         return F.linear(act(a), weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         a, weight = ctx.saved_tensors
         needs_a, _, needs_weight, needs_bias = ctx.needs_input_grad
