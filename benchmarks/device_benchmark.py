@@ -35,7 +35,7 @@ SIZE_GROUPS = {
 }
 # On a GPU the S group also times the settings that the models pick there by reasoning, not yet by a measurement,
 # against the alternative (model specs, same rounds): CNT's inner block as GEMMs (`inner_impl='auto'`) vs as
-# convolutions; CNT's outer MLP activations kept for backward (`recompute_mlp_act=None`: recomputed on CPU only) vs
+# convolutions; CNT's outer MLP activations kept for backward (`recompute_mlp_act='cpu'`: recomputed on CPU only) vs
 # recomputed; Refiner's refinement on channels-last maps (cuDNN's depthwise conv) vs NCHW ones; HAT-Net's maps
 # channels-last through its layout-keeping GroupNorms vs NCHW.
 GPU_VARIANTS = {'s': ('cnt_s_patch16_224:inner_impl=conv', 'cnt_s_patch16_224:recompute_mlp_act=True',

@@ -23,7 +23,7 @@ __all__ = [
     'ActRecomputingMlp', 'MIN_LOADED_SHARE', 'PatchGridEmbed', 'PretrainedWeightsUnavailable',
     'TokenClassifierMixin', 'bn_scale_shift', 'build_token_model', 'build_with_official_weights',
     'check_global_pool', 'check_image_batch', 'check_int', 'check_ints', 'check_loaded_share', 'check_positive',
-    'check_rate', 'check_recompute_setting', 'check_token_model_args', 'RECOMPUTE_SETTINGS',
+    'check_rate', 'check_recompute_setting', 'check_token_model_args', 'RECOMPUTE_SETTINGS', 'recomputes',
     'checkpoint_keeping_bn_stats', 'cpu_chunk_size', 'describe_layout', 'eager_on_cpu',
     'official_weights_cache_file', 'patch_grid', 'prune_sequence', 'resample_token_pos', 'size_mismatch_message',
     'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'unwrap_checkpoint',
@@ -70,6 +70,20 @@ def check_recompute_setting(name: str, value: Any) -> Union[bool, str]:
     if not (isinstance(value, bool) or value == 'cpu'):
         raise ValueError(f'{name} must be one of {RECOMPUTE_SETTINGS}, got {value!r}.')
     return value
+
+
+@torch.jit.unused
+def recomputes(setting: Union[bool, str], training: bool, x: torch.Tensor) -> bool:
+    """ Whether a module with this recompute setting recomputes for input `x`: in an eager training step that needs
+    x's gradient, everywhere (True) or for CPU tensors ('cpu'); never under fx / jit tracing or torch.compile. """
+    if setting is False:
+        return False
+    # the tracers first: a traced tensor's requires_grad cannot steer Python control flow
+    if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    if not (training and torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return setting is True or x.device.type == 'cpu'
 
 
 class _ActThenLinear(torch.autograd.Function):
@@ -120,15 +134,9 @@ class ActRecomputingMlp(Mlp):
 
     @torch.jit.unused
     def _recomputes(self, x: torch.Tensor) -> bool:
-        if self.recompute_act is False or not self.recompute_applies:
+        if not (self.recompute_applies and recomputes(self.recompute_act, self.training, x)):
             return False
-        if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return False
-        if not (self.training and torch.is_grad_enabled() and x.requires_grad):
-            return False
-        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-            return False
-        return self.recompute_act is True or x.device.type == 'cpu'
+        return not (torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type))
 
     @torch.jit.unused
     def _forward_recomputing(self, x: torch.Tensor) -> torch.Tensor:

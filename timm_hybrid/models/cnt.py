@@ -38,7 +38,8 @@ from timm.models.vision_transformer import Block as TransformerBlock
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
     check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats,
-    describe_layout, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint,
+    describe_layout, recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg,
+    unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -398,14 +399,7 @@ class Block(nn.Module):
 
     @torch.jit.unused
     def _recomputed(self, pixel_embed: torch.Tensor) -> bool:
-        # the tracers first: a traced tensor's requires_grad cannot steer Python control flow
-        if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return False
-        if not (self.training and torch.is_grad_enabled() and pixel_embed.requires_grad):
-            return False
-        if self.recompute_pixels == 'cpu':
-            return pixel_embed.device.type == 'cpu'
-        return self.recompute_pixels
+        return recomputes(self.recompute_pixels, self.training, pixel_embed)
 
     @torch.jit.unused
     def _pixel_path_recomputed(
