@@ -128,8 +128,8 @@ def test_training_chunks_are_sized_by_the_maps_an_op_touches():
 
 @pytest.mark.parametrize('checkpointing', [False, True])
 def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
-    """ cpu_chunk: the conv stem and the refinements of a CPU training step on 2-image slices, batch statistics of the
-    whole batch (models/refiner.py _ChunkedBatchNorm): the same logits, every gradient and the same BatchNorm running
+    """ cpu_chunk: the conv stem and the refinements of a CPU training step on 2-image slices (the expanded maps
+    channels-last), batch statistics of the whole batch (models/refiner.py _ChunkedBatchNorm): the same logits, every gradient and the same BatchNorm running
     stats, also with grad checkpointing (whose re-run must leave the stats alone). In float64: the two summation
     orders then agree to ~1e-15, while in fp32 the refiners' norms of near-uniform maps amplify the rounding of the
     stem's convolutions (which oneDNN blocks by batch size) to ~1e-5 of the logits. """
@@ -142,11 +142,16 @@ def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
         refiners = [blk.attn for blk, refine in zip(model.blocks, model.refiner_blocks) if refine]
         for conv in [attn.refine.expand.conv for attn in refiners] + [model.patch_embed.conv1.conv]:
             conv.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+        dw_layouts = set()  # the chunked path runs the depthwise conv on channels-last maps (oneDNN's fast kernel)
+        for attn in refiners:
+            attn.refine.conv_dw.conv.register_forward_pre_hook(lambda m, args: dw_layouts.add(
+                args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
         for _ in range(2):  # two steps: the running stats move twice
             model.zero_grad()
             out = model(x)
             out.square().mean().backward()
         assert set(calls) == ({5} if chunk == 0 else {2, 1})
+        assert dw_layouts == {chunk > 0}
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         results.append((out.detach(), grads, buffers))

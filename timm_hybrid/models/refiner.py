@@ -44,6 +44,7 @@ instead of one `drop_rate` everywhere; all default to 0 as in the released confi
 `checkpoint_filter_fn` converts the released checkpoints (module and key names of the official code) and resamples
 the position embedding to the model's grid.
 """
+import copy
 import logging
 import re
 from functools import partial
@@ -198,11 +199,12 @@ class AttentionRefiner(nn.Module):
     `RefinerAttention.reparameterize` folds the norm that follows into the reduce conv and a per-head
     `shortcut_scale` of the map (one addcmul pass instead of an add and an affine).
 
-    Speed (CPU, 2 threads, forward + backward of one refiner at batch 4, N = 197, interleaved): the convs as they are
-    (oneDNN, NCHW) 629 ms; 1x1 convs as batched GEMMs 632 ms; the depthwise conv on a channels-last copy 705 ms
-    (oneDNN's channels-last depthwise is fast, but BatchNorm on channels-last maps with 36 channels is 3x slower
-    than on NCHW ones and the two layout copies cost more than the conv saves); the depthwise conv as nine shifted
-    multiply-adds 1368 ms (17 eager passes over the expanded maps). So the plain convs stay. The ReLU6 and the
+    Speed (CPU, 2 threads, forward + backward of one refiner at batch 4, N = 197, interleaved, the whole batch): the
+    convs as they are (oneDNN, NCHW) 629 ms; 1x1 convs as batched GEMMs 632 ms; the depthwise conv on a
+    channels-last copy 705 ms (the two layout copies cost more than the conv saves); the depthwise conv as nine
+    shifted multiply-adds 1368 ms (17 eager passes over the expanded maps). So the plain convs stay here. A CPU
+    training step takes `RefinerAttention._forward_chunked` instead, which keeps the expanded maps channels-last
+    with no copies (the 1x1 convs are GEMMs that change the layout on the way in and out). The ReLU6 and the
     refined map's BatchNorm each need the statistics of a whole map before anything after them can start, so in
     training nothing between the three convs folds; at eval everything linear folds (`reparameterize`).
 
@@ -211,8 +213,8 @@ class AttentionRefiner(nn.Module):
     (by a table of shapes), so in bf16 or fp32 it runs PyTorch's own depthwise kernels, whose weight gradient gives
     each of the kernel's weights (324 for Refiner-S's 36 maps) a thread block of its own, reducing batch x N x N
     values: the likely cause of Refiner-S training at 0.04x DeiT-S on an H100 in bf16. Not yet measured on a GPU:
-    `benchmarks/device_benchmark.py` times both settings. On CPU the NCHW convs measured faster (above), and a CPU
-    training step takes the chunked path, which runs NCHW whatever this says.
+    `benchmarks/device_benchmark.py` times both settings. On CPU the NCHW convs measured faster for the whole batch
+    (above); a CPU training step takes the chunked path, channels-last inside whatever this says.
     """
 
     def __init__(
@@ -338,9 +340,15 @@ def _update_running_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor
 
 
 def _after_norm(norm: nn.Module, outs: List[torch.Tensor]) -> List[torch.Tensor]:
-    """ What timm's BatchNormAct2d applies after the normalisation (drop, act); nothing for a plain BatchNorm. """
+    """ What timm's BatchNormAct2d applies after the normalisation (drop, act); nothing for a plain BatchNorm.
+
+    Out of place: timm builds the act in place, and autograd makes an in-place ReLU6 clone its input first (a read
+    and a write of every map more than the plain op). """
     for m in (getattr(norm, 'drop', None), getattr(norm, 'act', None)):
         if m is not None:
+            if getattr(m, 'inplace', False):
+                m = copy.copy(m)  # shares the parameters; only this call runs out of place
+                m.inplace = False
             outs = [m(o) for o in outs]
     return outs
 
@@ -372,13 +380,18 @@ def training_chunk_size(
     return cpu_chunk_size(x, setting, per_sample_bytes)
 
 
-def pointwise_conv_norm_chunks(conv_norm: ConvNormAct, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
+def pointwise_conv_norm_chunks(
+        conv_norm: ConvNormAct,
+        chunks: List[torch.Tensor],
+        channels_last: bool = False,
+) -> List[torch.Tensor]:
     """ A bias-free 1x1 conv and its training BatchNorm (and act) over the batch that `chunks` split, as one 1x1 conv
     with a bias: y = W a has the batch mean W mu and variances diag(W S W^T), where mu and S are the mean and
     covariance of the input's channels, so BN(W a) = (gamma / sigma) W a + beta - (gamma / sigma) W mu. The input's
     statistics cost one pass over its C channels (a centred copy and a C x C Gram matrix), where BatchNorm's
     statistics, normalisation and backward cost four over the conv's wider output; outputs, gradients and running
-    stats are BatchNorm's (within rounding). """
+    stats are BatchNorm's (within rounding). `channels_last`: the outputs in that layout, each chunk's conv one GEMM
+    that reads the NCHW input transposed (no layout copy). """
     conv, norm = conv_norm.conv, conv_norm.bn
     n = sum(c.numel() // c.shape[1] for c in chunks)
     mean = sum(c.sum((0, 2, 3)) for c in chunks) / n
@@ -394,8 +407,25 @@ def pointwise_conv_norm_chunks(conv_norm: ConvNormAct, chunks: List[torch.Tensor
     if norm.bias is not None:
         shift = shift + norm.bias
     _update_running_stats(norm, out_mean, out_var, n)
-    fused = (weight * scale[:, None]).reshape_as(conv.weight)
-    return _after_norm(norm, [F.conv2d(c, fused, shift) for c in chunks])
+    fused = weight * scale[:, None]
+    if not channels_last:
+        return _after_norm(norm, [F.conv2d(c, fused.reshape_as(conv.weight), shift) for c in chunks])
+    # (b, H*W, C) @ (C, C_out): pixel-major rows, i.e. channels-last; the act runs on the GEMM's own output
+    rows = [torch.baddbmm(shift, c.flatten(2).transpose(1, 2), fused.t().expand(c.shape[0], -1, -1)) for c in chunks]
+    return [r.view(c.shape[0], *c.shape[2:], -1).permute(0, 3, 1, 2) for r, c in zip(_after_norm(norm, rows), chunks)]
+
+
+def pointwise_conv_to_nchw(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """ A 1x1 conv of channels-last `x` with an NCHW output (the maps it is added to are NCHW). Computed as
+    (b, H*W, C) @ (C, C_out) and transposed into place, so that backward hands `x`'s producer a channels-last gradient
+    (with (C_out, C) @ (b, C, H*W) it would come NCHW, and BatchNorm's backward on mixed layouts is slower than the
+    copy of the narrower output here). """
+    b, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of channels-last x
+    y = torch.bmm(rows, conv.weight.flatten(1).t().expand(b, -1, -1)).transpose(1, 2).contiguous()
+    if conv.bias is not None:
+        y = y + conv.bias[:, None]
+    return y.view(b, -1, h, w)
 
 
 class RefinerAttention(_MapAttention):
@@ -453,9 +483,12 @@ class RefinerAttention(_MapAttention):
     def _forward_chunked(self, prev_attn: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
         """ The training forward on `chunk`-image slices of the maps, batch statistics of the whole batch. """
         maps = list(prev_attn.split(chunk))
-        refined = pointwise_conv_norm_chunks(self.refine.expand, maps)
-        for conv_norm in (self.refine.conv_dw, self.refine.reduce):
-            refined = batch_norm_chunks(conv_norm.bn, [conv_norm.conv(m) for m in refined])
+        # the expanded maps channels-last, where oneDNN's depthwise conv runs about twice as fast forward and
+        # backward as on NCHW ones; the 1x1 convs in and out are GEMMs that change the layout on the way
+        refined = pointwise_conv_norm_chunks(self.refine.expand, maps, channels_last=True)
+        conv_dw, reduce = self.refine.conv_dw, self.refine.reduce
+        refined = batch_norm_chunks(conv_dw.bn, [conv_dw.conv(m) for m in refined])
+        refined = batch_norm_chunks(reduce.bn, [pointwise_conv_to_nchw(reduce.conv, m) for m in refined])
         attn = batch_norm_chunks(self.norm, [m + r for m, r in zip(maps, refined)])
         return torch.cat([self._aggregate(a, part * self.scale) for a, part in zip(attn, v.split(chunk))])
 
