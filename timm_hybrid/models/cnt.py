@@ -893,11 +893,11 @@ def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False,
         CNTDistilled if distilled else CNT, variant, pretrained, checkpoint_filter_fn, default_depth=12, **kwargs)
 
 
-# CNT-Ti keeps its pixel path's activations for backward: recomputing them cost about 5% of a CPU training step
-# (0.80x vs 0.85x DeiT-Ti) for 1.09x instead of 1.28x DeiT-Ti's training memory (README); CNT-S, whose kept
-# activations cost as much in page faults as the recompute costs, recomputes on CPU (the class default)
-# CNT-Ti keeps its MLP activations: 0.850x DeiT-Ti's training step kept, 0.824x recomputed (README, "Speed"); the
-# issue bounds CNT-S's memory, not CNT-Ti's
+# Every size keeps its pixel path's activations for backward (`recompute_pixels=False`, the class default): for
+# CNT-Ti recomputing them cost about 5% of a CPU training step (0.80x vs 0.85x DeiT-Ti). CNT-S / CNT-B recompute
+# their outer MLPs' GELU on CPU instead (`recompute_mlp_act='cpu'`, the class default), which keeps CNT-S within
+# 1.05x DeiT-S's training memory; CNT-Ti keeps those too: 0.850x DeiT-Ti's training step kept, 0.824x recomputed
+# (README, "Speed"), and the issue bounds CNT-S's memory, not CNT-Ti's
 _CNT_TI = dict(patch_size=16, embed_dim=192, inner_dim=8, depth=12, num_heads=3, recompute_mlp_act=False)
 _CNT_S = dict(patch_size=16, embed_dim=384, inner_dim=16, depth=12, num_heads=6)
 _CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10)
