@@ -129,10 +129,11 @@ def test_training_chunks_are_sized_by_the_maps_an_op_touches():
 @pytest.mark.parametrize('checkpointing', [False, True])
 def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
     """ cpu_chunk: the conv stem and the refinements of a CPU training step on 2-image slices (the expanded maps
-    channels-last), batch statistics of the whole batch (models/refiner.py _ChunkedBatchNorm): the same logits, every gradient and the same BatchNorm running
-    stats, also with grad checkpointing (whose re-run must leave the stats alone). In float64: the two summation
-    orders then agree to ~1e-15, while in fp32 the refiners' norms of near-uniform maps amplify the rounding of the
-    stem's convolutions (which oneDNN blocks by batch size) to ~1e-5 of the logits. """
+    channels-last), batch statistics of the whole batch (models/refiner.py _ChunkedBatchNorm): the same logits,
+    every gradient and the same BatchNorm running stats, also with grad checkpointing (whose re-run must leave the
+    stats alone). In float64: the two summation orders then agree to ~1e-15, while in fp32 the refiners' norms of
+    near-uniform maps amplify the rounding of the stem's convolutions (which oneDNN blocks by batch size) to ~1e-5 of
+    the logits. """
     x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
     results = []
     for chunk in (0, 2):

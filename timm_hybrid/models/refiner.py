@@ -380,18 +380,14 @@ def training_chunk_size(
     return cpu_chunk_size(x, setting, per_sample_bytes)
 
 
-def pointwise_conv_norm_chunks(
-        conv_norm: ConvNormAct,
-        chunks: List[torch.Tensor],
-        channels_last: bool = False,
-) -> List[torch.Tensor]:
+def pointwise_conv_norm_chunks(conv_norm: ConvNormAct, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
     """ A bias-free 1x1 conv and its training BatchNorm (and act) over the batch that `chunks` split, as one 1x1 conv
     with a bias: y = W a has the batch mean W mu and variances diag(W S W^T), where mu and S are the mean and
     covariance of the input's channels, so BN(W a) = (gamma / sigma) W a + beta - (gamma / sigma) W mu. The input's
     statistics cost one pass over its C channels (a centred copy and a C x C Gram matrix), where BatchNorm's
     statistics, normalisation and backward cost four over the conv's wider output; outputs, gradients and running
-    stats are BatchNorm's (within rounding). `channels_last`: the outputs in that layout, each chunk's conv one GEMM
-    that reads the NCHW input transposed (no layout copy). """
+    stats are BatchNorm's (within rounding). The outputs are channels-last: each chunk's conv is one GEMM that reads
+    the NCHW input transposed (no layout copy). """
     conv, norm = conv_norm.conv, conv_norm.bn
     n = sum(c.numel() // c.shape[1] for c in chunks)
     mean = sum(c.sum((0, 2, 3)) for c in chunks) / n
@@ -407,11 +403,9 @@ def pointwise_conv_norm_chunks(
     if norm.bias is not None:
         shift = shift + norm.bias
     _update_running_stats(norm, out_mean, out_var, n)
-    fused = weight * scale[:, None]
-    if not channels_last:
-        return _after_norm(norm, [F.conv2d(c, fused.reshape_as(conv.weight), shift) for c in chunks])
+    fused_t = (weight * scale[:, None]).t()  # (C, C_out)
     # (b, H*W, C) @ (C, C_out): pixel-major rows, i.e. channels-last; the act runs on the GEMM's own output
-    rows = [torch.baddbmm(shift, c.flatten(2).transpose(1, 2), fused.t().expand(c.shape[0], -1, -1)) for c in chunks]
+    rows = [torch.baddbmm(shift, c.flatten(2).transpose(1, 2), fused_t.expand(c.shape[0], -1, -1)) for c in chunks]
     return [r.view(c.shape[0], *c.shape[2:], -1).permute(0, 3, 1, 2) for r, c in zip(_after_norm(norm, rows), chunks)]
 
 
@@ -485,7 +479,7 @@ class RefinerAttention(_MapAttention):
         maps = list(prev_attn.split(chunk))
         # the expanded maps channels-last, where oneDNN's depthwise conv runs about twice as fast forward and
         # backward as on NCHW ones; the 1x1 convs in and out are GEMMs that change the layout on the way
-        refined = pointwise_conv_norm_chunks(self.refine.expand, maps, channels_last=True)
+        refined = pointwise_conv_norm_chunks(self.refine.expand, maps)
         conv_dw, reduce = self.refine.conv_dw, self.refine.reduce
         refined = batch_norm_chunks(conv_dw.bn, [conv_dw.conv(m) for m in refined])
         refined = batch_norm_chunks(reduce.bn, [pointwise_conv_to_nchw(reduce.conv, m) for m in refined])
