@@ -11,7 +11,8 @@ from timm.utils import reparameterize_model
 
 from timm_hybrid import count_flops
 from timm_hybrid.models._common import ActRecomputingMlp
-from timm_hybrid.models.cnt import CNT, InnerResBlock, checkpoint_filter_fn, conv3x3_as_matrix, conv3x3_taps
+from timm_hybrid.models.cnt import (
+    CNT, InnerResBlock, batch_norm_pixel_rows, checkpoint_filter_fn, conv3x3_as_matrix, conv3x3_taps)
 
 TNT_OF_CNT = {'cnt_ti_patch16_224': 'tnt_ti_patch16_224', 'cnt_s_patch16_224': 'tnt_s_patch16_224',
               'cnt_b_patch16_224': 'tnt_b_patch16_224'}
@@ -153,6 +154,50 @@ def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottlene
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f'{name}: {m}')
     for (name, b_ref), b in zip(reference.named_buffers(), block.buffers()):
         torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=lambda m: f'{name}: {m}')
+
+
+@pytest.mark.parametrize('momentum, affine', [(0.1, True), (None, True), (0.3, False)])
+def test_batch_norm_on_pixel_rows_is_batchnorm2d_on_the_channels_last_view(momentum, affine):
+    """ Three training steps: outputs, input / weight / bias gradients and running stats (momentum, or the cumulative
+    mean when it is None) equal nn.BatchNorm2d's on the (R, C, h, w) view of the rows. """
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(4, momentum=momentum, affine=affine)
+    if affine:
+        torch.nn.init.uniform_(reference.weight, 0.5, 1.5)
+        torch.nn.init.normal_(reference.bias)
+    bn = copy.deepcopy(reference)
+    for _ in range(3):
+        rows = (torch.randn(10, 16 * 4) * 3 + 1).requires_grad_()
+        rows_ref = rows.detach().clone().requires_grad_()
+        expected = reference(rows_ref.view(10, 4, 4, 4).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(10, 64)
+        actual = batch_norm_pixel_rows(rows, bn, 16)
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(actual)
+        actual.backward(grad)
+        expected.backward(grad)
+        torch.testing.assert_close(rows.grad, rows_ref.grad, atol=1e-5, rtol=1e-5)
+        for b, b_ref in zip(bn.buffers(), reference.buffers()):
+            torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5)
+    if affine:
+        torch.testing.assert_close(bn.weight.grad, reference.weight.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bn.bias.grad, reference.bias.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_matmul_inner_block_normalizes_rows_on_cpu_and_leaves_other_norms_to_themselves(monkeypatch):
+    """ The GEMM form's training step takes the row BatchNorm for a plain BatchNorm2d of 4 channels on CPU
+    (BatchNorm2d.forward is not called); from 8 channels, or for a subclass that does more than the norm (timm's
+    BatchNormAct2d), the norm runs its own forward. """
+    from timm.layers import BatchNormAct2d
+    calls = []
+    for cls in (torch.nn.BatchNorm2d, BatchNormAct2d):
+        monkeypatch.setattr(cls, 'forward', lambda self, x, f=cls.forward: calls.append(type(self)) or f(self, x))
+    x = torch.randn(3, 16, 4)
+    InnerResBlock(4, (4, 4), impl='matmul').train()(x)
+    assert calls == []
+    InnerResBlock(4, (4, 4), impl='matmul', norm_layer=BatchNormAct2d).train()(x)
+    assert calls == [BatchNormAct2d, BatchNormAct2d]
+    InnerResBlock(8, (4, 4), impl='matmul').train()(torch.randn(3, 16, 8))
+    assert calls[2:] == [torch.nn.BatchNorm2d, torch.nn.BatchNorm2d]
 
 
 @pytest.mark.parametrize('dim, bottleneck, expected', [

@@ -96,24 +96,6 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-def _create_tnt(variant: str, pretrained: bool = False, **kwargs) -> TNT:
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        TNT, variant, pretrained,
-        pretrained_filter_fn=tnt_checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
-
-
-def _create_deit(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> VisionTransformer:
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        VisionTransformerDistilled if distilled else VisionTransformer, variant, pretrained,
-        pretrained_filter_fn=vit_checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
-
-
 # 28 px nano sizes: depth 6, 16 patch tokens; widths matched in fvcore GMACs (see the README's table)
 _NANO_TNT = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, inner_dim=8, depth=6,
                  num_heads_outer=2, num_heads_inner=2, first_stride=2)
@@ -124,46 +106,77 @@ _MICRO_TNT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_d
 _MICRO_DEIT = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=70, depth=4, num_heads=2)
 
 
+# Each registered variant's constructor arguments (as timm's levit.py keeps its `model_cfgs`); `distilled` picks
+# VisionTransformerDistilled. A model function's kwargs override them.
+_MODEL_ARGS = {
+    'tnt_ti_patch16_224': dict(patch_size=16, embed_dim=192, inner_dim=12, depth=12, num_heads_outer=3, qkv_bias=False),
+    'tnt_nano_patch7_28': _NANO_TNT,
+    'deit_nano_patch7_28': _NANO_DEIT,
+    'deit_nano_distilled_patch7_28': dict(_NANO_DEIT, distilled=True),
+    'tnt_micro_patch4_28': _MICRO_TNT,
+    'deit_micro_patch4_28': _MICRO_DEIT,
+    'deit_micro_distilled_patch4_28': dict(_MICRO_DEIT, distilled=True),
+}
+
+
+def _create_tnt(variant: str, pretrained: bool = False, **kwargs) -> TNT:
+    kwargs = dict(_MODEL_ARGS[variant], **kwargs)
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        TNT, variant, pretrained,
+        pretrained_filter_fn=tnt_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+def _create_deit(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    kwargs = dict(_MODEL_ARGS[variant], **kwargs)
+    distilled = kwargs.pop('distilled', False)
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        VisionTransformerDistilled if distilled else VisionTransformer, variant, pretrained,
+        pretrained_filter_fn=vit_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
 @register_model
 def tnt_ti_patch16_224(pretrained: bool = False, **kwargs) -> TNT:
     """ TNT-Ti (TNT paper, Table 1): timm's TNT at embed 192, inner 12, 3 outer heads. """
-    model_cfg = dict(patch_size=16, embed_dim=192, inner_dim=12, depth=12, num_heads_outer=3, qkv_bias=False)
-    return _create_tnt('tnt_ti_patch16_224', pretrained=pretrained, **dict(model_cfg, **kwargs))
+    return _create_tnt('tnt_ti_patch16_224', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def tnt_nano_patch7_28(pretrained: bool = False, **kwargs) -> TNT:
     """ TNT for 28x28 grayscale: 16 patches of 7x7 px, a 4x4 pixel grid each. """
-    return _create_tnt('tnt_nano_patch7_28', pretrained=pretrained, **dict(_NANO_TNT, **kwargs))
+    return _create_tnt('tnt_nano_patch7_28', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def deit_nano_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ DeiT for 28x28 grayscale: 16 patches of 7x7 px. """
-    return _create_deit('deit_nano_patch7_28', pretrained=pretrained, **dict(_NANO_DEIT, **kwargs))
+    return _create_deit('deit_nano_patch7_28', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def deit_nano_distilled_patch7_28(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
     """ DeiT for 28x28 grayscale with a distillation token. """
-    return _create_deit(
-        'deit_nano_distilled_patch7_28', pretrained=pretrained, distilled=True, **dict(_NANO_DEIT, **kwargs))
+    return _create_deit('deit_nano_distilled_patch7_28', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def tnt_micro_patch4_28(pretrained: bool = False, **kwargs) -> TNT:
     """ TNT for 28x28 grayscale: 49 patches of 4x4 px, each pixel its own inner token (a 4x4 grid per patch). """
-    return _create_tnt('tnt_micro_patch4_28', pretrained=pretrained, **dict(_MICRO_TNT, **kwargs))
+    return _create_tnt('tnt_micro_patch4_28', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def deit_micro_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ DeiT for 28x28 grayscale: 49 patches of 4x4 px, matched in GMACs to tnt_micro_patch4_28. """
-    return _create_deit('deit_micro_patch4_28', pretrained=pretrained, **dict(_MICRO_DEIT, **kwargs))
+    return _create_deit('deit_micro_patch4_28', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def deit_micro_distilled_patch4_28(pretrained: bool = False, **kwargs) -> VisionTransformerDistilled:
     """ deit_micro_patch4_28 with a distillation token. """
-    return _create_deit(
-        'deit_micro_distilled_patch4_28', pretrained=pretrained, distilled=True, **dict(_MICRO_DEIT, **kwargs))
+    return _create_deit('deit_micro_distilled_patch4_28', pretrained=pretrained, **kwargs)

@@ -38,7 +38,7 @@ from timm.models.vision_transformer import Block as TransformerBlock
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
     check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats,
-    describe_layout, recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg,
+    describe_layout, eager_on_cpu, recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg,
     unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
@@ -110,12 +110,82 @@ def conv3x3_as_matrix(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return matrix.reshape(num_pixels * c_in, num_pixels * c_out)
 
 
+class _PixelRowsBatchNorm(torch.autograd.Function):
+    """ Training-mode BatchNorm of pixel rows (R, h*w*C), pixel-major and channel-minor: each channel's statistics
+    over every row and pixel, as BatchNorm2d computes them on the (R, C, h, w) view, with every pass over the rows
+    vectorized along a whole row (h*w*C values) instead of along C. Returns the batch mean and biased variance too
+    (for the running statistics), without gradients. """
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_pixels: int, eps: float):
+        num_channels = rows.shape[1] // num_pixels
+        count = rows.shape[0] * num_pixels
+
+        def channel_sums(t: torch.Tensor) -> torch.Tensor:
+            return t.sum(0).view(num_pixels, num_channels).sum(0)
+
+        mean = channel_sums(rows) / count
+        centered = rows - mean.repeat(num_pixels)
+        var = channel_sums(centered * centered) / count
+        inv_std = torch.rsqrt(var + eps)
+        out = torch.addcmul(bias.repeat(num_pixels), centered, (weight * inv_std).repeat(num_pixels))
+        ctx.save_for_backward(centered, inv_std, weight)
+        ctx.num_pixels = num_pixels
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
+        centered, inv_std, weight = ctx.saved_tensors
+        num_pixels = ctx.num_pixels
+        num_channels = centered.shape[1] // num_pixels
+        count = centered.shape[0] * num_pixels
+        grad_bias = grad_out.sum(0).view(num_pixels, num_channels).sum(0)
+        grad_centered = (grad_out * centered).sum(0).view(num_pixels, num_channels).sum(0)
+        grad_rows = None
+        if ctx.needs_input_grad[0]:
+            # d rows = scale * (g - mean(g) - centered * mean(g * centered) / var), per channel
+            scale = weight * inv_std
+            grad_rows = torch.addcmul(
+                (-grad_bias / count * scale).repeat(num_pixels), grad_out, scale.repeat(num_pixels))
+            grad_rows.addcmul_(centered, (-grad_centered * inv_std * inv_std / count * scale).repeat(num_pixels))
+        return grad_rows, grad_centered * inv_std, grad_bias, None, None
+
+
+def batch_norm_pixel_rows(rows: torch.Tensor, bn: nn.BatchNorm2d, num_pixels: int) -> torch.Tensor:
+    """ `bn` in training mode on pixel rows (R, h*w*C), pixel-major and channel-minor (the GEMM form's output): the
+    same outputs, gradients and running-statistics update as `bn` on the (R, C, h, w) channels-last view.
+
+    Why: aten's CPU BatchNorm on a channels-last map vectorizes along the channels (16 fp32 lanes with AVX-512), so
+    at 4 channels three quarters of each vector are empty: forward + backward on 6272 rows of 16 pixels x 4 channels
+    took 4.9-8.5 ms there and 0.8-3.6 ms here (1 and 2 threads). Each pass here runs along whole rows instead; it
+    takes more passes, which costs from 8 channels on (`CPU_ROW_NORM_MAX_CHANNELS`).
+    """
+    num_channels = bn.num_features
+    weight = bn.weight if bn.weight is not None else rows.new_ones(num_channels)
+    bias = bn.bias if bn.bias is not None else rows.new_zeros(num_channels)
+    out, mean, var = _PixelRowsBatchNorm.apply(rows, weight, bias, num_pixels, bn.eps)
+    if bn.track_running_stats:  # nn.BatchNorm2d's update: momentum, or a cumulative mean when it is None
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = bn.momentum if bn.momentum is not None else 1. / float(bn.num_batches_tracked)
+            count = rows.shape[0] * num_pixels
+            bn.running_mean.lerp_(mean, factor)
+            bn.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
+    return out
+
+
 INNER_IMPLS = ('auto', 'conv', 'matmul')
 # On CPU, 'auto' takes the GEMM form when a convolution has fewer channels than this: one AVX-512 vector of fp32.
 # oneDNN blocks channels by the vector width, so at 8 channels (CNT-Ti) half of each vector is padding and the GEMM,
 # 16/9 the multiply-adds but full vectors, ran faster; at 16 (CNT-S) the convolution did (README, "How the inner
 # block runs").
 CPU_CONV_MIN_CHANNELS = 16
+# The GEMM form's training BatchNorm runs on its output rows (`batch_norm_pixel_rows`) below this many channels: at 4
+# (the micro models) aten's channels-last kernel took 7x as long for the norm and the micro CNT's training step ran
+# 13% faster with the row form (0.900x -> 1.030x DeiT-micro, 1 thread, batch 128); at 8 (CNT-Ti) the step ran slower
+# with it (0.835x -> 0.782x DeiT-Ti, 2 threads, batch 32), at 16 the norm alone did.
+CPU_ROW_NORM_MAX_CHANNELS = 8
 
 
 class InnerResBlock(nn.Module):
@@ -241,6 +311,15 @@ class InnerResBlock(nn.Module):
         y = getattr(self.conv_block, self.out_act)(y + shortcut)
         return y.permute(0, 2, 3, 1).reshape(BN, P, C)
 
+    @staticmethod
+    def _norms_pixel_rows(bn: nn.Module, out: torch.Tensor) -> bool:
+        """ Whether the GEMM form normalises its output rows with `batch_norm_pixel_rows`: eagerly on CPU in fp32 /
+        fp64, for a plain BatchNorm2d (a subclass, e.g. SyncBatchNorm or timm's BatchNormAct2d, does more than the
+        norm, so it runs itself) of fewer than `CPU_ROW_NORM_MAX_CHANNELS` channels. GPUs keep cuDNN's kernel: the
+        row form is several launches. """
+        return (type(bn) is nn.BatchNorm2d and bn.num_features < CPU_ROW_NORM_MAX_CHANNELS and bn.training
+                and out.numel() > 0 and eager_on_cpu(out) and out.dtype in (torch.float32, torch.float64))
+
     @torch.jit.unused
     def _forward_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """ Each conv as a GEMM on the flattened tokens; see the class docstring. """
@@ -257,10 +336,13 @@ class InnerResBlock(nn.Module):
             repeats = matrix.shape[1] // conv.out_channels  # output columns are (pixel, channel) pairs
             rows = y.reshape(y.numel() // matrix.shape[0], matrix.shape[0])  # sizes, not -1: B = 0 is allowed
             if self.training:
-                # batch statistics: the norm itself, on the channels-last (B*N, C, h, w) view of the GEMM's output
-                # (CPU: 2.1x faster than on a (B*N*h*w, C, 1, 1) view, which takes the NCHW kernel)
                 out = rows @ matrix if conv.bias is None else torch.addmm(conv.bias.repeat(repeats), rows, matrix)
-                out = bn(out.reshape(BN, h, w, conv.out_channels).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+                if self._norms_pixel_rows(bn, out):
+                    out = batch_norm_pixel_rows(out.reshape(BN, P * conv.out_channels), bn, P)
+                else:
+                    # batch statistics: the norm itself, on the channels-last (B*N, C, h, w) view of the GEMM's
+                    # output (CPU: 2.1x faster than on a (B*N*h*w, C, 1, 1) view, which takes the NCHW kernel)
+                    out = bn(out.reshape(BN, h, w, conv.out_channels).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             else:
                 scale, shift = bn_scale_shift(bn, conv.bias)
                 if scale is not None:
@@ -849,6 +931,13 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         **kwargs})
 
 
+# the 28 px Fashion-MNIST tags (nano_cfg: their input size, mean / std and labels)
+_FMNIST_CFG = dict(
+    first_conv='pixel_embed.proj', classifier='head',
+    paper_ids='arXiv:2103.00112', paper_name='Transformer in Transformer')
+_FMNIST_DISTILLED_CFG = dict(
+    _FMNIST_CFG, classifier=('head', 'head_dist'), paper_ids=('arXiv:2103.00112', 'arXiv:2012.12877'))
+
 default_cfgs = generate_default_cfgs({
     'cnt_ti_patch16_224': _cfg(),
     'cnt_s_patch16_224': _cfg(),
@@ -857,40 +946,14 @@ default_cfgs = generate_default_cfgs({
     'cnt_s_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
     'cnt_b_distilled_patch16_224': _cfg(classifier=('head', 'head_dist')),
     # 28 px Fashion-MNIST weights, in the wheel (the 224 sizes have no weights, so no source)
-    'cnt_nano_patch7_28.fmnist': nano_cfg(
-        **packaged_weights('cnt_nano_patch7_28'),
-        first_conv='pixel_embed.proj', classifier='head',
-        paper_ids='arXiv:2103.00112', paper_name='Transformer in Transformer'),
+    'cnt_nano_patch7_28.fmnist': nano_cfg(**packaged_weights('cnt_nano_patch7_28'), **_FMNIST_CFG),
     'cnt_nano_distilled_patch7_28.fmnist': nano_cfg(
-        **packaged_weights('cnt_nano_distilled_patch7_28'),
-        first_conv='pixel_embed.proj', classifier=('head', 'head_dist'),
-        paper_ids=('arXiv:2103.00112', 'arXiv:2012.12877'), paper_name='Transformer in Transformer'),
+        **packaged_weights('cnt_nano_distilled_patch7_28'), **_FMNIST_DISTILLED_CFG),
     # micro: the folders `benchmarks/fmnist_micro_study.py publish` has written (no source until then)
-    'cnt_micro_patch4_28.fmnist': nano_cfg(
-        **packaged_weights('cnt_micro_patch4_28'),
-        first_conv='pixel_embed.proj', classifier='head',
-        paper_ids='arXiv:2103.00112', paper_name='Transformer in Transformer'),
+    'cnt_micro_patch4_28.fmnist': nano_cfg(**packaged_weights('cnt_micro_patch4_28'), **_FMNIST_CFG),
     'cnt_micro_distilled_patch4_28.fmnist': nano_cfg(
-        **packaged_weights('cnt_micro_distilled_patch4_28'),
-        first_conv='pixel_embed.proj', classifier=('head', 'head_dist'),
-        paper_ids=('arXiv:2103.00112', 'arXiv:2012.12877'), paper_name='Transformer in Transformer'),
+        **packaged_weights('cnt_micro_distilled_patch4_28'), **_FMNIST_DISTILLED_CFG),
 })
-
-
-# model-function kwargs -> create_inner_block options (the flat names are what train.py's --model-kwargs pass)
-_INNER_BLOCK_OPTIONS = {
-    'inner_impl': 'impl', 'conv_act_layer': 'conv_act_layer', 'conv_norm_layer': 'conv_norm_layer',
-    'inner_num_heads': 'num_heads', 'inner_mlp_ratio': 'mlp_ratio',
-}
-
-
-def _create_cnt(variant: str, pretrained: bool = False, distilled: bool = False, **kwargs) -> CNT:
-    inner_block_args = {
-        option: kwargs.pop(name) for name, option in _INNER_BLOCK_OPTIONS.items() if name in kwargs}
-    if inner_block_args:
-        kwargs['inner_block_args'] = dict(kwargs.get('inner_block_args') or {}, **inner_block_args)
-    return build_token_model(
-        CNTDistilled if distilled else CNT, variant, pretrained, checkpoint_filter_fn, default_depth=12, **kwargs)
 
 
 # Every size keeps its pixel path's activations for backward (`recompute_pixels=False`, the class default): for
@@ -904,60 +967,6 @@ _CNT_B = dict(patch_size=16, embed_dim=640, inner_dim=32, depth=12, num_heads=10
 # 28x28 grayscale: 16 patches of 7x7 px, a 4x4 pixel grid each (stride-2 pixel embedding); cf. tnt_nano_patch7_28
 _CNT_NANO = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, inner_dim=8, depth=6,
                  num_heads=2, first_stride=2)
-
-
-@register_model
-def cnt_ti_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
-    """ CNT-Ti: TNT-Ti's outer transformer (192 wide, 3 heads), ResNet basic blocks on 8-channel pixel grids. """
-    return _create_cnt('cnt_ti_patch16_224', pretrained=pretrained, **dict(_CNT_TI, **kwargs))
-
-
-@register_model
-def cnt_s_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
-    """ CNT-S: TNT-S's outer transformer (384 wide, 6 heads), ResNet basic blocks on 16-channel pixel grids. """
-    return _create_cnt('cnt_s_patch16_224', pretrained=pretrained, **dict(_CNT_S, **kwargs))
-
-
-@register_model
-def cnt_b_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
-    """ CNT-B: TNT-B's outer transformer (640 wide, 10 heads), ResNet basic blocks on 32-channel pixel grids. """
-    return _create_cnt('cnt_b_patch16_224', pretrained=pretrained, **dict(_CNT_B, **kwargs))
-
-
-@register_model
-def cnt_ti_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
-    """ CNT-Ti with a DeiT distillation token. """
-    return _create_cnt(
-        'cnt_ti_distilled_patch16_224', pretrained=pretrained, distilled=True, **dict(_CNT_TI, **kwargs))
-
-
-@register_model
-def cnt_s_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
-    """ CNT-S with a DeiT distillation token. """
-    return _create_cnt(
-        'cnt_s_distilled_patch16_224', pretrained=pretrained, distilled=True, **dict(_CNT_S, **kwargs))
-
-
-@register_model
-def cnt_b_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
-    """ CNT-B with a DeiT distillation token. """
-    return _create_cnt(
-        'cnt_b_distilled_patch16_224', pretrained=pretrained, distilled=True, **dict(_CNT_B, **kwargs))
-
-
-@register_model
-def cnt_nano_patch7_28(pretrained: bool = False, **kwargs) -> CNT:
-    """ CNT for 28x28 grayscale (Fashion-MNIST), matched in GMACs to tnt_nano_patch7_28 and deit_nano_patch7_28. """
-    return _create_cnt('cnt_nano_patch7_28', pretrained=pretrained, **dict(_CNT_NANO, **kwargs))
-
-
-@register_model
-def cnt_nano_distilled_patch7_28(pretrained: bool = False, **kwargs) -> CNTDistilled:
-    """ cnt_nano_patch7_28 with a DeiT distillation token. """
-    return _create_cnt(
-        'cnt_nano_distilled_patch7_28', pretrained=pretrained, distilled=True, **dict(_CNT_NANO, **kwargs))
-
-
 # 28x28 grayscale with the 224 px models' token structure: 49 patches of 4x4 px, a stride-1 pixel embedding, so each
 # patch's 4x4 pixel grid is made from its own 16 pixels. Widths of tnt_micro_patch4_28 (64 outer, 4 inner, depth 4):
 # at 4 channels the 3x3 basic block costs about what TNT's inner attention + MLP on 16 pixels do, so the two match in
@@ -965,15 +974,95 @@ def cnt_nano_distilled_patch7_28(pretrained: bool = False, **kwargs) -> CNTDisti
 _CNT_MICRO = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, inner_dim=4, depth=4,
                   num_heads=2, first_stride=1)
 
+# Each registered variant's constructor arguments (as timm's levit.py keeps its `model_cfgs`); `distilled` picks
+# CNTDistilled. A model function's kwargs override them.
+_MODEL_ARGS = {
+    'cnt_ti_patch16_224': _CNT_TI,
+    'cnt_s_patch16_224': _CNT_S,
+    'cnt_b_patch16_224': _CNT_B,
+    'cnt_ti_distilled_patch16_224': dict(_CNT_TI, distilled=True),
+    'cnt_s_distilled_patch16_224': dict(_CNT_S, distilled=True),
+    'cnt_b_distilled_patch16_224': dict(_CNT_B, distilled=True),
+    'cnt_nano_patch7_28': _CNT_NANO,
+    'cnt_nano_distilled_patch7_28': dict(_CNT_NANO, distilled=True),
+    'cnt_micro_patch4_28': _CNT_MICRO,
+    'cnt_micro_distilled_patch4_28': dict(_CNT_MICRO, distilled=True),
+}
+
+
+# model-function kwargs -> create_inner_block options (the flat names are what train.py's --model-kwargs pass)
+_INNER_BLOCK_OPTIONS = {
+    'inner_impl': 'impl', 'conv_act_layer': 'conv_act_layer', 'conv_norm_layer': 'conv_norm_layer',
+    'inner_num_heads': 'num_heads', 'inner_mlp_ratio': 'mlp_ratio',
+}
+
+
+def _create_cnt(variant: str, pretrained: bool = False, **kwargs) -> CNT:
+    kwargs = dict(_MODEL_ARGS[variant], **kwargs)
+    distilled = kwargs.pop('distilled', False)
+    inner_block_args = {
+        option: kwargs.pop(name) for name, option in _INNER_BLOCK_OPTIONS.items() if name in kwargs}
+    if inner_block_args:
+        kwargs['inner_block_args'] = dict(kwargs.get('inner_block_args') or {}, **inner_block_args)
+    return build_token_model(
+        CNTDistilled if distilled else CNT, variant, pretrained, checkpoint_filter_fn, default_depth=12, **kwargs)
+
+
+@register_model
+def cnt_ti_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
+    """ CNT-Ti: TNT-Ti's outer transformer (192 wide, 3 heads), ResNet basic blocks on 8-channel pixel grids. """
+    return _create_cnt('cnt_ti_patch16_224', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cnt_s_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
+    """ CNT-S: TNT-S's outer transformer (384 wide, 6 heads), ResNet basic blocks on 16-channel pixel grids. """
+    return _create_cnt('cnt_s_patch16_224', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cnt_b_patch16_224(pretrained: bool = False, **kwargs) -> CNT:
+    """ CNT-B: TNT-B's outer transformer (640 wide, 10 heads), ResNet basic blocks on 32-channel pixel grids. """
+    return _create_cnt('cnt_b_patch16_224', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cnt_ti_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
+    """ CNT-Ti with a DeiT distillation token. """
+    return _create_cnt('cnt_ti_distilled_patch16_224', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cnt_s_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
+    """ CNT-S with a DeiT distillation token. """
+    return _create_cnt('cnt_s_distilled_patch16_224', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cnt_b_distilled_patch16_224(pretrained: bool = False, **kwargs) -> CNTDistilled:
+    """ CNT-B with a DeiT distillation token. """
+    return _create_cnt('cnt_b_distilled_patch16_224', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cnt_nano_patch7_28(pretrained: bool = False, **kwargs) -> CNT:
+    """ CNT for 28x28 grayscale (Fashion-MNIST), matched in GMACs to tnt_nano_patch7_28 and deit_nano_patch7_28. """
+    return _create_cnt('cnt_nano_patch7_28', pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cnt_nano_distilled_patch7_28(pretrained: bool = False, **kwargs) -> CNTDistilled:
+    """ cnt_nano_patch7_28 with a DeiT distillation token. """
+    return _create_cnt('cnt_nano_distilled_patch7_28', pretrained=pretrained, **kwargs)
+
 
 @register_model
 def cnt_micro_patch4_28(pretrained: bool = False, **kwargs) -> CNT:
     """ CNT for 28x28 grayscale: 49 patches with a 4x4 pixel grid each, matched to tnt / deit_micro_patch4_28. """
-    return _create_cnt('cnt_micro_patch4_28', pretrained=pretrained, **dict(_CNT_MICRO, **kwargs))
+    return _create_cnt('cnt_micro_patch4_28', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def cnt_micro_distilled_patch4_28(pretrained: bool = False, **kwargs) -> CNTDistilled:
     """ cnt_micro_patch4_28 with a DeiT distillation token. """
-    return _create_cnt(
-        'cnt_micro_distilled_patch4_28', pretrained=pretrained, distilled=True, **dict(_CNT_MICRO, **kwargs))
+    return _create_cnt('cnt_micro_distilled_patch4_28', pretrained=pretrained, **kwargs)

@@ -853,7 +853,19 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# Each registered variant's constructor arguments (as timm's levit.py keeps its `model_cfgs`); a model function's
+# kwargs override them.
+_MODEL_ARGS = {
+    'refiner_vit_small_patch16_224': dict(patch_size=16, embed_dim=384, depth=16, num_heads=12),
+    'refiner_vit_medium_patch16_224': dict(patch_size=16, embed_dim=420, depth=32, num_heads=12),
+    'refiner_vit_large_patch16_224': dict(patch_size=16, embed_dim=512, depth=32, num_heads=16),
+    'refiner_vit_large_patch16_448': dict(
+        img_size=448, patch_size=16, embed_dim=512, depth=32, num_heads=16, aux_head=True),
+}
+
+
 def _create_refiner(variant: str, pretrained: bool = False, **kwargs) -> RefinerViT:
+    kwargs = dict(_MODEL_ARGS[variant], **kwargs)
     return build_token_model(
         RefinerViT, variant, pretrained, checkpoint_filter_fn, default_depth=16,
         builder=build_with_official_weights, **kwargs)
@@ -862,26 +874,22 @@ def _create_refiner(variant: str, pretrained: bool = False, **kwargs) -> Refiner
 @register_model
 def refiner_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
     """ Refiner-ViT-S: 16 blocks (8 refiner), 384 wide, 12 heads. """
-    model_cfg = dict(patch_size=16, embed_dim=384, depth=16, num_heads=12)
-    return _create_refiner('refiner_vit_small_patch16_224', pretrained=pretrained, **dict(model_cfg, **kwargs))
+    return _create_refiner('refiner_vit_small_patch16_224', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def refiner_vit_medium_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
     """ Refiner-ViT-M: 32 blocks (16 refiner), 420 wide, 12 heads. """
-    model_cfg = dict(patch_size=16, embed_dim=420, depth=32, num_heads=12)
-    return _create_refiner('refiner_vit_medium_patch16_224', pretrained=pretrained, **dict(model_cfg, **kwargs))
+    return _create_refiner('refiner_vit_medium_patch16_224', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def refiner_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> RefinerViT:
     """ Refiner-ViT-L: 32 blocks (16 refiner), 512 wide, 16 heads. """
-    model_cfg = dict(patch_size=16, embed_dim=512, depth=32, num_heads=16)
-    return _create_refiner('refiner_vit_large_patch16_224', pretrained=pretrained, **dict(model_cfg, **kwargs))
+    return _create_refiner('refiner_vit_large_patch16_224', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def refiner_vit_large_patch16_448(pretrained: bool = False, **kwargs) -> RefinerViT:
     """ Refiner-ViT-L at 448, with the token-labelling aux head its released weights were trained with. """
-    model_cfg = dict(img_size=448, patch_size=16, embed_dim=512, depth=32, num_heads=16, aux_head=True)
-    return _create_refiner('refiner_vit_large_patch16_448', pretrained=pretrained, **dict(model_cfg, **kwargs))
+    return _create_refiner('refiner_vit_large_patch16_448', pretrained=pretrained, **kwargs)

@@ -836,14 +836,29 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# what every TransCNN / every HAT-Net shares; each register function adds its size
+# what every TransCNN / every HAT-Net shares; each entry of _MODEL_ARGS adds its size
 _TRANSCNN = dict(head_dim=64, kernel_sizes=(5, 3, 5, 3), window_sizes=(8, 8, 8, 1), pool_ratios=(8, 4, 2, 1))
 _HATNET = dict(
     head_dim=64, kernel_sizes=(3, 3, 3, 3), mlp_ratios=(8, 8, 4, 4), window_sizes=(8, 7, 7, 1),
     pool_ratios=(8, 4, 2, 1), mlp_pre_norm=True, downsample_shortcut=False, norm_layer='groupnorm1', norm_eps=1e-6)
 
 
+# Each registered variant's constructor arguments (as timm's levit.py keeps its `model_cfgs`); a model function's
+# kwargs override them.
+_MODEL_ARGS = {
+    'transcnn_tiny': dict(_TRANSCNN, embed_dims=(64, 128, 256, 512), depths=(2, 2, 4, 2), mlp_ratios=(4, 4, 4, 4)),
+    'transcnn_small': dict(_TRANSCNN, embed_dims=(64, 128, 256, 512), depths=(3, 4, 8, 3), mlp_ratios=(4, 4, 6, 6)),
+    'transcnn_medium': dict(_TRANSCNN, embed_dims=(64, 128, 320, 640), depths=(3, 4, 12, 3), mlp_ratios=(4, 4, 6, 6)),
+    'transcnn_large': dict(_TRANSCNN, embed_dims=(64, 128, 384, 768), depths=(3, 4, 16, 3), mlp_ratios=(4, 4, 6, 6)),
+    'hatnet_tiny': dict(_HATNET, embed_dims=(48, 96, 240, 384), depths=(2, 2, 6, 3), head_dim=48),
+    'hatnet_small': dict(_HATNET, embed_dims=(64, 128, 320, 512), depths=(2, 3, 8, 3)),
+    'hatnet_medium': dict(_HATNET, embed_dims=(64, 128, 320, 512), depths=(3, 6, 18, 3), kernel_sizes=(5, 3, 5, 3)),
+    'hatnet_large': dict(_HATNET, embed_dims=(64, 128, 320, 640), depths=(3, 8, 27, 3)),
+}
+
+
 def _create_transcnn(variant: str, pretrained: bool = False, **kwargs) -> TransCNN:
+    kwargs = dict(_MODEL_ARGS[variant], **kwargs)
     return build_with_official_weights(
         TransCNN,
         variant,
@@ -857,54 +872,46 @@ def _create_transcnn(variant: str, pretrained: bool = False, **kwargs) -> TransC
 @register_model
 def transcnn_tiny(pretrained: bool = False, **kwargs) -> TransCNN:
     """ TransCNN-Tiny, 256 px: 13.32M params. """
-    model_args = dict(_TRANSCNN, embed_dims=(64, 128, 256, 512), depths=(2, 2, 4, 2), mlp_ratios=(4, 4, 4, 4))
-    return _create_transcnn('transcnn_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transcnn('transcnn_tiny', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def transcnn_small(pretrained: bool = False, **kwargs) -> TransCNN:
     """ TransCNN-Small, 256 px: 26.54M params. """
-    model_args = dict(_TRANSCNN, embed_dims=(64, 128, 256, 512), depths=(3, 4, 8, 3), mlp_ratios=(4, 4, 6, 6))
-    return _create_transcnn('transcnn_small', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transcnn('transcnn_small', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def transcnn_medium(pretrained: bool = False, **kwargs) -> TransCNN:
     """ TransCNN-Medium, 256 px: 48.32M params. """
-    model_args = dict(_TRANSCNN, embed_dims=(64, 128, 320, 640), depths=(3, 4, 12, 3), mlp_ratios=(4, 4, 6, 6))
-    return _create_transcnn('transcnn_medium', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transcnn('transcnn_medium', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def transcnn_large(pretrained: bool = False, **kwargs) -> TransCNN:
     """ TransCNN-Large, 256 px: 80.03M params. """
-    model_args = dict(_TRANSCNN, embed_dims=(64, 128, 384, 768), depths=(3, 4, 16, 3), mlp_ratios=(4, 4, 6, 6))
-    return _create_transcnn('transcnn_large', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transcnn('transcnn_large', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def hatnet_tiny(pretrained: bool = False, **kwargs) -> TransCNN:
     """ HAT-Net-Tiny, 224 px: 12.65M params (official 12.66M with the unused proj_norm). """
-    model_args = dict(_HATNET, embed_dims=(48, 96, 240, 384), depths=(2, 2, 6, 3), head_dim=48)
-    return _create_transcnn('hatnet_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transcnn('hatnet_tiny', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def hatnet_small(pretrained: bool = False, **kwargs) -> TransCNN:
     """ HAT-Net-Small, 224 px: 25.74M params (official 25.75M with the unused proj_norm). """
-    model_args = dict(_HATNET, embed_dims=(64, 128, 320, 512), depths=(2, 3, 8, 3))
-    return _create_transcnn('hatnet_small', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transcnn('hatnet_small', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def hatnet_medium(pretrained: bool = False, **kwargs) -> TransCNN:
     """ HAT-Net-Medium, 224 px: 42.93M params (official 42.94M with the unused proj_norm). """
-    model_args = dict(_HATNET, embed_dims=(64, 128, 320, 512), depths=(3, 6, 18, 3), kernel_sizes=(5, 3, 5, 3))
-    return _create_transcnn('hatnet_medium', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transcnn('hatnet_medium', pretrained=pretrained, **kwargs)
 
 
 @register_model
 def hatnet_large(pretrained: bool = False, **kwargs) -> TransCNN:
     """ HAT-Net-Large, 224 px: 63.11M params (official 63.13M with the unused proj_norm). """
-    model_args = dict(_HATNET, embed_dims=(64, 128, 320, 640), depths=(3, 8, 27, 3))
-    return _create_transcnn('hatnet_large', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_transcnn('hatnet_large', pretrained=pretrained, **kwargs)
