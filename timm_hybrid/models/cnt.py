@@ -183,8 +183,9 @@ INNER_IMPLS = ('auto', 'conv', 'matmul')
 CPU_CONV_MIN_CHANNELS = 16
 # The GEMM form's training BatchNorm runs on its output rows (`batch_norm_pixel_rows`) below this many channels: at 4
 # (the micro models) aten's channels-last kernel took 7x as long for the norm and the micro CNT's training step ran
-# 13% faster with the row form (0.900x -> 1.030x DeiT-micro, 1 thread, batch 128); at 8 (CNT-Ti) the step ran slower
-# with it (0.835x -> 0.782x DeiT-Ti, 2 threads, batch 32), at 16 the norm alone did.
+# 8-13% faster with the row form (0.90x -> 0.98-1.03x DeiT-micro, 1 thread, batch 128); at 8 (CNT-Ti) the training
+# step was no faster (aten / row step time, median over 16 interleaved rounds: 0.99; 2 threads, batch 32), at 16 the
+# norm alone ran slower.
 CPU_ROW_NORM_MAX_CHANNELS = 8
 
 
