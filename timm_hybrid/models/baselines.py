@@ -12,10 +12,13 @@ comparison sizes timm lacks exist by name:
   16 pixels (the nano models' stride 2 gives a 4x4 grid too, but from a 7x7 patch: each pixel embedding overlaps its
   neighbours). Sizes, depth 4 for all:
 
-  | model | outer / inner width, heads | fvcore GMACs | params (M) | train img/s, 1 thread |
+  | model | outer / inner width, heads | fvcore GMACs | params (M) | train img/s, 1 thread, at sizing time |
   | tnt_micro_patch4_28  | 64 / 4, 2 outer / 1 inner | 0.01370 | 0.226 | ~220-290 |
   | cnt_micro_patch4_28  | 64 / 4, 2                 | 0.01352 | 0.227 | ~330     |
   | deit_micro_patch4_28 | 70, 2                     | 0.01337 | 0.245 | ~470     |
+
+  (Today's side-by-side figures, with CNT's row BatchNorm, are in benchmarks/results/compare_micro: CNT now trains
+  at about DeiT's speed.)
 
   Why: TNT keeps its own inner-to-outer width ratio (TNT-Ti 12 / 192, TNT-S 24 / 384: 1/16), so 4 / 64 with one
   inner head of dim 4. CNT takes the same widths: on 4 channels its 3x3 basic block costs about what TNT's inner
