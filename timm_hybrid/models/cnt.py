@@ -110,6 +110,12 @@ def conv3x3_as_matrix(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return matrix.reshape(num_pixels * c_in, num_pixels * c_out)
 
 
+def _channel_sums(rows: torch.Tensor, num_pixels: int) -> torch.Tensor:
+    """ Per-channel sums of pixel rows (R, h*w*C): down the rows first (a pass vectorized along each row), then over
+    the h*w pixels of the (h*w*C) result. """
+    return rows.sum(0).view(num_pixels, rows.shape[1] // num_pixels).sum(0)
+
+
 class _PixelRowsBatchNorm(torch.autograd.Function):
     """ Training-mode BatchNorm of pixel rows (R, h*w*C), pixel-major and channel-minor: each channel's statistics
     over every row and pixel, as BatchNorm2d computes them on the (R, C, h, w) view, with every pass over the rows
@@ -118,15 +124,10 @@ class _PixelRowsBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_pixels: int, eps: float):
-        num_channels = rows.shape[1] // num_pixels
         count = rows.shape[0] * num_pixels
-
-        def channel_sums(t: torch.Tensor) -> torch.Tensor:
-            return t.sum(0).view(num_pixels, num_channels).sum(0)
-
-        mean = channel_sums(rows) / count
+        mean = _channel_sums(rows, num_pixels) / count
         centered = rows - mean.repeat(num_pixels)
-        var = channel_sums(centered * centered) / count
+        var = _channel_sums(centered * centered, num_pixels) / count
         inv_std = torch.rsqrt(var + eps)
         out = torch.addcmul(bias.repeat(num_pixels), centered, (weight * inv_std).repeat(num_pixels))
         ctx.save_for_backward(centered, inv_std, weight)
@@ -138,10 +139,9 @@ class _PixelRowsBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
         centered, inv_std, weight = ctx.saved_tensors
         num_pixels = ctx.num_pixels
-        num_channels = centered.shape[1] // num_pixels
         count = centered.shape[0] * num_pixels
-        grad_bias = grad_out.sum(0).view(num_pixels, num_channels).sum(0)
-        grad_centered = (grad_out * centered).sum(0).view(num_pixels, num_channels).sum(0)
+        grad_bias = _channel_sums(grad_out, num_pixels)
+        grad_centered = _channel_sums(grad_out * centered, num_pixels)
         grad_rows = None
         if ctx.needs_input_grad[0]:
             # d rows = scale * (g - mean(g) - centered * mean(g * centered) / var), per channel
