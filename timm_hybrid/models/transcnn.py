@@ -303,14 +303,16 @@ class PreNormInvertedResidual(nn.Module):
     """ HAT-Net's FFN: 1x1 expand -> act -> depthwise kxk -> act -> 1x1 project, with one norm before and one after.
 
     TransCNN's FFN (a norm after every conv) is timm's MobileNetV2 `InvertedResidual`; HAT-Net moved the norms out.
-    The block's residual is outside, as in TransCNN.
+    Built as that one is (in / out channels, `dw_kernel_size`, `exp_ratio`), so a Block takes either. The block's
+    residual is outside, as in TransCNN.
     """
 
     def __init__(
             self,
-            dim: int,
-            mlp_ratio: float = 4.,
-            kernel_size: int = 3,
+            in_chs: int,
+            out_chs: int,
+            dw_kernel_size: int = 3,
+            exp_ratio: float = 4.,
             act_layer: Type[nn.Module] = nn.SiLU,
             norm_layer: Callable[..., nn.Module] = nn.GroupNorm,
             device=None,
@@ -318,14 +320,14 @@ class PreNormInvertedResidual(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        hidden_dim = int(dim * mlp_ratio)
-        self.norm = norm_layer(dim, **dd)
-        self.conv_pw = nn.Conv2d(dim, hidden_dim, 1, bias=False, **dd)
+        hidden_chs = int(in_chs * exp_ratio)
+        self.norm = norm_layer(in_chs, **dd)
+        self.conv_pw = nn.Conv2d(in_chs, hidden_chs, 1, bias=False, **dd)
         self.act1 = create_act_layer(act_layer, inplace=True)
-        self.conv_dw = create_conv2d(hidden_dim, hidden_dim, kernel_size, depthwise=True, **dd)
+        self.conv_dw = create_conv2d(hidden_chs, hidden_chs, dw_kernel_size, depthwise=True, **dd)
         self.act2 = create_act_layer(act_layer, inplace=True)
-        self.conv_pwl = nn.Conv2d(hidden_dim, dim, 1, bias=False, **dd)
-        self.norm_out = norm_layer(dim, **dd)
+        self.conv_pwl = nn.Conv2d(hidden_chs, out_chs, 1, bias=False, **dd)
+        self.norm_out = norm_layer(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.conv_pw(self.norm(x)))
@@ -334,17 +336,18 @@ class PreNormInvertedResidual(nn.Module):
 
 
 class Block(nn.Module):
-    """ x + H-MHSA(x), then x + FFN(x) (each branch normalises its own input); `attn_kwargs` (head_dim,
-    window_size, pool_ratio) configure the HierarchicalAttention. """
+    """ x + H-MHSA(x), then x + FFN(x) (each branch normalises its own input).
+
+    `mlp_layer(dim, dim)` builds the FFN, as timm's ViT Block takes its `mlp_layer`: TransCNN's timm
+    `InvertedResidual` or HAT-Net's `PreNormInvertedResidual`, bound to the stage's expansion and kernel.
+    `attn_kwargs` (head_dim, window_size, pool_ratio) configure the HierarchicalAttention.
+    """
 
     def __init__(
             self,
             dim: int,
-            mlp_pre_norm: bool = False,  # HAT-Net's FFN (PreNormInvertedResidual), else TransCNN's InvertedResidual
-            mlp_ratio: float = 4.,
-            kernel_size: int = 3,
+            mlp_layer: Callable[..., nn.Module],
             drop_path: float = 0.,
-            act_layer: Type[nn.Module] = nn.SiLU,
             norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
             device=None,
             dtype=None,
@@ -354,13 +357,7 @@ class Block(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.attn = HierarchicalAttention(dim, norm_layer=norm_layer, **attn_kwargs, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        if mlp_pre_norm:
-            self.mlp = PreNormInvertedResidual(
-                dim, mlp_ratio=mlp_ratio, kernel_size=kernel_size, act_layer=act_layer, norm_layer=norm_layer, **dd)
-        else:
-            self.mlp = InvertedResidual(
-                dim, dim, dw_kernel_size=kernel_size, noskip=True, exp_ratio=mlp_ratio, act_layer=act_layer,
-                norm_layer=norm_layer, **dd)
+        self.mlp = mlp_layer(dim, dim, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -401,8 +398,8 @@ class Downsample(nn.Module):
 
 
 class TransCNNStage(nn.Module):
-    """ Optional Downsample to `dim`, then `depth` Blocks; `block_kwargs` (head_dim, window_size, pool_ratio,
-    mlp_ratio, kernel_size, mlp_pre_norm) go to every Block. """
+    """ Optional Downsample to `dim`, then `depth` Blocks; `block_kwargs` (mlp_layer, head_dim, window_size,
+    pool_ratio) go to every Block. """
 
     def __init__(
             self,
@@ -420,16 +417,17 @@ class TransCNNStage(nn.Module):
             **block_kwargs,
     ):
         super().__init__()
-        layer_kwargs = dict(act_layer=act_layer, norm_layer=norm_layer, device=device, dtype=dtype)
         self.grad_checkpointing = False
         if downsample:
-            downsample_kwargs = dict(layer_kwargs, norm_layer=conv_norm_layer or norm_layer)
-            self.downsample = Downsample(in_dim, dim, shortcut=downsample_shortcut, **downsample_kwargs)
+            self.downsample = Downsample(
+                in_dim, dim, shortcut=downsample_shortcut, act_layer=act_layer,
+                norm_layer=conv_norm_layer or norm_layer, device=device, dtype=dtype)
         else:
             self.downsample = nn.Identity()
         drop_path = drop_path if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
         self.blocks = nn.Sequential(*[
-            Block(dim, drop_path=drop_path[i], **block_kwargs, **layer_kwargs) for i in range(depth)])
+            Block(dim, drop_path=drop_path[i], norm_layer=norm_layer, device=device, dtype=dtype, **block_kwargs)
+            for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -576,6 +574,7 @@ class TransCNN(nn.Module):
         )
 
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=False)
+        ffn_layer = PreNormInvertedResidual if mlp_pre_norm else partial(InvertedResidual, noskip=True)
         stages = []
         self.feature_info = []
         in_dim, reduction, first_block = embed_dims[0], 4, 0
@@ -590,9 +589,9 @@ class TransCNN(nn.Module):
                 head_dim=head_dim,
                 window_size=window_sizes[i],
                 pool_ratio=pool_ratios[i],
-                mlp_ratio=mlp_ratios[i],
-                kernel_size=kernel_sizes[i],
-                mlp_pre_norm=mlp_pre_norm,
+                mlp_layer=partial(
+                    ffn_layer, dw_kernel_size=kernel_sizes[i], exp_ratio=mlp_ratios[i], act_layer=act_layer,
+                    norm_layer=norm_layer),
                 drop_path=dpr[first_block:first_block + depths[i]],
                 act_layer=act_layer,
                 norm_layer=norm_layer,
