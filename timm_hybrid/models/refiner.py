@@ -423,20 +423,21 @@ def pointwise_conv_to_nchw(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 class RefinerAttention(_MapAttention):
-    """ Attention with the previous block's map, refined: no query / key projection, only values. """
+    """ Attention with the previous block's map, refined: no query / key projection, only values.
+
+    `refiner_layer(num_heads)` builds the refinement (an `AttentionRefiner`, or a partial of one with its expansion,
+    kernel, norm, act and layout); `norm_layer` normalises the refined map.
+    """
 
     def __init__(
             self,
             dim: int,
             num_heads: int = 8,
+            refiner_layer: Callable[..., nn.Module] = AttentionRefiner,
             qkv_bias: bool = True,
-            expand_ratio: int = 3,
-            kernel_size: int = 3,
             proj_drop: float = 0.,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            act_layer: Type[nn.Module] = nn.ReLU6,
             cpu_chunk: Optional[int] = None,
-            channels_last: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -444,9 +445,7 @@ class RefinerAttention(_MapAttention):
         self.cpu_chunk = cpu_chunk  # see RefinerViT
         dd = {'device': device, 'dtype': dtype}
         self.v = nn.Linear(dim, dim, bias=qkv_bias, **dd)
-        self.refine = AttentionRefiner(
-            num_heads, expand_ratio=expand_ratio, kernel_size=kernel_size, norm_layer=norm_layer,
-            act_layer=act_layer, channels_last=channels_last, **dd)
+        self.refine = refiner_layer(num_heads, **dd)
         self.norm = norm_layer(num_heads, **dd)
 
     def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -504,28 +503,24 @@ class RefinerAttention(_MapAttention):
 
 
 class Block(nn.Module):
-    """ Pre-norm transformer block carrying an attention map: (tokens, map) -> (tokens, map). """
+    """ Pre-norm transformer block carrying an attention map: (tokens, map) -> (tokens, map).
+
+    `attn_layer(dim, num_heads=..., proj_drop=...)` builds the attention, as timm's ViT Block takes its `attn_layer`:
+    `Attention` (a plain block) or `RefinerAttention` (a refiner block), bound to their own options.
+    """
 
     def __init__(
             self,
             dim: int,
             num_heads: int,
-            refine: bool = False,
+            attn_layer: Callable[..., nn.Module] = Attention,
             mlp_ratio: float = 3.,
-            qkv_bias: bool = True,
-            refine_expand: int = 3,
-            refine_kernel_size: int = 3,
             init_values: float = 1e-5,
             branch_gain: float = 2.,
             proj_drop: float = 0.,
-            attn_drop: float = 0.,
             drop_path: float = 0.,
             act_layer: Type[nn.Module] = nn.GELU,
             norm_layer: Type[nn.Module] = nn.LayerNorm,
-            refine_norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            refine_act_layer: Type[nn.Module] = nn.ReLU6,
-            refine_channels_last: Optional[bool] = None,
-            cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
     ):
@@ -534,14 +529,7 @@ class Block(nn.Module):
         # the release normalises x * 0.5 and adds branch / 0.5; kept as a gain so released weights give its outputs
         self.branch_gain = branch_gain
         self.norm1 = norm_layer(dim, **dd)
-        if refine:
-            self.attn = RefinerAttention(
-                dim, num_heads=num_heads, qkv_bias=qkv_bias, expand_ratio=refine_expand,
-                kernel_size=refine_kernel_size, proj_drop=proj_drop, norm_layer=refine_norm_layer,
-                act_layer=refine_act_layer, cpu_chunk=cpu_chunk, channels_last=refine_channels_last, **dd)
-        else:
-            self.attn = Attention(
-                dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **dd)
+        self.attn = attn_layer(dim, num_heads=num_heads, proj_drop=proj_drop, **dd)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim, **dd)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop, **dd)
@@ -694,14 +682,17 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        plain_attn = partial(Attention, qkv_bias=qkv_bias, attn_drop=attn_drop_rate)
+        refiner_attn = partial(
+            RefinerAttention, qkv_bias=qkv_bias, norm_layer=conv_norm_layer, cpu_chunk=self.cpu_chunk,
+            refiner_layer=partial(
+                AttentionRefiner, expand_ratio=refine_expand, kernel_size=refine_kernel_size,
+                norm_layer=conv_norm_layer, act_layer=refine_act_layer, channels_last=refine_channels_last))
         self.blocks = nn.ModuleList([
             Block(
-                embed_dim, num_heads, refine=refiner_blocks[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                refine_expand=refine_expand, refine_kernel_size=refine_kernel_size, init_values=init_values,
-                branch_gain=branch_gain, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i],
-                act_layer=act_layer, norm_layer=norm_layer, refine_norm_layer=conv_norm_layer,
-                refine_act_layer=refine_act_layer, refine_channels_last=refine_channels_last, cpu_chunk=self.cpu_chunk,
-                **dd)
+                embed_dim, num_heads, attn_layer=refiner_attn if refiner_blocks[i] else plain_attn,
+                mlp_ratio=mlp_ratio, init_values=init_values, branch_gain=branch_gain, proj_drop=proj_drop_rate,
+                drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, **dd)
             for i in range(depth)])
         self._init_head(norm_layer, drop_rate, reduction=max(self.patch_embed.patch_size), **dd)
         # token labelling's per-patch head of the released large model
