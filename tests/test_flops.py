@@ -134,7 +134,8 @@ def test_cli_prints_params_and_gmacs_by_operator(capsys):
 
 @pytest.mark.parametrize('argv, message', [
     (['flops', 'no_such_model'], 'Unknown model (no_such_model)'),
-    (['flops', 'cnt_nano_patch7_28', '--model-kwargs', 'no_such_kwarg=1'], "unexpected keyword argument 'no_such_kwarg'"),
+    (['flops', 'cnt_nano_patch7_28', '--model-kwargs', 'no_such_kwarg=1'],
+     "unexpected keyword argument 'no_such_kwarg'"),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(argv, message, capsys):
     from timm_hybrid.cli import main

@@ -117,7 +117,8 @@ def _pip(*args: str, cwd: Path) -> None:
 
 
 @pytest.mark.skipif(int(setuptools.__version__.split('.')[0]) < 77,
-                    reason='the offline wheel build (--no-build-isolation) needs setuptools>=77 here, as pyproject says')
+                    reason='the offline wheel build (--no-build-isolation) needs setuptools>=77 here, '
+                           'as pyproject says')
 def test_wheel_ships_the_weights_and_tags_load_from_the_installed_package(tmp_path):
     """ Built from a copy of the sources (no stale build/ of the checkout), installed into a folder of its own, then
     imported outside the source tree with HF_HUB_OFFLINE=1 and no network. """

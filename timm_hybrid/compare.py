@@ -31,7 +31,7 @@ import torch.nn as nn
 
 import timm
 
-from . import models  # noqa: F401  registers our families, also in a spawned memory-measuring process
+from . import models as _families  # noqa: F401  registers our families, also in a spawned memory-measuring process
 from .flops import count_flops
 
 __all__ = [
