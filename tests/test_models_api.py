@@ -119,6 +119,8 @@ def test_grad_checkpointing_same_outputs_grads_and_norm_stats(name):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_torchscript_and_fx_match_eager(name):
+    """ The FX graph gives the eager logits to the bit, as timm's own test_model_forward_fx asks of every model (one
+    image: eager CPU chunking does not apply); TorchScript runs its own kernels, so within rounding. """
     model = _create(name).eval()
     x = _image(model)
     with torch.no_grad():
@@ -126,7 +128,8 @@ def test_torchscript_and_fx_match_eager(name):
         torch.testing.assert_close(torch.jit.script(model)(x), expected, atol=1e-4, rtol=1e-4)
         _, eval_nodes = get_graph_node_names(model)
         fx_model = create_feature_extractor(model, return_nodes=[eval_nodes[-1]])
-        torch.testing.assert_close(next(iter(fx_model(x).values())), expected, atol=1e-4, rtol=1e-4)
+        fx_logits = next(iter(fx_model(x).values()))
+        assert torch.equal(fx_logits, expected), (fx_logits - expected).abs().max()
 
 
 @pytest.mark.parametrize('name', MODELS)

@@ -78,10 +78,10 @@ class ConvPatchEmbed(PatchGridEmbed):
     The stem is LV-ViT's (itself after T2T-ViT): the 7x7 conv and two 3x3 convs see pixels across patch borders
     before the patches are cut.
 
-    Eager on CPU the stem runs channels-last (oneDNN's own layout: NCHW maps are reordered around every conv) and a
-    training step runs it on `cpu_chunk`-image slices with the batch statistics of the whole batch, as the refiners
-    do: its 64- and 128-channel maps at 112 x 112 are 3.2 / 6.4 MB an image, far above malloc's mmap threshold at
-    batch 32 (CPU_CHUNK_BYTES in models/_common.py). Same outputs and gradients within fp32 rounding; the measured
+    The stem runs channels-last (oneDNN's own layout on CPU: NCHW maps are reordered around every conv; cuDNN's
+    tensor-core layout on GPUs) and, eager on CPU, a training step runs it on `cpu_chunk`-image slices with the batch
+    statistics of the whole batch, as the refiners do: its 64- and 128-channel maps at 112 x 112 are 3.2 / 6.4 MB an
+    image, far above malloc's mmap threshold at batch 32 (CPU_CHUNK_BYTES in models/_common.py). Same outputs and gradients within fp32 rounding; the measured
     effect is in the README.
     """
 
@@ -112,12 +112,13 @@ class ConvPatchEmbed(PatchGridEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if not torch.jit.is_scripting():
-            if eager_on_cpu(x):
-                x = x.contiguous(memory_format=torch.channels_last)
-                chunk = self._train_chunk(x)
-                if chunk:
-                    return self._forward_chunked(x, chunk)
+        # channels-last on every path, not only where it was measured faster (eager CPU): traced, scripted and compiled
+        # models then run the convs the eager model runs, and give its outputs to the bit (timm's FX test asks that)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if not torch.jit.is_scripting() and eager_on_cpu(x):
+            chunk = self._train_chunk(x)
+            if chunk:
+                return self._forward_chunked(x, chunk)
         x = self.proj(self.conv3(self.conv2(self.conv1(x))))  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)
 
