@@ -53,6 +53,11 @@ class ConvolvedTNTBlock(TNTBlock):
     `convolve_inner`; the TNT block's own modules and keys are unchanged, `inner_conv.*` is new. """
     inserted_names = ('inner_conv',)
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: a clear message instead of TorchScript's "no attribute 'forward'"
+        raise RuntimeError('A TNT with CNT\'s inner conv block (ConvolvedTNTBlock) does not script: TorchScript cannot '
+                           'call the timm TNT block it extends (super().forward). Use torch.compile or FX instead.')
+
     def forward(self, pixel_embed: torch.Tensor, patch_embed: torch.Tensor):
         return super().forward(self.inner_conv(pixel_embed), patch_embed)
 

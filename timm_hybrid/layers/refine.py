@@ -84,6 +84,11 @@ class RefinedAttention(Attention):
     """
     inserted_names = ('refine', 'hand_on')
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first: a clear message instead of a failure inside the first scripted forward
+        raise RuntimeError('Refined attention (RefinedAttention) does not script: the map hand-on between blocks is a '
+                           'Python object, which TorchScript cannot hold. Use torch.compile or FX instead.')
+
     def __init__(
             self,
             dim: int,
