@@ -81,8 +81,8 @@ class ConvPatchEmbed(PatchGridEmbed):
     The stem runs channels-last (oneDNN's own layout on CPU: NCHW maps are reordered around every conv; cuDNN's
     tensor-core layout on GPUs) and, eager on CPU, a training step runs it on `cpu_chunk`-image slices with the batch
     statistics of the whole batch, as the refiners do: its 64- and 128-channel maps at 112 x 112 are 3.2 / 6.4 MB an
-    image, far above malloc's mmap threshold at batch 32 (CPU_CHUNK_BYTES in models/_common.py). Same outputs and gradients within fp32 rounding; the measured
-    effect is in the README.
+    image, far above malloc's mmap threshold at batch 32 (CPU_CHUNK_BYTES in models/_common.py). Same outputs and
+    gradients within fp32 rounding; the measured effect is in the README.
     """
 
     def __init__(
@@ -112,8 +112,9 @@ class ConvPatchEmbed(PatchGridEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        # channels-last on every path, not only where it was measured faster (eager CPU): traced, scripted and compiled
-        # models then run the convs the eager model runs, and give its outputs to the bit (timm's FX test asks that)
+        # channels-last on every path, not only where it was measured faster (eager CPU): an FX-traced model then runs
+        # the eager model's convs and gives its outputs to the bit (timm's test_model_forward_fx asks that); scripted
+        # and compiled models get the same layout
         x = x.contiguous(memory_format=torch.channels_last)
         if not torch.jit.is_scripting() and eager_on_cpu(x):
             chunk = self._train_chunk(x)
