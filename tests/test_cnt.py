@@ -184,8 +184,8 @@ def test_batch_norm_on_pixel_rows_is_batchnorm2d_on_the_channels_last_view(momen
 
 
 def test_matmul_inner_block_normalizes_rows_on_cpu_and_leaves_other_norms_to_themselves(monkeypatch):
-    """ The GEMM form's training step takes the row BatchNorm for a plain BatchNorm2d of 4 channels on CPU
-    (BatchNorm2d.forward is not called); from 8 channels, or for a subclass that does more than the norm (timm's
+    """ The GEMM form's training step takes the row BatchNorm for a plain BatchNorm2d of 4 or 8 channels on CPU
+    (BatchNorm2d.forward is not called); from 16 channels, or for a subclass that does more than the norm (timm's
     BatchNormAct2d), the norm runs its own forward. """
     from timm.layers import BatchNormAct2d
     calls = []
@@ -196,7 +196,9 @@ def test_matmul_inner_block_normalizes_rows_on_cpu_and_leaves_other_norms_to_the
     assert calls == []
     InnerResBlock(4, (4, 4), impl='matmul', norm_layer=BatchNormAct2d).train()(x)
     assert calls == [BatchNormAct2d, BatchNormAct2d]
-    InnerResBlock(8, (4, 4), impl='matmul').train()(torch.randn(3, 16, 8))
+    InnerResBlock(8, (4, 4), impl='matmul').train()(torch.randn(3, 16, 8))  # CNT-Ti's width
+    assert calls[2:] == []
+    InnerResBlock(16, (4, 4), impl='matmul').train()(torch.randn(3, 16, 16))
     assert calls[2:] == [torch.nn.BatchNorm2d, torch.nn.BatchNorm2d]
 
 

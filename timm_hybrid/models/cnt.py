@@ -158,8 +158,9 @@ def batch_norm_pixel_rows(rows: torch.Tensor, bn: nn.BatchNorm2d, num_pixels: in
 
     Why: aten's CPU BatchNorm on a channels-last map vectorizes along the channels (16 fp32 lanes with AVX-512), so
     at 4 channels three quarters of each vector are empty: forward + backward on 6272 rows of 16 pixels x 4 channels
-    took 4.9-8.5 ms there and 0.8-3.6 ms here (1 and 2 threads). Each pass here runs along whole rows instead; it
-    takes more passes, which costs from 8 channels on (`CPU_ROW_NORM_MAX_CHANNELS`).
+    took 4.9-8.5 ms there and 0.8-3.6 ms here (1 and 2 threads), and at 8 channels aten's backward slows down with
+    2 threads. Each pass here runs along whole rows instead; it takes more passes, which costs from 16 channels on
+    (`CPU_ROW_NORM_MAX_CHANNELS`).
     """
     num_channels = bn.num_features
     weight = bn.weight if bn.weight is not None else rows.new_ones(num_channels)
@@ -181,12 +182,13 @@ INNER_IMPLS = ('auto', 'conv', 'matmul')
 # 16/9 the multiply-adds but full vectors, ran faster; at 16 (CNT-S) the convolution did (README, "How the inner
 # block runs").
 CPU_CONV_MIN_CHANNELS = 16
-# The GEMM form's training BatchNorm runs on its output rows (`batch_norm_pixel_rows`) below this many channels: at 4
+# The GEMM form's training BatchNorm runs on its output rows (`batch_norm_pixel_rows`) below this many channels. At 4
 # (the micro models) aten's channels-last kernel took 7x as long for the norm and the micro CNT's training step ran
-# 8-13% faster with the row form (0.90x -> 0.98-1.03x DeiT-micro, 1 thread, batch 128); at 8 (CNT-Ti) the training
-# step was no faster (aten / row step time, median over 16 interleaved rounds: 0.99; 2 threads, batch 32), at 16 the
-# norm alone ran slower.
-CPU_ROW_NORM_MAX_CHANNELS = 8
+# 8-13% faster with the row form (0.90x -> 0.98-1.03x DeiT-micro, 1 thread, batch 128). At 8 (CNT-Ti), with 2 threads
+# and the machine otherwise idle, aten's backward alone took 7.6 ms a call (12% of the training step, 24 calls) and
+# forward + backward 7.7-8.4 ms against 2.6-3.0 ms as rows; with 1 thread 2.1-3.0 against 3.3 ms (6272 rows of 16
+# pixels). At 16 the norm alone ran slower as rows (7.1 against 1.8-3.7 ms, 2 threads).
+CPU_ROW_NORM_MAX_CHANNELS = 16
 
 
 class InnerResBlock(nn.Module):
