@@ -17,8 +17,8 @@ comparison sizes timm lacks exist by name:
   | cnt_micro_patch4_28  | 64 / 4, 2                 | 0.01352 | 0.227 | ~330     |
   | deit_micro_patch4_28 | 70, 2                     | 0.01337 | 0.245 | ~470     |
 
-  (Today's side-by-side figures, with CNT's row BatchNorm, are in benchmarks/results/compare_micro: CNT now trains
-  at about DeiT's speed.)
+  (Today's side-by-side figures are in benchmarks/results/compare_micro: with CNT's row BatchNorm CNT trained at
+  about DeiT's speed on a host with slow GEMMs, at 0.79x on one whose GEMMs run 3x as fast.)
 
   Why: TNT keeps its own inner-to-outer width ratio (TNT-Ti 12 / 192, TNT-S 24 / 384: 1/16), so 4 / 64 with one
   inner head of dim 4. CNT takes the same widths: on 4 channels its 3x3 basic block costs about what TNT's inner

@@ -203,8 +203,9 @@ class InnerResBlock(nn.Module):
     * 'matmul': each 3x3 convolution as one (B*N, h*w*C_in) x (h*w*C_in, h*w*C_out) GEMM, the matrix built each step
       from the kernel (`conv3x3_as_matrix`); 1x1 convolutions as per-pixel GEMMs. It spends 16/9 of the convolution's
       multiply-adds (the matrix holds the zero padding), but a GEMM with K = N = 16*C (256 for CNT-S) is tensor-core
-      shaped where cuDNN gets 3x3 convolutions on 4x4 maps with 16 channels. BatchNorm keeps
-      its exact training statistics (run on the channels-last grid view) and folds into the matrix in inference.
+      shaped where cuDNN gets 3x3 convolutions on 4x4 maps with 16 channels. BatchNorm keeps its exact training
+      statistics (on CPU below 16 channels along the GEMM's output rows, `batch_norm_pixel_rows`; else on the
+      channels-last grid view) and folds into the matrix in inference.
     * 'auto': 'matmul' on accelerators; on CPU 'matmul' for convolutions narrower than `CPU_CONV_MIN_CHANNELS` (16,
       CNT-Ti's 8 channels) and 'conv' from there (CNT-S, CNT-B); 'conv' while traced (torch.jit.trace, which fvcore
       uses), so FLOPs are counted for the convolution the block defines, not for the zeros of its matrix.
