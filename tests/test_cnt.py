@@ -293,8 +293,10 @@ def _check_recompute_rule(module: torch.nn.Module, setting_name: str, recomputes
 def test_recompute_pixels_cpu_recomputes_on_cpu_only():
     """ recompute_pixels='cpu': recompute for CPU tensors, keep the activations on other devices (a meta tensor stands
     in for an accelerator's); an explicit True / False holds everywhere; never in eval or without grad. Every
-    registered CNT keeps them by default; CNT-S and CNT-B recompute their outer MLPs' activations on CPU instead. """
-    settings = (('cnt_ti_patch16_224', False), ('cnt_s_patch16_224', 'cpu'), ('cnt_b_patch16_224', 'cpu'))
+    registered CNT keeps them by default; CNT-S and CNT-B recompute their outer MLPs' activations on CPU instead
+    (CNT-Ti and the micro CNT keep them). """
+    settings = (('cnt_ti_patch16_224', False), ('cnt_s_patch16_224', 'cpu'), ('cnt_b_patch16_224', 'cpu'),
+                ('cnt_micro_patch4_28', False))
     for name, mlp_setting in settings:
         block = timm.create_model(name, img_size=32).blocks[0]
         assert block.recompute_pixels is False and block.outer.mlp.recompute_act == mlp_setting, name

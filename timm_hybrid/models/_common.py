@@ -24,7 +24,7 @@ __all__ = [
     'TokenClassifierMixin', 'bn_scale_shift', 'build_token_model', 'build_with_official_weights',
     'check_global_pool', 'check_image_batch', 'check_int', 'check_ints', 'check_loaded_share', 'check_positive',
     'check_rate', 'check_recompute_setting', 'check_token_model_args', 'RECOMPUTE_SETTINGS', 'recomputes',
-    'checkpoint_keeping_bn_stats', 'cpu_chunk_size', 'describe_layout', 'eager_on_cpu',
+    'checkpoint_keeping_bn_stats', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout', 'eager_on_cpu',
     'official_weights_cache_file', 'patch_grid', 'prune_sequence', 'resample_token_pos', 'size_mismatch_message',
     'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'unwrap_checkpoint',
     'weights_source_hint',
@@ -178,13 +178,20 @@ CPU_CHUNK_BYTES = 24 * 2 ** 20
 
 
 @torch.jit.unused
+def cpu_untraced(x: torch.Tensor) -> bool:
+    """ Whether `x` is a CPU tensor that no fx / jit tracer records (eager or under torch.compile): the case for CPU
+    kernel choices that inductor also gains from. """
+    if is_fx_symbolic_tracing() or torch.jit.is_tracing():
+        return False  # before reading x: a traced x's device steers no Python branch
+    return x.device.type == 'cpu'
+
+
+@torch.jit.unused
 def eager_on_cpu(x: torch.Tensor) -> bool:
     """ Whether `x` runs eagerly on the CPU: not on an accelerator, not under fx / jit tracing or torch.compile
     (tracers and compilers plan memory and layouts themselves), the case CPU-only layout and chunking choices are
     measured for. """
-    if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False  # before reading x: a traced x's device steers no Python branch
-    return x.device.type == 'cpu'
+    return not torch.compiler.is_compiling() and cpu_untraced(x)
 
 
 @torch.jit.unused

@@ -38,7 +38,7 @@ from timm.models.vision_transformer import Block as TransformerBlock
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
     check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats,
-    describe_layout, recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg,
+    cpu_untraced, describe_layout, recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg,
     unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
@@ -323,10 +323,8 @@ class InnerResBlock(nn.Module):
         kernel: the row form is several launches. Inductor fuses the row form's passes too: CNT-Ti's compiled
         training step ran 1.04x as fast with it as with inductor's own BatchNorm (8 interleaved rounds, 2 threads). FX
         and jit tracing record the module's own norm. """
-        if is_fx_symbolic_tracing() or torch.jit.is_tracing():
-            return False
-        return (type(bn) is nn.BatchNorm2d and bn.num_features < CPU_ROW_NORM_MAX_CHANNELS and bn.training
-                and out.numel() > 0 and out.device.type == 'cpu' and out.dtype in (torch.float32, torch.float64))
+        return (cpu_untraced(out) and type(bn) is nn.BatchNorm2d and bn.num_features < CPU_ROW_NORM_MAX_CHANNELS
+                and bn.training and out.numel() > 0 and out.dtype in (torch.float32, torch.float64))
 
     @torch.jit.unused
     def _forward_matmul(self, x: torch.Tensor) -> torch.Tensor:
