@@ -24,14 +24,17 @@ def main() -> None:
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--rows', type=int, default=20, help='ops to keep (default: %(default)s)')
+    p.add_argument('--warmup', type=int, default=6,
+                   help='steps before the profiled one (default: %(default)s; on CPU the first 3-4 training steps run '
+                        'up to 1.3x slower while malloc\'s heap settles)')
     args = p.parse_args()
 
     settings = SpeedSettings(threads=args.threads, batch_size=args.batch_size)
     torch.set_num_threads(settings.threads)
     model = create_model_spec(args.model)
     step = make_step(model, tuple(model.pretrained_cfg['input_size']), settings, train=args.train)
-    step()
-    step()  # warm-up: the first steps allocate the optimizer state and malloc's heap
+    for _ in range(args.warmup):  # the first steps allocate the optimizer state and grow malloc's heap
+        step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         step()
     events = prof.key_averages(group_by_input_shape=True)
@@ -42,7 +45,8 @@ def main() -> None:
              self_share=round(e.self_cpu_time_total / 1000 / total_ms, 3))
         for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.rows]]
     stem = re.sub(r'[^0-9A-Za-z_.=-]+', '_', args.model) + ('-train' if args.train else '-infer')
-    meta = dict(settings=f'threads {settings.threads}, batch {settings.batch_size}, one step after two warm-up',
+    meta = dict(settings=f'threads {settings.threads}, batch {settings.batch_size}, one step after {args.warmup} '
+                         'warm-up',
                 self_ms_all_ops=round(total_ms, 1))
     write_results(rows, OUT, stem, meta, title=f'{args.model}: {"training step" if args.train else "inference"}')
     print((OUT / f'{stem}.md').read_text())

@@ -12,7 +12,7 @@ from timm.layers import GroupNorm1
 from timm.models._features_fx import create_feature_extractor
 
 from timm_hybrid import count_flops  # importing timm_hybrid registers the models
-from timm_hybrid.models import transcnn
+from timm_hybrid.models import _common, transcnn
 from timm_hybrid.models.transcnn import avg_pool_partial, checkpoint_filter_fn, window_attention
 
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -226,6 +226,34 @@ def test_padded_windows_attend_only_to_real_pixels(fused):
     cell = qkv[..., 8:, 8:].reshape(1, 3, heads, C // heads, 25).transpose(-2, -1)
     expected = F.scaled_dot_product_attention(cell[:, 0], cell[:, 1], cell[:, 2])
     torch.testing.assert_close(out[..., 8:, 8:], expected.transpose(-2, -1).reshape(1, C, 5, 5))
+
+
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_inference_folds_batchnorms_with_the_same_logits(channels_last, monkeypatch):
+    """ In eval, TransCNN's FFN norms, the norms before the 1x1 qkv / kv convs and the downsampling norms fold into
+    their convs; only the stem's norm and each attention's `local_norm` (on a residual sum) still run. Reference:
+    the same model with folding switched off, in float64 with random running statistics. """
+    torch.manual_seed(0)
+    model = _small('transcnn_tiny', channels_last=channels_last).double().eval()
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in norms:
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    ran = []
+    for bn in norms:
+        bn.register_forward_hook(lambda m, i, o: ran.append(m))
+    x = torch.randn(ODD_SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        folded = model(x)
+        ran_folded = list(ran)
+        ran.clear()
+        monkeypatch.setattr(_common, 'folds_into_conv', lambda norm: False)
+        expected = model(x)
+    kept = {model.stem[0].bn} | {b.attn.local_norm for s in model.stages for b in s.blocks if b.attn.q is not None}
+    assert set(ran_folded) == kept and len(ran) == len(norms)
+    torch.testing.assert_close(folded, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize('family, variant', [('transcnn', 'transcnn_tiny'), ('hatnet', 'hatnet_tiny')])

@@ -24,7 +24,8 @@ __all__ = [
     'TokenClassifierMixin', 'bn_scale_shift', 'build_token_model', 'build_with_official_weights',
     'check_global_pool', 'check_image_batch', 'check_int', 'check_ints', 'check_loaded_share', 'check_positive',
     'check_rate', 'check_recompute_setting', 'check_token_model_args', 'RECOMPUTE_SETTINGS', 'recomputes',
-    'checkpoint_keeping_bn_stats', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout', 'eager_on_cpu',
+    'checkpoint_keeping_bn_stats', 'conv_norm_eval', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout',
+    'eager_on_cpu', 'folds_into_conv', 'norm_conv1x1_eval',
     'official_weights_cache_file', 'patch_grid', 'prune_sequence', 'resample_token_pos', 'size_mismatch_message',
     'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'unwrap_checkpoint',
     'weights_source_hint',
@@ -305,6 +306,51 @@ def bn_scale_shift(
     if bn.bias is not None:
         shift = shift + bn.bias
     return scale, shift
+
+
+def folds_into_conv(norm: nn.Module) -> bool:
+    """ Whether `norm` is an inference-mode BatchNorm with running statistics: a per-channel affine that can fold into
+    a neighbouring conv (a training norm, GroupNorm or a norm without running statistics cannot). """
+    return (isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training
+            and norm.running_mean is not None and norm.running_var is not None)
+
+
+def _folds(norm: nn.Module, conv: nn.Module) -> bool:
+    # An inference BatchNorm next to torch's Conv2d with static zero padding (not timm's Conv2dSame, no padding
+    # mode), outside jit tracing: a jit-traced graph (fvcore's FLOP count, ONNX export) keeps the modules as the
+    # model defines them. An fx graph folds as eager does: timm asks fx logits equal to eager's to the bit.
+    return (folds_into_conv(norm) and type(conv) is nn.Conv2d and conv.padding_mode == 'zeros'
+            and not isinstance(conv.padding, str) and not torch.jit.is_tracing())
+
+
+@torch.jit.unused
+def conv_norm_eval(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor:
+    """ norm(conv(x)), folding an inference BatchNorm into the conv's weight and bias where it can: one pass over the
+    output instead of two (then the norm's dropout and act where it is one of timm's norm + act layers). Same outputs
+    within fp32 rounding; otherwise, in training and under jit tracing, the modules as they are. """
+    if not _folds(norm, conv):
+        return norm(conv(x))
+    scale, shift = bn_scale_shift(norm, conv.bias)
+    x = F.conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation,
+                 conv.groups)
+    if hasattr(norm, 'act'):  # timm's norm + act layers (BatchNormAct2d, SyncBatchNormAct after timm's converter)
+        x = norm.act(norm.drop(x))
+    return x
+
+
+@torch.jit.unused
+def norm_conv1x1_eval(x: torch.Tensor, norm: nn.Module, conv: nn.Module) -> torch.Tensor:
+    """ conv(norm(x)) for a 1x1 conv (no padding: the norm's affine of every input pixel reaches the conv as is),
+    folding an inference BatchNorm into the conv's weight and bias where it can, as conv_norm_eval does. """
+    if not (_folds(norm, conv) and not hasattr(norm, 'act')
+            and conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1):
+        return conv(norm(x))
+    scale, shift = bn_scale_shift(norm, None)
+    weight = conv.weight * scale.reshape(1, -1, 1, 1)
+    bias = conv.weight.flatten(1) @ shift
+    if conv.bias is not None:
+        bias = bias + conv.bias
+    return F.conv2d(x, weight, bias, conv.stride)
 
 
 GLOBAL_POOL_TYPES = ('', 'token', 'avg')
