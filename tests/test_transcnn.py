@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import GroupNorm1
 from timm.models._features_fx import create_feature_extractor
+from timm.utils import reparameterize_model
 
 from timm_hybrid import count_flops  # importing timm_hybrid registers the models
 from timm_hybrid.models import _common, transcnn
@@ -254,6 +255,15 @@ def test_inference_folds_batchnorms_with_the_same_logits(channels_last, monkeypa
     kept = {model.stem[0].bn} | {b.attn.local_norm for s in model.stages for b in s.blocks if b.attn.q is not None}
     assert set(ran_folded) == kept and len(ran) == len(norms)
     torch.testing.assert_close(folded, expected, rtol=1e-10, atol=1e-10)
+    # timm's reparameterize_model folds the same norms into the modules (for traced / exported graphs)
+    monkeypatch.undo()
+    deploy = reparameterize_model(model)
+    kept_names = {n for n, m in model.named_modules() if m in kept}
+    assert {n for n, m in deploy.named_modules() if isinstance(m, torch.nn.BatchNorm2d)} == kept_names
+    assert isinstance(deploy.stages[0].blocks[0].mlp.bn1, torch.nn.SiLU)  # the folded norm leaves its act behind
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(torch.jit.trace(deploy, x)(x), expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize('family, variant', [('transcnn', 'transcnn_tiny'), ('hatnet', 'hatnet_tiny')])

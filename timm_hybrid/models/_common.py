@@ -20,15 +20,15 @@ from timm.models._helpers import clean_state_dict
 from timm.models._input import update_model_input_size
 
 __all__ = [
-    'ActRecomputingMlp', 'MIN_LOADED_SHARE', 'PatchGridEmbed', 'PretrainedWeightsUnavailable',
-    'TokenClassifierMixin', 'bn_scale_shift', 'build_token_model', 'build_with_official_weights',
-    'check_global_pool', 'check_image_batch', 'check_int', 'check_ints', 'check_loaded_share', 'check_positive',
-    'check_rate', 'check_recompute_setting', 'check_token_model_args', 'RECOMPUTE_SETTINGS', 'recomputes',
-    'checkpoint_keeping_bn_stats', 'conv_norm_eval', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout',
-    'eager_on_cpu', 'folds_into_conv', 'norm_conv1x1_eval',
-    'official_weights_cache_file', 'patch_grid', 'prune_sequence', 'resample_token_pos', 'size_mismatch_message',
-    'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'unwrap_checkpoint',
-    'weights_source_hint',
+    'ActRecomputingMlp', 'bn_scale_shift', 'build_token_model', 'build_with_official_weights', 'check_global_pool',
+    'check_image_batch', 'check_int', 'check_ints', 'check_loaded_share', 'check_positive', 'check_rate',
+    'check_recompute_setting', 'check_token_model_args', 'checkpoint_keeping_bn_stats', 'conv2d_with', 'conv_norm_eval',
+    'conv_norm_weights', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout', 'eager_on_cpu', 'fold_conv_norm',
+    'folds_into_conv', 'has_running_stats', 'MIN_LOADED_SHARE', 'norm_act_remainder', 'norm_conv1x1_eval',
+    'norm_conv1x1_weights', 'official_weights_cache_file', 'patch_grid', 'PatchGridEmbed',
+    'PretrainedWeightsUnavailable', 'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes', 'resample_token_pos',
+    'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg',
+    'TokenClassifierMixin', 'unwrap_checkpoint', 'weights_source_hint',
 ]
 
 
@@ -308,11 +308,16 @@ def bn_scale_shift(
     return scale, shift
 
 
+def has_running_stats(norm: nn.Module) -> bool:
+    """ Whether `norm` is a BatchNorm with running statistics: in eval, a per-channel affine. """
+    return (isinstance(norm, nn.modules.batchnorm._BatchNorm)
+            and norm.running_mean is not None and norm.running_var is not None)
+
+
 def folds_into_conv(norm: nn.Module) -> bool:
     """ Whether `norm` is an inference-mode BatchNorm with running statistics: a per-channel affine that can fold into
     a neighbouring conv (a training norm, GroupNorm or a norm without running statistics cannot). """
-    return (isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training
-            and norm.running_mean is not None and norm.running_var is not None)
+    return has_running_stats(norm) and not norm.training
 
 
 def _folds(norm: nn.Module, conv: nn.Module) -> bool:
@@ -323,6 +328,47 @@ def _folds(norm: nn.Module, conv: nn.Module) -> bool:
             and not isinstance(conv.padding, str) and not torch.jit.is_tracing())
 
 
+def conv_norm_weights(conv: nn.Module, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ (weight, bias) of one conv that computes norm(conv(x)) for an inference BatchNorm `norm`. """
+    scale, shift = bn_scale_shift(norm, conv.bias)
+    return conv.weight * scale.reshape(-1, 1, 1, 1), shift
+
+
+def norm_conv1x1_weights(norm: nn.Module, conv: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ (weight, bias) of one 1x1 conv that computes conv(norm(x)) for an inference BatchNorm `norm` (no padding: the
+    norm's affine of every input pixel reaches the conv as is). """
+    scale, shift = bn_scale_shift(norm, None)
+    bias = conv.weight.flatten(1) @ shift
+    return conv.weight * scale.reshape(1, -1, 1, 1), bias if conv.bias is None else bias + conv.bias
+
+
+def conv2d_with(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """ A new Conv2d with `conv`'s geometry, device and dtype, holding `weight` and `bias` (a folded norm's). """
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+        bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        fused.bias.copy_(bias)
+    return fused
+
+
+def fold_conv_norm(conv: nn.Module, norm: nn.Module) -> Tuple[nn.Module, nn.Module]:
+    """ (conv, norm) with a BatchNorm with running statistics folded into torch's Conv2d before it (eval semantics):
+    the fused conv and what stays of the norm (norm_act_remainder); anything else (a norm folded already, GroupNorm)
+    comes back as it is. """
+    if not (has_running_stats(norm) and type(conv) is nn.Conv2d):
+        return conv, norm
+    return conv2d_with(conv, *conv_norm_weights(conv, norm)), norm_act_remainder(norm)
+
+
+def norm_act_remainder(norm: nn.Module) -> nn.Module:
+    """ What stays of a norm folded into a conv: the act of timm's norm + act layers (their dropout is a no-op in
+    eval), else nothing. """
+    act = getattr(norm, 'act', None)
+    return nn.Identity() if act is None else act
+
+
 @torch.jit.unused
 def conv_norm_eval(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.Tensor:
     """ norm(conv(x)), folding an inference BatchNorm into the conv's weight and bias where it can: one pass over the
@@ -330,26 +376,25 @@ def conv_norm_eval(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.T
     within fp32 rounding; otherwise, in training and under jit tracing, the modules as they are. """
     if not _folds(norm, conv):
         return norm(conv(x))
-    scale, shift = bn_scale_shift(norm, conv.bias)
-    x = F.conv2d(x, conv.weight * scale.reshape(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation,
-                 conv.groups)
+    weight, bias = conv_norm_weights(conv, norm)
+    x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if hasattr(norm, 'act'):  # timm's norm + act layers (BatchNormAct2d, SyncBatchNormAct after timm's converter)
         x = norm.act(norm.drop(x))
     return x
 
 
+def _folds_before_conv1x1(norm: nn.Module, conv: nn.Module) -> bool:
+    return (_folds(norm, conv) and not hasattr(norm, 'act')
+            and conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1)
+
+
 @torch.jit.unused
 def norm_conv1x1_eval(x: torch.Tensor, norm: nn.Module, conv: nn.Module) -> torch.Tensor:
-    """ conv(norm(x)) for a 1x1 conv (no padding: the norm's affine of every input pixel reaches the conv as is),
-    folding an inference BatchNorm into the conv's weight and bias where it can, as conv_norm_eval does. """
-    if not (_folds(norm, conv) and not hasattr(norm, 'act')
-            and conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1):
+    """ conv(norm(x)) for a 1x1 conv, folding an inference BatchNorm into the conv's weight and bias where it can, as
+    conv_norm_eval does. """
+    if not _folds_before_conv1x1(norm, conv):
         return conv(norm(x))
-    scale, shift = bn_scale_shift(norm, None)
-    weight = conv.weight * scale.reshape(1, -1, 1, 1)
-    bias = conv.weight.flatten(1) @ shift
-    if conv.bias is not None:
-        bias = bias + conv.bias
+    weight, bias = norm_conv1x1_weights(norm, conv)
     return F.conv2d(x, weight, bias, conv.stride)
 
 

@@ -37,9 +37,9 @@ from timm.models.vision_transformer import Block as TransformerBlock
 
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
-    check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats,
-    cpu_untraced, describe_layout, recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg,
-    unwrap_checkpoint,
+    check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats, conv2d_with,
+    conv_norm_weights, cpu_untraced, describe_layout, recomputes, resample_token_pos, source_token_grid, summarize_keys,
+    token_model_cfg, unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -369,16 +369,9 @@ class InnerResBlock(nn.Module):
         timm's `reparameterize_model` calls. Outputs are unchanged in eval mode; the block cannot train BN after. """
         for conv_name, bn_name, _ in self.stages:
             conv, bn = getattr(self.conv_block, conv_name), getattr(self.conv_block, bn_name)
-            scale, shift = bn_scale_shift(bn, conv.bias)
-            if scale is None:
+            if isinstance(bn, nn.Identity):
                 continue
-            fused = nn.Conv2d(
-                conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
-            with torch.no_grad():
-                fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-                fused.bias.copy_(shift)
-            setattr(self.conv_block, conv_name, fused)
+            setattr(self.conv_block, conv_name, conv2d_with(conv, *conv_norm_weights(conv, bn)))
             setattr(self.conv_block, bn_name, nn.Identity())
 
 

@@ -63,8 +63,9 @@ from timm.models import generate_default_cfgs, register_model
 
 from ._common import (
     PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, build_with_official_weights, check_int,
-    check_ints, check_loaded_share, check_positive, check_token_model_args, cpu_chunk_size, describe_layout,
-    eager_on_cpu, resample_token_pos, source_token_grid, token_model_cfg, unwrap_checkpoint,
+    check_ints, check_loaded_share, check_positive, check_token_model_args, conv2d_with, cpu_chunk_size,
+    describe_layout, eager_on_cpu, norm_act_remainder, resample_token_pos, source_token_grid, token_model_cfg,
+    unwrap_checkpoint,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -269,14 +270,8 @@ def _fold_norm_into_conv(
     assert scale is not None and shift is not None, 'The norm has been folded already.'
     if out_scale is not None and out_shift is not None:
         scale, shift = scale * out_scale, shift * out_scale + out_shift
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-        bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        fused.bias.copy_(shift)
-    conv_norm.conv = fused
-    conv_norm.bn = getattr(bn, 'act', None) or nn.Identity()  # BatchNormAct2d carries the act
+    conv_norm.conv = conv2d_with(conv, conv.weight * scale.reshape(-1, 1, 1, 1), shift)
+    conv_norm.bn = norm_act_remainder(bn)  # BatchNormAct2d carries the act
 
 
 class _ChunkedBatchNorm(torch.autograd.Function):

@@ -51,8 +51,9 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ._common import (
     build_with_official_weights, check_image_batch, check_int, check_ints, check_loaded_share, check_positive,
-    check_rate, checkpoint_keeping_bn_stats, conv_norm_eval, cpu_chunk_size, describe_layout, norm_conv1x1_eval,
-    prune_sequence, unwrap_checkpoint,
+    check_rate, checkpoint_keeping_bn_stats, conv2d_with, conv_norm_eval, cpu_chunk_size, describe_layout,
+    fold_conv_norm, has_running_stats, norm_conv1x1_eval, norm_conv1x1_weights, prune_sequence,
+    unwrap_checkpoint,
 )
 
 __all__ = ['LayoutKeepingGroupNorm1', 'LayoutKeepingGroupNorm1Act', 'TransCNN', 'checkpoint_filter_fn']
@@ -288,6 +289,16 @@ class HierarchicalAttention(nn.Module):
             self.local_norm = self.pool_norm = self.q = self.kv = None
         self.proj = nn.Conv2d(dim, dim, 1, **dd)
 
+    @torch.jit.ignore
+    def reparameterize(self) -> None:
+        """ Folds the inference BatchNorms before the 1x1 qkv / kv convs into them (the norms become Identity): what
+        timm's `reparameterize_model` calls. Eval outputs are unchanged; those norms cannot train after. """
+        for norm_name, conv_name in (('norm', 'qkv'), ('pool_norm', 'kv')):
+            norm, conv = getattr(self, norm_name), getattr(self, conv_name)
+            if conv is not None and has_running_stats(norm) and type(conv) is nn.Conv2d:
+                setattr(self, conv_name, conv2d_with(conv, *norm_conv1x1_weights(norm, conv)))
+                setattr(self, norm_name, nn.Identity())
+
     @torch.jit.unused
     def _qkv_folded(self, x: torch.Tensor) -> torch.Tensor:
         return norm_conv1x1_eval(x, self.norm, self.qkv)
@@ -315,6 +326,15 @@ class FoldingInvertedResidual(InvertedResidual):
     inference-mode BatchNorm into the conv before it (conv_norm_eval): one pass over each expanded map instead of
     two. In stage 1 of transcnn_small the two norms on the (256, 64, 64) expanded maps were 8% of a CPU inference
     (batch 32, 2 threads). Training, TorchScript and other norms run timm's forward. """
+
+    @torch.jit.ignore
+    def reparameterize(self) -> None:
+        """ Folds each BatchNorm into the conv before it (the norm leaves its act behind): what timm's
+        `reparameterize_model` calls. Eval outputs are unchanged; the norms cannot train after. """
+        for conv_name, norm_name in (('conv_pw', 'bn1'), ('conv_dw', 'bn2'), ('conv_pwl', 'bn3')):
+            conv, norm = fold_conv_norm(getattr(self, conv_name), getattr(self, norm_name))
+            setattr(self, conv_name, conv)
+            setattr(self, norm_name, norm)
 
     @torch.jit.unused
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
@@ -427,6 +447,14 @@ class Downsample(nn.Module):
             self.act = create_act_layer(act_layer, inplace=True)
         else:
             self.pool = self.shortcut = self.act = None
+
+    @torch.jit.ignore
+    def reparameterize(self) -> None:
+        """ Folds each ConvNormAct's BatchNorm into its conv (the norm leaves its act behind): what timm's
+        `reparameterize_model` calls. Eval outputs are unchanged; the norms cannot train after. """
+        for conv_norm in (self.conv, self.shortcut):
+            if conv_norm is not None:
+                conv_norm.conv, conv_norm.bn = fold_conv_norm(conv_norm.conv, conv_norm.bn)
 
     @torch.jit.unused
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
