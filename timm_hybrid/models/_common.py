@@ -22,10 +22,10 @@ from timm.models._input import update_model_input_size
 __all__ = [
     'ActRecomputingMlp', 'bn_scale_shift', 'build_token_model', 'build_with_official_weights', 'check_global_pool',
     'check_image_batch', 'check_int', 'check_ints', 'check_loaded_share', 'check_positive', 'check_rate',
-    'check_recompute_setting', 'check_token_model_args', 'checkpoint_keeping_bn_stats', 'conv2d_with', 'conv_norm_eval',
-    'conv_norm_weights', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout', 'eager_on_cpu', 'fold_conv_norm',
-    'folds_into_conv', 'has_running_stats', 'MIN_LOADED_SHARE', 'norm_act_remainder', 'norm_conv1x1_eval',
-    'norm_conv1x1_weights', 'official_weights_cache_file', 'patch_grid', 'PatchGridEmbed',
+    'check_recompute_setting', 'check_token_model_args', 'checkpoint_keeping_bn_stats', 'conv2d_with',
+    'conv_norm_acts_eval', 'conv_norm_eval', 'conv_norm_weights', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout',
+    'eager_on_cpu', 'fold_conv_norm', 'folds_into_conv', 'has_running_stats', 'MIN_LOADED_SHARE', 'norm_act_remainder',
+    'norm_conv1x1_eval', 'norm_conv1x1_weights', 'official_weights_cache_file', 'patch_grid', 'PatchGridEmbed',
     'PretrainedWeightsUnavailable', 'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes', 'resample_token_pos',
     'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg',
     'TokenClassifierMixin', 'unwrap_checkpoint', 'weights_source_hint',
@@ -380,6 +380,15 @@ def conv_norm_eval(x: torch.Tensor, conv: nn.Module, norm: nn.Module) -> torch.T
     x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if hasattr(norm, 'act'):  # timm's norm + act layers (BatchNormAct2d, SyncBatchNormAct after timm's converter)
         x = norm.act(norm.drop(x))
+    return x
+
+
+@torch.jit.unused
+def conv_norm_acts_eval(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
+    """ timm's ConvNormAct `layers` one after another, each norm folded into its conv as conv_norm_eval does (a layer
+    with an anti-aliasing pool runs as it is). """
+    for layer in layers:
+        x = layer(x) if getattr(layer, 'aa', None) is not None else conv_norm_eval(x, layer.conv, layer.bn)
     return x
 
 

@@ -51,8 +51,8 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ._common import (
     build_with_official_weights, check_image_batch, check_int, check_ints, check_loaded_share, check_positive,
-    check_rate, checkpoint_keeping_bn_stats, conv2d_with, conv_norm_eval, cpu_chunk_size, describe_layout,
-    fold_conv_norm, has_running_stats, norm_conv1x1_eval, norm_conv1x1_weights, prune_sequence,
+    check_rate, checkpoint_keeping_bn_stats, conv2d_with, conv_norm_acts_eval, conv_norm_eval, cpu_chunk_size,
+    describe_layout, fold_conv_norm, has_running_stats, norm_conv1x1_eval, norm_conv1x1_weights, prune_sequence,
     unwrap_checkpoint,
 )
 
@@ -458,11 +458,11 @@ class Downsample(nn.Module):
 
     @torch.jit.unused
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        # inference: each ConvNormAct's norm folded into its conv (conv_norm_eval), as in the FFN
-        y = conv_norm_eval(x, self.conv.conv, self.conv.bn)
+        # inference: each ConvNormAct's norm folded into its conv, as in the FFN
+        y = conv_norm_acts_eval(x, self.conv)
         if self.shortcut is None:
             return y
-        return self.act(y + conv_norm_eval(self.pool(x), self.shortcut.conv, self.shortcut.bn))
+        return self.act(y + conv_norm_acts_eval(self.pool(x), self.shortcut))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not self.training:
