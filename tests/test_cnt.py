@@ -329,6 +329,30 @@ def test_act_recomputing_mlp_is_timm_mlp_keeping_one_hidden_tensor_less(act_laye
         torch.testing.assert_close(grads_r[n], grads_p[n], atol=1e-12, rtol=0, msg=n)
 
 
+def test_act_recomputing_mlp_gelu_backward_uses_one_hidden_buffer():
+    """ With GELU the backward's recomputed activation, the hidden gradient and fc1's output gradient share one
+    (tokens, hidden) buffer: one large allocation instead of three (each a fresh mmap above 32 MiB on CPU). """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HiddenBuffers(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() and out.shape[-1] == 24 and out.numel() == 3 * 5 * 24:
+                self.storages.add(out.untyped_storage().data_ptr())
+            return out
+
+    mlp = ActRecomputingMlp(6, 24, recompute_act=True).double()
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    out = mlp(x)
+    with HiddenBuffers() as mode:
+        out.sin().sum().backward()
+    assert len(mode.storages) == 1 and x.grad is not None
+
+
 def test_act_recomputing_mlp_recomputes_only_where_it_applies():
     """ 'cpu' (default): eager CPU training with grad only (a meta tensor stands in for an accelerator's); True / False
     everywhere; the plain Mlp in eval, without grad, under autocast, and for a hidden dropout or norm, or an in-place

@@ -87,6 +87,11 @@ def recomputes(setting: Union[bool, str], training: bool, x: torch.Tensor) -> bo
     return setting is True or x.device.type == 'cpu'
 
 
+def _gelu_approximation(act: nn.Module) -> Optional[str]:
+    """ torch's GELU's `approximate` ('none' / 'tanh'), or None for any other activation. """
+    return act.approximate if type(act) is nn.GELU else None
+
+
 class _ActThenLinear(torch.autograd.Function):
     """ linear(act(a), weight, bias) that saves `a` and `weight` only: backward recomputes act(a). """
 
@@ -101,13 +106,25 @@ class _ActThenLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         a, weight = ctx.saved_tensors
         needs_a, _, needs_weight, needs_bias = ctx.needs_input_grad
-        with torch.enable_grad():
-            a = a.detach().requires_grad_(needs_a)
-            hidden = ctx.act(a)
         rows = grad.reshape(-1, grad.shape[-1])
-        grad_weight = rows.t() @ hidden.detach().reshape(-1, hidden.shape[-1]) if needs_weight else None
         grad_bias = rows.sum(0) if needs_bias else None
-        grad_a = torch.autograd.grad(hidden, a, grad @ weight)[0] if needs_a else None
+        approximate = _gelu_approximation(ctx.act)
+        if approximate is None:  # any other activation: its own backward through autograd
+            with torch.enable_grad():
+                a = a.detach().requires_grad_(needs_a)
+                hidden = ctx.act(a)
+            grad_weight = rows.t() @ hidden.detach().reshape(-1, hidden.shape[-1]) if needs_weight else None
+            grad_a = torch.autograd.grad(hidden, a, grad @ weight)[0] if needs_a else None
+            return grad_a, None, grad_weight, grad_bias
+        # GELU: one (tokens, hidden) buffer serves the recomputed activation, then the hidden gradient, then a's
+        # gradient (in place), where the generic path makes three. At ViT-S width each is 39 MB, above malloc's mmap
+        # threshold, so every one of them is a fresh mapping faulted in page by page (see CPU_CHUNK_BYTES).
+        buffer = F.gelu(a, approximate=approximate)
+        grad_weight = rows.t() @ buffer.reshape(-1, buffer.shape[-1]) if needs_weight else None
+        if not needs_a:
+            return None, None, grad_weight, grad_bias
+        grad_hidden = torch.matmul(grad, weight, out=buffer)
+        grad_a = torch.ops.aten.gelu_backward.grad_input(grad_hidden, a, approximate=approximate, grad_input=buffer)
         return grad_a, None, grad_weight, grad_bias
 
 
