@@ -27,6 +27,10 @@ BatchNorms need more than one value per channel, and the last stage's map (as th
 ceil(H / 32) x ceil(W / 32), so a training batch needs batch * ceil(H / 32) * ceil(W / 32) > 1 (batch 1 needs an
 input side above 32 px); torch's BatchNorm raises "Expected more than 1 value per channel when training" otherwise.
 HAT-Net's GroupNorm has no such limit, and eval mode has none in either.
+
+In eval, TransCNN's BatchNorms next to a conv (the FFN's three, those before the 1x1 qkv / kv convs, the downsampling
+ones) fold into the conv at each forward; `timm.utils.reparameterize_model` folds them into the modules once. Same
+outputs within fp32 rounding.
 """
 import math
 import re
