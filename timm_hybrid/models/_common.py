@@ -134,7 +134,8 @@ class ActRecomputingMlp(Mlp):
     Plain, backward holds both fc1's output (for the activation's gradient) and the activation's (for fc2's weight
     gradient): two (tokens, hidden) tensors, the largest a ViT block keeps (hidden = 4x width). Here fc2 keeps fc1's
     output only and backward recomputes the activation from it, one elementwise pass. In a ViT-S block at batch 32
-    that is 39 MB less per block (465 MB for 12 blocks), for one GELU (~1% of a CPU training step).
+    that is 39 MB less per block (465 MB for 12 blocks), for one GELU (~1% of a CPU training step). With torch's GELU
+    the backward needs one (tokens, hidden) tensor, not autograd's three (`_ActThenLinear.backward`).
 
     `recompute_act` (RECOMPUTE_SETTINGS): 'cpu' (default) for eager CPU tensors only, where kept activations also
     cost page faults (see CPU_CHUNK_BYTES); True / False everywhere. The plain Mlp runs where the recompute does not
