@@ -364,7 +364,7 @@ def conv2d_with(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn
     """ A new Conv2d with `conv`'s geometry, device and dtype, holding `weight` and `bias` (a folded norm's). """
     fused = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-        bias=True, device=conv.weight.device, dtype=conv.weight.dtype)
+        bias=True, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(weight)
         fused.bias.copy_(bias)
