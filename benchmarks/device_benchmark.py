@@ -21,8 +21,8 @@ from typing import Dict, Sequence, Tuple
 import torch
 
 from timm_hybrid.compare import (
-    Progress, SpeedSettings, compare_models, free_cpu_threads, plot_speed_vs_gmacs, reference_short_name,
-    write_results,
+    Progress, SpeedSettings, compare_models, device_folder_name, free_cpu_threads, plot_speed_vs_gmacs,
+    reference_short_name, write_results,
 )
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -61,13 +61,6 @@ def device_settings(args: argparse.Namespace) -> SpeedSettings:
     return SpeedSettings(
         device=device, threads=args.threads or free_cpu_threads(), compile=args.compile,
         channels_last=args.channels_last, **{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
-
-
-def device_folder_name(settings: SpeedSettings) -> str:
-    """ `cpu`, or the GPU's name as a folder (e.g. `nvidia-h100-80gb-hbm3`). """
-    if not settings.on_gpu:
-        return 'cpu'
-    return re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(settings.device).lower()).strip('-')
 
 
 def main() -> None:

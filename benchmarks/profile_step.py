@@ -4,15 +4,19 @@ read the shares, not the milliseconds.
 
     python benchmarks/profile_step.py refiner_vit_small_patch16_224:depth=4 --train --threads 2 --batch-size 32
     # -> benchmarks/results/profile/<model spec>-<train|infer>.{csv,md,json}
+    python benchmarks/profile_step.py cnt_s_patch16_224 --train --device cuda   # bf16 autocast, batch 256
+    # -> benchmarks/results/profile/<gpu name>/...: ops ranked by their kernels' time on the GPU (self_ms)
 """
 import argparse
 import re
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from timm_hybrid.compare import SpeedSettings, create_model_spec, make_step, write_results
+from timm_hybrid.compare import AMP_DTYPES, SpeedSettings, create_model_spec, device_folder_name, make_step, \
+    write_results
 
 OUT = Path(__file__).resolve().parent / 'results' / 'profile'
 
@@ -21,35 +25,54 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('model', help='timm name or compare model spec, e.g. cnt_ti_patch16_224:inner_impl=conv')
     p.add_argument('--train', action='store_true', help='a training step (default: inference)')
+    p.add_argument('--device', default='cpu', help='cpu (default) or cuda')
+    p.add_argument('--amp', choices=sorted(AMP_DTYPES), default=None, help='autocast dtype (default: bf16 on a GPU)')
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--batch-size', type=int, default=None, help='default: 256 on a GPU, 32 on a CPU')
+    p.add_argument('--output', type=Path, default=None, help='default: benchmarks/results/profile[/<gpu name>]')
     p.add_argument('--rows', type=int, default=20, help='ops to keep (default: %(default)s)')
     p.add_argument('--warmup', type=int, default=6,
                    help='steps before the profiled one (default: %(default)s; on CPU the first 3-4 training steps run '
                         'up to 1.3x slower while malloc\'s heap settles)')
     args = p.parse_args()
 
-    settings = SpeedSettings(threads=args.threads, batch_size=args.batch_size)
+    on_gpu = torch.device(args.device).type == 'cuda'
+    settings = SpeedSettings(
+        device=args.device, threads=args.threads, amp=args.amp or ('bf16' if on_gpu else None),
+        batch_size=args.batch_size or (256 if on_gpu else 32))
     torch.set_num_threads(settings.threads)
-    model = create_model_spec(args.model)
+    model = create_model_spec(args.model).to(settings.device)
     step = make_step(model, tuple(model.pretrained_cfg['input_size']), settings, train=args.train)
     for _ in range(args.warmup):  # the first steps allocate the optimizer state and grow malloc's heap
         step()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    if on_gpu:
+        torch.cuda.synchronize(settings.device)
+    # on a GPU an op's self time is its kernels' time on the device; its CPU time is mostly the launch
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities, record_shapes=True) as prof:
         step()
-    events = prof.key_averages(group_by_input_shape=True)
-    total_ms = sum(e.self_cpu_time_total for e in events) / 1000
+        if on_gpu:
+            torch.cuda.synchronize(settings.device)
+    # on a GPU the averages list each kernel twice, under the op that launched it and as an event of its own (device
+    # type CUDA): keep the ops
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.device_type == DeviceType.CPU]
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    total_ms = sum(self_us(e) for e in events) / 1000
     rows = [
         dict(op=e.key, input_shapes=str(e.input_shapes), calls=e.count,
-             self_ms=round(e.self_cpu_time_total / 1000, 1),
-             self_share=round(e.self_cpu_time_total / 1000 / total_ms, 3))
-        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.rows]]
+             self_ms=round(self_us(e) / 1000, 2 if on_gpu else 1),
+             self_share=round(self_us(e) / 1000 / total_ms, 3))
+        for e in sorted(events, key=lambda e: -self_us(e))[:args.rows]]
     stem = re.sub(r'[^0-9A-Za-z_.=-]+', '_', args.model) + ('-train' if args.train else '-infer')
-    meta = dict(settings=f'threads {settings.threads}, batch {settings.batch_size}, one step after {args.warmup} '
-                         'warm-up',
+    out = args.output or (OUT / device_folder_name(settings) if on_gpu else OUT)
+    meta = dict(settings=settings.describe() + f', one step after {args.warmup} warm-up',
+                self_ms='the ops\' own time on the ' + ('GPU (their kernels)' if on_gpu else 'CPU'),
                 self_ms_all_ops=round(total_ms, 1))
-    write_results(rows, OUT, stem, meta, title=f'{args.model}: {"training step" if args.train else "inference"}')
-    print((OUT / f'{stem}.md').read_text())
+    write_results(rows, out, stem, meta, title=f'{args.model}: {"training step" if args.train else "inference"}')
+    print((out / f'{stem}.md').read_text())
 
 
 if __name__ == '__main__':

@@ -37,7 +37,7 @@ from .flops import count_flops
 __all__ = [
     'REFERENCES', 'QUICK_MODELS', 'FULL_MODELS', 'SWEEP_MODELS', 'DEFAULT_OUTPUT', 'SpeedSettings', 'Timing',
     'Progress', 'ModelSpecError', 'parse_model_spec', 'create_model_spec', 'free_cpu_threads', 'make_step',
-    'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens',
+    'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens', 'device_folder_name',
     'train_step_peak_memory_mb', 'peak_memory_mb', 'compare_models', 'resolution_sweep', 'markdown_table',
     'write_results', 'plot_speed_ratios', 'plot_resolution', 'plot_speed_vs_gmacs',
 ]
@@ -65,6 +65,13 @@ def reference_short_name(name: str) -> str:
     model, kwargs = parse_model_spec(name)
     short = _REFERENCE_SHORT_NAMES.get(model, model.split('_patch')[0])
     return short + ''.join(f'_{k}_{re.sub(r"[^0-9A-Za-z]+", "", str(v))}' for k, v in kwargs.items())
+
+
+def device_folder_name(settings: 'SpeedSettings') -> str:
+    """ `cpu`, or on a GPU the GPU's name as a folder (e.g. `nvidia-h100-80gb-hbm3`). """
+    if not settings.on_gpu:
+        return 'cpu'
+    return re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(settings.device).lower()).strip('-')
 
 
 class ModelSpecError(ValueError):
@@ -256,7 +263,11 @@ def make_step(
         train: bool = False,
 ) -> Callable[[], None]:
     """ One inference step (inference_mode) or one training step (forward + cross-entropy + backward + AdamW step) of
-    a batch of `settings.batch_size` random images on `settings.device`; it returns once the device is done. """
+    a batch of `settings.batch_size` random images on `settings.device`; it returns once the device is done. On a
+    GPU it turns on `torch.backends.cudnn.benchmark`, as timm's benchmark.py does (process-wide): cuDNN then picks
+    each convolution's fastest algorithm for its shapes during the warm-up steps. """
+    if settings.on_gpu:
+        torch.backends.cudnn.benchmark = True
     x = torch.randn(settings.batch_size, *input_size, device=settings.device)
     if settings.channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
