@@ -2,12 +2,13 @@
 
     python benchmarks/device_benchmark.py                 # -> benchmarks/results/<device>/
     python benchmarks/device_benchmark.py --sizes s       # one size group
+    python benchmarks/device_benchmark.py --sizes s ti b --no-memory   # within a 15-minute GPU lease (~5 min)
     python benchmarks/device_benchmark.py --models cnt_nano_patch7_28 tnt_nano_patch7_28 \\
         --reference deit_nano_patch7_28 --output /tmp/smoke   # a quick check that it runs
 
 On a GPU: bf16 autocast, batch 256 (timm's benchmark.py `--amp --amp-dtype bfloat16 -b 256`), 20 timed steps after 5
-warm-up ones (no settling step between models), and the S group with GPU_VARIANTS (the alternatives to four choices
-made for GPUs, unmeasured). On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size group
+warm-up ones (no settling step between models), and the S group with GPU_VARIANTS (the alternatives of the choices
+made for GPUs). On an H200 the S group took 6.5 minutes, half of it measuring peak memory (`--no-memory` skips it). On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size group
 is timed interleaved with the DeiT of its size (the hybrid families with DeiT-S), so every `x DeiT` ratio comes from
 shared rounds. Writes, through `timm_hybrid.compare`:
 `<size>.csv/.md/.json/.png` per group (compare_models), and `benchmark.csv/.md/.json` (all models, ratios to the DeiT
@@ -33,13 +34,14 @@ SIZE_GROUPS = {
            'transcnn_small', 'hatnet_small', 'refiner_vit_small_patch16_224'), 'deit_small_patch16_224'),
     'b': (('cnt_b_patch16_224', 'tnt_b_patch16_224', 'deit_base_patch16_224'), 'deit_base_patch16_224'),
 }
-# On a GPU the S group also times the settings that the models pick there by reasoning, not yet by a measurement,
-# against the alternative (model specs, same rounds): CNT's inner block as GEMMs (`inner_impl='auto'`) vs as
-# convolutions; CNT's outer MLP activations kept for backward (`recompute_mlp_act='cpu'`: recomputed on CPU only) vs
-# recomputed; Refiner's refinement on channels-last maps (cuDNN's depthwise conv) vs NCHW ones; HAT-Net's maps
-# channels-last through its layout-keeping GroupNorms vs NCHW.
+# On a GPU the S group also times the settings that the models pick there against their alternatives (model specs,
+# same rounds): CNT's inner block as GEMMs (`inner_impl='auto'`) vs as convolutions (a draw on an H200: 0.520 / 0.601
+# against 0.556 / 0.578x DeiT-S); CNT's outer MLP activations kept for backward (`recompute_mlp_act='cpu'`) vs
+# recomputed (0.601 against 0.567 training); Refiner's BatchNorm statistics per image first (`refine_image_stats`, by
+# reasoning from the H200 profile, unmeasured) vs aten's. The layouts measured once on the H200 (Refiner's
+# channels-last refinement 2.05x training, HAT-Net's channels-last maps 1.56x / 1.74x) are no longer re-timed.
 GPU_VARIANTS = {'s': ('cnt_s_patch16_224:inner_impl=conv', 'cnt_s_patch16_224:recompute_mlp_act=True',
-                      'refiner_vit_small_patch16_224:refine_channels_last=False', 'hatnet_small:channels_last=False')}
+                      'refiner_vit_small_patch16_224:refine_image_stats=False')}
 
 
 def size_groups(sizes: Sequence[str], on_gpu: bool) -> Dict[str, Tuple[Tuple[str, ...], str]]:
@@ -75,6 +77,8 @@ def main() -> None:
     parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='default: bf16 on a GPU, off on a CPU')
     parser.add_argument('--compile', action='store_true', help='time torch.compile(model)')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--no-memory', action='store_true',
+                        help='skip the training peak memory (one spawned process a model: half of a GPU run\'s time)')
     parser.add_argument('--output', type=Path, default=None, help='default: benchmarks/results/<device>')
     args = parser.parse_args()
 
@@ -86,7 +90,7 @@ def main() -> None:
     for stem, (names, reference) in groups.items():
         short = reference_short_name(reference)
         for row in compare_models(names, output_dir=out, settings=settings, references=[reference],
-                                  progress=progress, stem=stem):
+                                  progress=progress, stem=stem, memory=not args.no_memory):
             # one column for every size: x the DeiT of the model's size
             rows.append({re.sub(rf'_x_{short}$', '_x_deit', k): v for k, v in row.items()} | dict(reference=reference))
     meta = dict(settings=settings.describe(), ratios='x DeiT of the same size, timed in the same interleaved rounds')

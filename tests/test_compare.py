@@ -158,9 +158,9 @@ def test_resolution_sweep_counts_tokens_from_the_model(tmp_path):
 
 
 def test_device_benchmark_times_the_gpu_only_choices_against_their_alternatives_on_a_gpu():
-    """ benchmarks/device_benchmark.py: on a GPU the S group adds the alternatives of the four settings the models
-    choose there unmeasured (CNT's GEMM inner block and kept MLP activations, Refiner's channels-last refinement,
-    HAT-Net's channels-last maps); on a CPU it does not. """
+    """ benchmarks/device_benchmark.py: on a GPU the S group adds the alternatives of the settings the models choose
+    there (CNT's GEMM inner block and kept MLP activations, Refiner's per-image BatchNorm statistics); on a CPU it
+    does not. """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
     import device_benchmark
     cpu = device_benchmark.size_groups(['ti', 's'], on_gpu=False)
@@ -168,9 +168,8 @@ def test_device_benchmark_times_the_gpu_only_choices_against_their_alternatives_
     assert cpu == {s: device_benchmark.SIZE_GROUPS[s] for s in ('ti', 's')}
     assert gpu['ti'] == cpu['ti'] and gpu['s'][1] == 'deit_small_patch16_224'
     added = gpu['s'][0][len(cpu['s'][0]):]
-    assert gpu['s'][0][:len(cpu['s'][0])] == cpu['s'][0] and len(added) == 4
-    cnt_conv, cnt_recompute, refiner, hatnet = (compare.create_model_spec(spec) for spec in added)
-    assert hatnet.channels_last is False
+    assert gpu['s'][0][:len(cpu['s'][0])] == cpu['s'][0] and len(added) == 3
+    cnt_conv, cnt_recompute, refiner = (compare.create_model_spec(spec) for spec in added)
     assert {blk.inner.impl for blk in cnt_conv.blocks} == {'conv'}
     assert {blk.outer.mlp.recompute_act for blk in cnt_recompute.blocks} == {True}
-    assert {blk.attn.refine.channels_last for blk, r in zip(refiner.blocks, refiner.refiner_blocks) if r} == {False}
+    assert {blk.attn.refine.image_stats for blk, r in zip(refiner.blocks, refiner.refiner_blocks) if r} == {False}

@@ -6,11 +6,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
 import timm_hybrid
+from timm_hybrid.models import refiner as refiner_module
 from timm_hybrid.models.refiner import RefinerViT, checkpoint_filter_fn
 
 torch.set_num_threads(1)
@@ -197,6 +200,77 @@ def test_channels_last_refinement_equals_the_default_train_eval_and_folded():
     torch.testing.assert_close(eval1, eval0, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(fold1, eval0, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(fold0, eval0, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_image_stats_training_step_equals_the_default(channels_last):
+    """ refine_image_stats (the default on CUDA, where aten's per-channel BatchNorm kernels leave the GPU idle on the
+    refinement's 4-36 channel maps): every refinement norm takes its statistics and gradient sums per image and
+    channel, then merges them; the logits, every gradient and the running stats of the plain path, over two steps.
+    The reduce conv's output then goes NCHW, whatever the expanded maps' layout. """
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for image_stats in (False, True):
+        model = _tiny(cpu_chunk=0, refine_channels_last=channels_last, refine_image_stats=image_stats).double()
+        model.train()
+        per_image = []
+        original = refiner_module._per_channel_view
+
+        def spy(t, flag):
+            view, images = original(t, flag)
+            per_image.append(images)
+            return view, images
+
+        refiner_module._per_channel_view = spy
+        try:
+            for _ in range(2):
+                model.zero_grad()
+                out = model(x)
+                out.square().mean().backward()
+        finally:
+            refiner_module._per_channel_view = original
+        refiners = sum(model.refiner_blocks)
+        if image_stats:
+            # 4 norms a refiner, forward and backward, two steps; the expanded maps' two per channel when channels-last
+            assert len(per_image) == 2 * 2 * 4 * refiners
+            assert per_image.count(1) == (2 * 2 * 2 * refiners if channels_last else 0)
+            assert set(per_image) - {1} == {3}
+        else:
+            assert per_image == []
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers())))
+    (out0, grads0, buf0), (out1, grads1, buf1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-10, atol=1e-12)
+    scale = max(g.abs().max().item() for g in grads0.values())
+    off = {n: (grads1[n] - g).abs().max().item() for n, g in grads0.items()
+           if (grads1[n] - g).abs().max().item() > 1e-10 * scale + 1e-9 * g.abs().max().item()}
+    assert not off, f'gradients off (largest |grad| {scale:.3g}): {off}'
+    torch.testing.assert_close(buf1, buf0, rtol=1e-10, atol=1e-13)
+
+
+def test_per_image_batch_norm_of_bfloat16_maps_keeps_float32_statistics():
+    """ Under bf16 autocast the maps are bf16: the per-image norm keeps its statistics and gradient coefficients in
+    float32 (as aten's CUDA BatchNorm does), so its outputs and input gradient stay as close to a float64 BatchNorm
+    of the same bf16 maps as aten's own bf16 BatchNorm is (near-uniform maps, where bf16 statistics would cancel). """
+    torch.manual_seed(0)
+    x = (1 / 197 + 1e-4 * torch.randn(4, 6, 9, 9)).bfloat16()
+    g = torch.randn(4, 6, 9, 9).bfloat16()
+    norm = nn.BatchNorm2d(6)
+    ref_x = x.double().requires_grad_()
+    ref = F.batch_norm(ref_x, None, None, norm.weight.double(), norm.bias.double(), True, 0., norm.eps)
+    ref.backward(g.double())
+    ours_x = x.clone().requires_grad_()
+    ours = refiner_module.batch_norm_chunks(norm, [ours_x], per_image=True)[0]
+    ours.backward(g)
+    assert ours.dtype == ours_x.grad.dtype == torch.bfloat16
+    aten_x = x.clone().requires_grad_()
+    aten = F.batch_norm(aten_x, None, None, norm.weight, norm.bias, True, 0., norm.eps)
+    aten.backward(g)
+
+    def err(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+    assert err(ours, ref) < 1e-2 and err(ours, ref) <= 1.5 * err(aten, ref) + 1e-3
+    grad_err, aten_grad_err = err(ours_x.grad, ref_x.grad), err(aten_x.grad, ref_x.grad)
+    assert grad_err < 2e-2 and grad_err <= 1.5 * aten_grad_err + 1e-3
 
 
 def test_batchnorm_eval_independent_of_batch():

@@ -217,7 +217,13 @@ class AttentionRefiner(nn.Module):
     each of the kernel's weights (324 for Refiner-S's 36 maps) a thread block of its own, reducing batch x N x N
     values: the likely cause of Refiner-S training at 0.04x DeiT-S on an H100 in bf16. Not yet measured on a GPU:
     `benchmarks/device_benchmark.py` times both settings. On CPU the NCHW convs measured faster for the whole batch
-    (above); a CPU training step takes the chunked path, channels-last inside whatever this says.
+    (above); a CPU training step takes the chunked path, channels-last inside whatever this says. Measured on an H200
+    (bf16, batch 256): Refiner-S's training step 2.05x as fast channels-last as NCHW.
+
+    `image_stats` (None: on CUDA tensors) trains the BatchNorms with statistics taken per image and channel, then
+    merged (`forward_image_stats`): the same outputs, gradients and running statistics, from kernels that fill a GPU
+    where aten's per-channel ones leave it idle (`_ChunkedBatchNorm`). Reasoned from the H200 profile, not yet timed;
+    the device benchmark times `refine_image_stats=False` beside it.
     """
 
     def __init__(
@@ -228,11 +234,13 @@ class AttentionRefiner(nn.Module):
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
             act_layer: Type[nn.Module] = nn.ReLU6,
             channels_last: Optional[bool] = None,
+            image_stats: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
         super().__init__()
         self.channels_last = channels_last
+        self.image_stats = image_stats
         hidden = num_heads * expand_ratio
         conv_kwargs = dict(norm_layer=norm_layer, act_layer=act_layer, device=device, dtype=dtype)
         self.expand = ConvNormAct(num_heads, hidden, 1, **conv_kwargs)
@@ -257,6 +265,30 @@ class AttentionRefiner(nn.Module):
             return self.channels_last
         return not is_fx_symbolic_tracing() and attn.is_cuda  # a traced graph keeps the maps' layout
 
+    @torch.jit.unused
+    def use_image_stats(self, attn: torch.Tensor) -> bool:
+        """ Whether a training forward of `attn` takes `forward_image_stats`: `image_stats`, or if None on CUDA
+        tensors, eager (inductor writes its own BatchNorm kernels); only while every norm is a training BatchNorm. """
+        if self.image_stats is False or not self.training or self.shortcut_scale is not None:
+            return False
+        if self.image_stats is None and (torch.compiler.is_compiling() or is_fx_symbolic_tracing()
+                                         or torch.jit.is_tracing() or not attn.is_cuda):
+            return False
+        norms = (self.expand.bn, self.conv_dw.bn, self.reduce.bn)
+        return all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.training for n in norms)
+
+    @torch.jit.unused
+    def forward_image_stats(self, attn: torch.Tensor) -> torch.Tensor:
+        """ `forward` with every BatchNorm trained by `batch_norm_chunks(..., per_image=True)`: the same outputs,
+        gradients and running statistics. Returns attn + refined maps, NCHW. """
+        maps = attn.contiguous(memory_format=torch.channels_last) if self._use_channels_last(attn) else attn
+        for conv_norm in (self.expand, self.conv_dw):
+            maps = batch_norm_chunks(conv_norm.bn, [conv_norm.conv(maps)], per_image=True)[0]
+        # the reduce conv's narrow output NCHW (one copy where the maps ran channels-last): its norm's statistics
+        # per image then come from a (1, B * heads, N * N) view
+        refined = self.reduce.conv(maps).contiguous()
+        return attn + batch_norm_chunks(self.reduce.bn, [refined], per_image=True)[0]
+
 
 def _fold_norm_into_conv(
         conv_norm: ConvNormAct,
@@ -274,23 +306,49 @@ def _fold_norm_into_conv(
     conv_norm.bn = norm_act_remainder(bn)  # BatchNormAct2d carries the act
 
 
+def _per_channel_view(x: torch.Tensor, per_image: bool) -> Tuple[torch.Tensor, int]:
+    """ `x` as a BatchNorm input whose channels are (image, channel) pairs, and how many images each channel of `x`
+    is split into: a (1, B*C, H*W) view of an NCHW-contiguous `x` where `per_image`, else `x` itself and 1. """
+    if per_image and x.ndim == 4 and x.is_contiguous():
+        return x.view(1, x.shape[0] * x.shape[1], -1), x.shape[0]
+    return x, 1
+
+
 class _ChunkedBatchNorm(torch.autograd.Function):
     """ Training-mode batch norm of a batch held as chunks (B_i, C, H, W): the statistics and gradients of the whole
-    batch, every tensor chunk-sized (see RefinerAttention). Returns the normalised chunks, then (mean, biased var). """
+    batch, every tensor chunk-sized (see RefinerAttention). Returns the normalised chunks, then (mean, biased var).
+
+    `per_image`: the statistics and gradient sums of each NCHW chunk are taken per image and channel, over a
+    (1, B_i*C, H*W) view, and merged. aten's and cuDNN's CUDA BatchNorm kernels split the work by channel, so 12 or
+    36 channels leave most of a GPU idle: in Refiner-S's training step on an H200 (bf16, batch 256) BatchNorm over the
+    (256, 12 or 36, 197, 197) maps took 316 of 541 ms, one 12-channel backward 13.6 ms (about 35 GB/s). """
 
     @staticmethod
-    def forward(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, *chunks: torch.Tensor):
-        counts = [c.numel() // c.shape[1] for c in chunks]
-        n = sum(counts)
-        # per-chunk mean and biased var (BatchNorm's own statistics kernel, 3x faster than var_mean on these maps),
-        # merged exactly (Chan et al.): the maps are near-uniform at init, where E[x^2] - E[x]^2 would cancel
-        stats = [torch.batch_norm_update_stats(c, None, None, 0.) for c in chunks]
-        mean = sum(m.double() * k for (m, _), k in zip(stats, counts)) / n
-        var = sum((v.double() + (m.double() - mean) ** 2) * k for (m, v), k in zip(stats, counts)) / n
-        mean, var = mean.to(chunks[0].dtype), var.to(chunks[0].dtype)
+    def forward(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, per_image: bool,
+                *chunks: torch.Tensor):
+        n = sum(c.numel() // c.shape[1] for c in chunks)
+        # mean and biased var per chunk or per image (BatchNorm's own statistics kernel, 3x faster than var_mean on
+        # these maps on CPU), merged exactly (Chan et al.): the maps are near-uniform at init, where E[x^2] - E[x]^2
+        # would cancel
+        mean = var = 0.
+        stats = []
+        for c in chunks:
+            view, images = _per_channel_view(c, per_image)
+            if view.dtype in (torch.float16, torch.bfloat16) and not view.is_cuda:
+                view = view.float()  # aten's CPU kernel returns half-precision statistics of such maps, CUDA's float32
+            m, v = (s.double().view(images, -1) for s in torch.batch_norm_update_stats(view, None, None, 0.))
+            stats.append((m, v, c.numel() // c.shape[1] // images))  # values per group and channel
+            mean = mean + m.sum(0) * stats[-1][2]
+        mean = mean / n
+        for m, v, k in stats:
+            var = var + (v + (m - mean) ** 2).sum(0) * k
+        var = var / n
+        # float32 statistics for half-precision maps (as aten's CUDA BatchNorm keeps them)
+        stat_dtype = torch.float32 if chunks[0].dtype in (torch.float16, torch.bfloat16) else chunks[0].dtype
+        mean, var = mean.to(stat_dtype), var.to(stat_dtype)
         outs = [F.batch_norm(c, mean, var, weight, bias, False, 0., eps) for c in chunks]  # one fused pass each
         ctx.save_for_backward(weight, mean, var, *chunks)
-        ctx.n, ctx.eps = n, eps
+        ctx.n, ctx.eps, ctx.per_image = n, eps, per_image
         ctx.mark_non_differentiable(mean, var)  # for the running stats only
         return (*outs, mean, var)
 
@@ -301,9 +359,16 @@ class _ChunkedBatchNorm(torch.autograd.Function):
         w = torch.ones_like(mean) if weight is None else weight
         # sum(g) and sum(g * x_hat) per channel, one fused pass over each chunk: aten's inference-mode backward
         # (statistics as constants) reduces exactly these for the weight and bias gradients
-        sums = [torch.ops.aten.native_batch_norm_backward(
-            g, c, w, mean, var, None, None, False, ctx.eps, [False, True, True])[1:] for g, c in zip(grads, chunks)]
-        sum_gx, sum_g = sum(s[0] for s in sums), sum(s[1] for s in sums)
+        sum_gx = sum_g = 0.
+        for g, c in zip(grads, chunks):
+            view, images = _per_channel_view(c, ctx.per_image)
+            if images > 1:
+                g = g.contiguous().view(view.shape)
+            stats = [t.repeat(images) for t in (w, mean, var)]
+            s_gx, s_g = torch.ops.aten.native_batch_norm_backward(
+                g, view, *stats, None, None, False, ctx.eps, [False, True, True])[1:]
+            sum_gx = sum_gx + s_gx.view(images, -1).sum(0)
+            sum_g = sum_g + s_g.view(images, -1).sum(0)
         # dx = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) = a * g + b * x + c, per-channel a, b, c: two
         # passes a chunk (timm's / aten's training backward makes the same two: a reduction, then this)
         invstd = torch.rsqrt(var + ctx.eps)
@@ -312,16 +377,18 @@ class _ChunkedBatchNorm(torch.autograd.Function):
         c = -a * sum_g / ctx.n - b * mean
         shape = (1, -1, 1, 1)
         a, b, c = a.reshape(shape), b.reshape(shape), c.reshape(shape)
-        grad_chunks = [torch.addcmul(c, x, b).addcmul_(g, a) for g, x in zip(grads, chunks)]
+        # in the statistics' precision, then the maps' (half-precision coefficients would cancel in b * x + c)
+        grad_chunks = [torch.addcmul(c, x, b).addcmul_(g, a).to(x.dtype) for g, x in zip(grads, chunks)]
         grad_weight = sum_gx if weight is not None and ctx.needs_input_grad[0] else None
         grad_bias = sum_g if ctx.needs_input_grad[1] else None
-        return (grad_weight, grad_bias, None, *grad_chunks)
+        return (grad_weight, grad_bias, None, None, *grad_chunks)
 
 
-def batch_norm_chunks(norm: nn.Module, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
+def batch_norm_chunks(norm: nn.Module, chunks: List[torch.Tensor], per_image: bool = False) -> List[torch.Tensor]:
     """ `norm` (a training BatchNorm2d, or timm's BatchNormAct2d with its act) over the batch that `chunks` split:
-    the same outputs, gradients and running-stat update as on the concatenated batch. """
-    *outs, mean, var = _ChunkedBatchNorm.apply(norm.weight, norm.bias, norm.eps, *chunks)
+    the same outputs, gradients and running-stat update as on the concatenated batch. `per_image`: statistics per
+    image first (`_ChunkedBatchNorm`), for GPUs. """
+    *outs, mean, var = _ChunkedBatchNorm.apply(norm.weight, norm.bias, norm.eps, per_image, *chunks)
     _update_running_stats(norm, mean, var, sum(c.numel() // c.shape[1] for c in chunks))
     return _after_norm(norm, outs)
 
@@ -454,6 +521,9 @@ class RefinerAttention(_MapAttention):
             chunk = self._train_chunk(prev_attn)
             if chunk:
                 return self._forward_chunked(prev_attn, v, chunk), prev_attn
+            if self._use_image_stats(prev_attn):
+                attn = batch_norm_chunks(self.norm, [self.refine.forward_image_stats(prev_attn)], per_image=True)[0]
+                return self._aggregate(attn, v * self.scale), prev_attn
         attn = self.norm(self.refine(prev_attn))  # (B, H, N, N)
         return self._aggregate(attn, v * self.scale), prev_attn
 
@@ -468,6 +538,14 @@ class RefinerAttention(_MapAttention):
         return training_chunk_size(prev_attn, self.cpu_chunk, norms, lambda: (
             TRAIN_MAPS_PER_OP * prev_attn[0].numel() * self.refine.expand.conv.out_channels // self.num_heads
             * prev_attn.element_size()))
+
+    @torch.jit.unused
+    def _use_image_stats(self, prev_attn: torch.Tensor) -> bool:
+        """ Whether a training step takes the refiner's `forward_image_stats` (a refiner of another kind: never). """
+        use = getattr(self.refine, 'use_image_stats', None)
+        norm = self.norm
+        return (use is not None and use(prev_attn) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+                and norm.training)
 
     @torch.jit.unused
     def _forward_chunked(self, prev_attn: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -595,6 +673,7 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             conv_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             refine_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
             refine_channels_last: Optional[bool] = None,
+            refine_image_stats: Optional[bool] = None,
             cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,
@@ -632,6 +711,9 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             refine_act_layer: Refiner activation (default ReLU6).
             refine_channels_last: Run the refiners' convs on channels-last maps; None (default): on CUDA, where it
                 sends the depthwise conv to cuDNN (AttentionRefiner). Same outputs either way.
+            refine_image_stats: Train the refiners' BatchNorms with statistics taken per image first; None
+                (default): on CUDA, where aten's per-channel kernels leave the GPU idle on 12-36 channel maps
+                (AttentionRefiner). Same outputs, gradients and running statistics either way.
             cpu_chunk: On CPU, run a batch this many images at a time where the attention maps are large: the
                 whole forward in eval, the refinements in a training step (batch statistics over the whole batch).
                 None: as many as keep the expanded maps one op touches below 24 MiB (EVAL_MAPS_PER_OP,
@@ -684,7 +766,8 @@ class RefinerViT(TokenClassifierMixin, nn.Module):
             RefinerAttention, qkv_bias=qkv_bias, norm_layer=conv_norm_layer, cpu_chunk=self.cpu_chunk,
             refiner_layer=partial(
                 AttentionRefiner, expand_ratio=refine_expand, kernel_size=refine_kernel_size,
-                norm_layer=conv_norm_layer, act_layer=refine_act_layer, channels_last=refine_channels_last))
+                norm_layer=conv_norm_layer, act_layer=refine_act_layer, channels_last=refine_channels_last,
+                image_stats=refine_image_stats))
         self.blocks = nn.ModuleList([
             Block(
                 embed_dim, num_heads, attn_layer=refiner_attn if refiner_blocks[i] else plain_attn,
