@@ -129,6 +129,19 @@ def test_training_chunks_are_sized_by_the_maps_an_op_touches():
     assert model.eval().blocks[1].attn._train_chunk(maps) == 0  # eval chunks the whole model instead
 
 
+def _assert_same_training_steps(first, second) -> None:
+    """ Two float64 training runs, each (logits, gradients, buffers), agree: logits and running stats to ~1e-10,
+    gradients on the scale of the largest one (a BatchNorm bias ahead of another BatchNorm has a gradient of pure
+    rounding in both). """
+    (out0, grads0, buf0), (out1, grads1, buf1) = first, second
+    torch.testing.assert_close(out1, out0, rtol=1e-10, atol=1e-12)
+    scale = max(g.abs().max().item() for g in grads0.values())
+    off = {n: (grads1[n] - g).abs().max().item() for n, g in grads0.items()
+           if (grads1[n] - g).abs().max().item() > 1e-10 * scale + 1e-9 * g.abs().max().item()}
+    assert not off, f'gradients off (largest |grad| {scale:.3g}): {off}'
+    torch.testing.assert_close(buf1, buf0, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize('checkpointing', [False, True])
 def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
     """ cpu_chunk: the conv stem and the refinements of a CPU training step on 2-image slices (the expanded maps
@@ -159,15 +172,7 @@ def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         results.append((out.detach(), grads, buffers))
-    (out0, grads0, buf0), (out1, grads1, buf1) = results
-    torch.testing.assert_close(out1, out0, rtol=1e-10, atol=1e-12)
-    # on the scale of the largest gradient: a BatchNorm bias ahead of another BatchNorm has a gradient of pure
-    # rounding in both
-    scale = max(g.abs().max().item() for g in grads0.values())
-    off = {n: (grads1[n] - g).abs().max().item() for n, g in grads0.items()
-           if (grads1[n] - g).abs().max().item() > 1e-10 * scale + 1e-9 * g.abs().max().item()}
-    assert not off, f'gradients off (largest |grad| {scale:.3g}): {off}'
-    torch.testing.assert_close(buf1, buf0, rtol=1e-10, atol=1e-13)
+    _assert_same_training_steps(*results)
 
 
 def test_channels_last_refinement_equals_the_default_train_eval_and_folded():
@@ -238,13 +243,7 @@ def test_image_stats_training_step_equals_the_default(channels_last):
         else:
             assert per_image == []
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers())))
-    (out0, grads0, buf0), (out1, grads1, buf1) = results
-    torch.testing.assert_close(out1, out0, rtol=1e-10, atol=1e-12)
-    scale = max(g.abs().max().item() for g in grads0.values())
-    off = {n: (grads1[n] - g).abs().max().item() for n, g in grads0.items()
-           if (grads1[n] - g).abs().max().item() > 1e-10 * scale + 1e-9 * g.abs().max().item()}
-    assert not off, f'gradients off (largest |grad| {scale:.3g}): {off}'
-    torch.testing.assert_close(buf1, buf0, rtol=1e-10, atol=1e-13)
+    _assert_same_training_steps(*results)
 
 
 def test_per_image_batch_norm_of_bfloat16_maps_keeps_float32_statistics():
