@@ -246,6 +246,41 @@ def test_image_stats_training_step_equals_the_default(channels_last):
     _assert_same_training_steps(*results)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA only: the default path of a CUDA training step')
+@pytest.mark.parametrize('amp', [False, True])
+def test_image_stats_on_cuda_equals_aten_batch_norm(amp, monkeypatch):
+    """ On CUDA (where refine_image_stats defaults on, and aten's CUDA kernels run: its backward asserts that saved
+    statistics are given): a training step with per-image statistics against aten's BatchNorm, float32 (TF32 off)
+    and under bf16 autocast. Run it on a GPU with `python -m pytest tests/test_refiner.py -k cuda`. """
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    torch.manual_seed(1)
+    x = torch.randn(8, 3, 32, 32, device='cuda')
+    results = []
+    for image_stats in (None, False):
+        model = _tiny(cpu_chunk=0, refine_image_stats=image_stats).cuda().train()
+        refiner = model.blocks[1].attn.refine
+        assert refiner.use_image_stats(torch.empty(1, device='cuda')) == (image_stats is None)
+        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        out.float().square().mean().backward()
+        grads = {n: p.grad.float() for n, p in model.named_parameters()}
+        results.append((out.float().detach(), grads, dict(model.named_buffers())))
+    (out0, grads0, buf0), (out1, grads1, buf1) = results
+
+    def err(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    running = [n for n in buf0 if n.endswith(('running_mean', 'running_var'))]
+    assert max(err(buf0[n], buf1[n]) for n in running) < 1e-3
+    assert all(g.isfinite().all() for g in grads1.values())
+    if amp:  # bf16 gradients at init are mostly rounding (near-uniform maps) in either path: the logits only
+        assert err(out0, out1) < 2e-2
+    else:  # float32 rounding, amplified by the norms of near-uniform maps: 3e-6 to 3e-5 on CPU
+        assert err(out0, out1) < 1e-3
+        assert err(torch.cat([g.flatten() for g in grads0.values()]),
+                   torch.cat([g.flatten() for g in grads1.values()])) < 1e-3
+
+
 def test_per_image_batch_norm_of_bfloat16_maps_keeps_float32_statistics():
     """ Under bf16 autocast the maps are bf16: the per-image norm keeps its statistics and gradient coefficients in
     float32 (as aten's CUDA BatchNorm does), so its outputs and input gradient stay as close to a float64 BatchNorm

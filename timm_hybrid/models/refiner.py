@@ -215,10 +215,10 @@ class AttentionRefiner(nn.Module):
     convolution sends every channels-last depthwise convolution to cuDNN; an NCHW one goes to cuDNN only in fp16
     (by a table of shapes), so in bf16 or fp32 it runs PyTorch's own depthwise kernels, whose weight gradient gives
     each of the kernel's weights (324 for Refiner-S's 36 maps) a thread block of its own, reducing batch x N x N
-    values: the likely cause of Refiner-S training at 0.04x DeiT-S on an H100 in bf16. Not yet measured on a GPU:
-    `benchmarks/device_benchmark.py` times both settings. On CPU the NCHW convs measured faster for the whole batch
-    (above); a CPU training step takes the chunked path, channels-last inside whatever this says. Measured on an H200
-    (bf16, batch 256): Refiner-S's training step 2.05x as fast channels-last as NCHW.
+    values: the likely cause of Refiner-S training at 0.04x DeiT-S on an H100 in bf16. Measured on an H200 (bf16,
+    batch 256, `benchmarks/device_benchmark.py`): Refiner-S's training step runs 2.05x as fast channels-last as NCHW.
+    On CPU the NCHW convs measured faster for the whole batch (above); a CPU training step takes the chunked path,
+    channels-last inside whatever this says.
 
     `image_stats` (None: on CUDA tensors) trains the BatchNorms with statistics taken per image and channel, then
     merged (`forward_image_stats`): the same outputs, gradients and running statistics, from kernels that fill a GPU
@@ -357,21 +357,22 @@ class _ChunkedBatchNorm(torch.autograd.Function):
         weight, mean, var, *chunks = ctx.saved_tensors
         grads = grads[:len(chunks)]
         w = torch.ones_like(mean) if weight is None else weight
+        invstd = torch.rsqrt(var + ctx.eps)
         # sum(g) and sum(g * x_hat) per channel, one fused pass over each chunk: aten's inference-mode backward
-        # (statistics as constants) reduces exactly these for the weight and bias gradients
+        # (statistics as constants) reduces exactly these for the weight and bias gradients. The statistics go in
+        # as running (read on CPU) and as saved ones (read on CUDA, which asserts they are given)
         sum_gx = sum_g = 0.
         for g, c in zip(grads, chunks):
             view, images = _per_channel_view(c, ctx.per_image)
             if images > 1:
                 g = g.contiguous().view(view.shape)
-            stats = [t.repeat(images) for t in (w, mean, var)]
+            stats = [t.repeat(images) if images > 1 else t for t in (w, mean, var, mean, invstd)]
             s_gx, s_g = torch.ops.aten.native_batch_norm_backward(
-                g, view, *stats, None, None, False, ctx.eps, [False, True, True])[1:]
+                g, view, *stats, False, ctx.eps, [False, True, True])[1:]
             sum_gx = sum_gx + s_gx.view(images, -1).sum(0)
             sum_g = sum_g + s_g.view(images, -1).sum(0)
         # dx = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) = a * g + b * x + c, per-channel a, b, c: two
         # passes a chunk (timm's / aten's training backward makes the same two: a reduction, then this)
-        invstd = torch.rsqrt(var + ctx.eps)
         a = w * invstd
         b = -a * invstd * sum_gx / ctx.n
         c = -a * sum_g / ctx.n - b * mean
