@@ -8,9 +8,10 @@
 
 On a GPU: bf16 autocast, batch 256 (timm's benchmark.py `--amp --amp-dtype bfloat16 -b 256`), 20 timed steps after 5
 warm-up ones (no settling step between models), and the S group with GPU_VARIANTS (the alternatives of the choices
-made for GPUs). On an H200 the S group took 6.5 minutes, half of it measuring peak memory (`--no-memory` skips it). On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size group
-is timed interleaved with the DeiT of its size (the hybrid families with DeiT-S), so every `x DeiT` ratio comes from
-shared rounds. Writes, through `timm_hybrid.compare`:
+made for GPUs). On an H200 the S group took 6.5 minutes, half of it measuring peak memory (`--no-memory` skips it).
+On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size group is timed interleaved with the
+DeiT of its size (the hybrid families with DeiT-S), so every `x DeiT` ratio comes from shared rounds. Writes,
+through `timm_hybrid.compare`:
 `<size>.csv/.md/.json/.png` per group (compare_models), and `benchmark.csv/.md/.json` (all models, ratios to the DeiT
 of their size) with `speed_vs_gmacs.png`.
 """
