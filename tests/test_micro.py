@@ -125,7 +125,12 @@ def test_micro_study_plan_runs_the_most_informative_first():
     assert len(set(names)) == len(names)
     assert names[:6] == ['deit-10pct-s0', 'cnt-10pct-s0', 'tnt-10pct-s0', 'deit-1pct-s0', 'cnt-1pct-s0', 'tnt-1pct-s0']
     groups = [r.group for r in runs]
-    assert groups == sorted(groups, key=['main', 'teacher', 'distill', 'ablation', 'long'].index)
+    assert groups == sorted(groups, key=['main', 'teacher', 'distill', 'ablation', 'long', 'option'].index)
+    # the winning 10% ablation on the other fractions, against the default CNT of the same seeds
+    option = [r for r in runs if r.group == 'option']
+    assert [(r.data, r.seed) for r in option] == [(d, s) for d in ('1pct', '100pct') for s in (0, 1, 2)]
+    assert {(r.model, r.model_kwargs) for r in option} == {('cnt_micro_patch4_28', ('embed_dim=52', 'inner_dim=8'))}
+    assert {r.epochs for r in option if r.data == '100pct'} == {40}
     long = [r for r in runs if r.group == 'long']
     assert [(r.model, r.data, r.epochs) for r in long] == [
         ('cnt_micro_patch4_28', '100pct', 120), ('deit_micro_patch4_28', '100pct', 120)]
