@@ -3,6 +3,7 @@
     python benchmarks/device_benchmark.py                 # -> benchmarks/results/<device>/
     python benchmarks/device_benchmark.py --sizes s       # one size group
     python benchmarks/device_benchmark.py --sizes s ti b --no-memory   # within a 15-minute GPU lease (~5 min)
+    python benchmarks/device_benchmark.py --sizes s --profile cnt_s_patch16_224 refiner_vit_small_patch16_224
     python benchmarks/device_benchmark.py --models cnt_nano_patch7_28 tnt_nano_patch7_28 \\
         --reference deit_nano_patch7_28 --output /tmp/smoke   # a quick check that it runs
 
@@ -13,7 +14,8 @@ On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size 
 DeiT of its size (the hybrid families with DeiT-S), so every `x DeiT` ratio comes from shared rounds. Writes,
 through `timm_hybrid.compare`:
 `<size>.csv/.md/.json/.png` per group (compare_models), and `benchmark.csv/.md/.json` (all models, ratios to the DeiT
-of their size) with `speed_vs_gmacs.png`.
+of their size) with `speed_vs_gmacs.png`; with `--profile`, one profiled training step of each model named
+(`profile_step.py`, the same settings) in `profile/`.
 """
 import argparse
 import re
@@ -22,6 +24,7 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
+from profile_step import profile_step, write_profile
 from timm_hybrid.compare import (
     Progress, SpeedSettings, compare_models, device_folder_name, free_cpu_threads, plot_speed_vs_gmacs,
     reference_short_name, write_results,
@@ -81,6 +84,8 @@ def main() -> None:
     parser.add_argument('--no-memory', action='store_true',
                         help='skip the training peak memory (one spawned process a model: half of a GPU run\'s time)')
     parser.add_argument('--output', type=Path, default=None, help='default: benchmarks/results/<device>')
+    parser.add_argument('--profile', nargs='+', default=(), metavar='MODEL',
+                        help='after the timings, profile one training step of each into <output>/profile')
     args = parser.parse_args()
 
     settings = device_settings(args)
@@ -97,6 +102,9 @@ def main() -> None:
     meta = dict(settings=settings.describe(), ratios='x DeiT of the same size, timed in the same interleaved rounds')
     write_results(rows, out, 'benchmark', meta, title=f'Speed on {device_folder_name(settings)}')
     plot_speed_vs_gmacs(rows, out / 'speed_vs_gmacs.png', settings)
+    for spec in args.profile:
+        table, profile_meta = profile_step(spec, settings, train=True, rows=30, warmup=3)
+        print(f'profiled {spec}: {write_profile(spec, True, table, profile_meta, out / "profile")}')
     print(f'written to {out.resolve()}')
 
 

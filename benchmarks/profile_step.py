@@ -5,11 +5,12 @@ read the shares, not the milliseconds.
     python benchmarks/profile_step.py refiner_vit_small_patch16_224:depth=4 --train --threads 2 --batch-size 32
     # -> benchmarks/results/profile/<model spec>-<train|infer>.{csv,md,json}
     python benchmarks/profile_step.py cnt_s_patch16_224 --train --device cuda   # bf16 autocast, batch 256
-    # -> benchmarks/results/profile/<gpu name>/...: ops ranked by their kernels' time on the GPU (self_ms)
+    # -> benchmarks/results/<gpu name>/profile/...: ops ranked by their kernels' time on the GPU (self_ms)
 """
 import argparse
 import re
 from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch.autograd import DeviceType
@@ -18,7 +19,48 @@ from torch.profiler import ProfilerActivity, profile
 from timm_hybrid.compare import AMP_DTYPES, SpeedSettings, create_model_spec, device_folder_name, make_step, \
     write_results
 
-OUT = Path(__file__).resolve().parent / 'results' / 'profile'
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+def profile_step(spec: str, settings: SpeedSettings, train: bool = True, rows: int = 20,
+                 warmup: int = 6) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+    """ One step of model `spec` under `torch.profiler` after `warmup` steps: the `rows` ops with the most self time
+    (on a GPU their kernels' time), grouped by input shape, and the meta of the table. """
+    on_gpu = settings.on_gpu
+    torch.set_num_threads(settings.threads)
+    model = create_model_spec(spec).to(settings.device)
+    step = make_step(model, tuple(model.pretrained_cfg['input_size']), settings, train=train)
+    for _ in range(warmup):  # the first steps allocate the optimizer state and grow malloc's heap
+        step()
+    # on a GPU an op's self time is its kernels' time on the device; its CPU time is mostly the launch
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()  # synchronizes the device before it returns
+    # on a GPU the averages list each kernel twice, under the op that launched it and as an event of its own (device
+    # type CUDA): keep the ops
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.device_type == DeviceType.CPU]
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
+
+    total_ms = sum(self_us(e) for e in events) / 1000
+    table = [
+        dict(op=e.key, input_shapes=str(e.input_shapes), calls=e.count,
+             self_ms=round(self_us(e) / 1000, 2 if on_gpu else 1),
+             self_share=round(self_us(e) / 1000 / total_ms, 3))
+        for e in sorted(events, key=lambda e: -self_us(e))[:rows]]
+    meta = dict(settings=settings.describe() + f', one step after {warmup} warm-up',
+                self_ms='the ops\' own time on the ' + ('GPU (their kernels)' if on_gpu else 'CPU'),
+                self_ms_all_ops=round(total_ms, 1))
+    return table, meta
+
+
+def write_profile(spec: str, train: bool, table: Sequence[Dict[str, object]], meta: Dict[str, object],
+                  out: Path) -> Path:
+    """ `profile_step`'s table as `<spec>-<train|infer>.csv/.md/.json` in `out`; returns the Markdown file. """
+    stem = re.sub(r'[^0-9A-Za-z_.=-]+', '_', spec) + ('-train' if train else '-infer')
+    write_results(table, out, stem, meta, title=f'{spec}: {"training step" if train else "inference"}')
+    return out / f'{stem}.md'
 
 
 def main() -> None:
@@ -29,7 +71,8 @@ def main() -> None:
     p.add_argument('--amp', choices=sorted(AMP_DTYPES), default=None, help='autocast dtype (default: bf16 on a GPU)')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--batch-size', type=int, default=None, help='default: 256 on a GPU, 32 on a CPU')
-    p.add_argument('--output', type=Path, default=None, help='default: benchmarks/results/profile[/<gpu name>]')
+    p.add_argument('--output', type=Path, default=None,
+                   help='default: benchmarks/results/profile, on a GPU benchmarks/results/<gpu name>/profile')
     p.add_argument('--rows', type=int, default=20, help='ops to keep (default: %(default)s)')
     p.add_argument('--warmup', type=int, default=6,
                    help='steps before the profiled one (default: %(default)s; on CPU the first 3-4 training steps run '
@@ -40,39 +83,9 @@ def main() -> None:
     settings = SpeedSettings(
         device=args.device, threads=args.threads, amp=args.amp or ('bf16' if on_gpu else None),
         batch_size=args.batch_size or (256 if on_gpu else 32))
-    torch.set_num_threads(settings.threads)
-    model = create_model_spec(args.model).to(settings.device)
-    step = make_step(model, tuple(model.pretrained_cfg['input_size']), settings, train=args.train)
-    for _ in range(args.warmup):  # the first steps allocate the optimizer state and grow malloc's heap
-        step()
-    if on_gpu:
-        torch.cuda.synchronize(settings.device)
-    # on a GPU an op's self time is its kernels' time on the device; its CPU time is mostly the launch
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    with profile(activities=activities, record_shapes=True) as prof:
-        step()
-        if on_gpu:
-            torch.cuda.synchronize(settings.device)
-    # on a GPU the averages list each kernel twice, under the op that launched it and as an event of its own (device
-    # type CUDA): keep the ops
-    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.device_type == DeviceType.CPU]
-
-    def self_us(event) -> float:
-        return event.self_device_time_total if on_gpu else event.self_cpu_time_total
-
-    total_ms = sum(self_us(e) for e in events) / 1000
-    rows = [
-        dict(op=e.key, input_shapes=str(e.input_shapes), calls=e.count,
-             self_ms=round(self_us(e) / 1000, 2 if on_gpu else 1),
-             self_share=round(self_us(e) / 1000 / total_ms, 3))
-        for e in sorted(events, key=lambda e: -self_us(e))[:args.rows]]
-    stem = re.sub(r'[^0-9A-Za-z_.=-]+', '_', args.model) + ('-train' if args.train else '-infer')
-    out = args.output or (OUT / device_folder_name(settings) if on_gpu else OUT)
-    meta = dict(settings=settings.describe() + f', one step after {args.warmup} warm-up',
-                self_ms='the ops\' own time on the ' + ('GPU (their kernels)' if on_gpu else 'CPU'),
-                self_ms_all_ops=round(total_ms, 1))
-    write_results(rows, out, stem, meta, title=f'{args.model}: {"training step" if args.train else "inference"}')
-    print((out / f'{stem}.md').read_text())
+    table, meta = profile_step(args.model, settings, train=args.train, rows=args.rows, warmup=args.warmup)
+    out = args.output or (RESULTS / device_folder_name(settings) / 'profile' if on_gpu else RESULTS / 'profile')
+    print(write_profile(args.model, args.train, table, meta, out).read_text())
 
 
 if __name__ == '__main__':

@@ -173,3 +173,22 @@ def test_device_benchmark_times_the_gpu_only_choices_against_their_alternatives_
     assert {blk.inner.impl for blk in cnt_conv.blocks} == {'conv'}
     assert {blk.outer.mlp.recompute_act for blk in cnt_recompute.blocks} == {True}
     assert {blk.attn.refine.image_stats for blk, r in zip(refiner.blocks, refiner.refiner_blocks) if r} == {False}
+
+
+def test_profile_step_ranks_ops_by_self_time_and_device_benchmark_writes_them(tmp_path):
+    """ benchmarks/profile_step.py: one training step's ops (no kernels, no duplicates of one op and shape), largest
+    self time first, shares of the whole step; `write_profile` names the files after the model spec. """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    import profile_step
+    table, meta = profile_step.profile_step(
+        'cnt_nano_patch7_28:depth=2', SpeedSettings(batch_size=2), train=True, rows=8, warmup=1)
+    assert len(table) == 8
+    times = [r['self_ms'] for r in table]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert len({(r['op'], r['input_shapes']) for r in table}) == 8
+    assert any(r['op'] == 'aten::convolution_backward' or r['op'].startswith('aten::mm') for r in table)
+    assert 0 < sum(r['self_share'] for r in table) <= 1.001
+    assert meta['self_ms_all_ops'] >= sum(times) and 'one step after 1 warm-up' in meta['settings']
+    md = profile_step.write_profile('cnt_nano_patch7_28:depth=2', True, table, meta, tmp_path)
+    assert md == tmp_path / 'cnt_nano_patch7_28_depth=2-train.md' and md.is_file()
+    assert (tmp_path / 'cnt_nano_patch7_28_depth=2-train.csv').is_file()
