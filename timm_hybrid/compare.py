@@ -67,13 +67,6 @@ def reference_short_name(name: str) -> str:
     return short + ''.join(f'_{k}_{re.sub(r"[^0-9A-Za-z]+", "", str(v))}' for k, v in kwargs.items())
 
 
-def device_folder_name(settings: 'SpeedSettings') -> str:
-    """ `cpu`, or on a GPU the GPU's name as a folder (e.g. `nvidia-h100-80gb-hbm3`). """
-    if not settings.on_gpu:
-        return 'cpu'
-    return re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(settings.device).lower()).strip('-')
-
-
 class ModelSpecError(ValueError):
     """ A model spec that does not parse, or whose kwargs the model does not take. """
 
@@ -179,6 +172,13 @@ class SpeedSettings:
     def synchronize(self) -> None:
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
+
+
+def device_folder_name(settings: SpeedSettings) -> str:
+    """ `cpu`, or on a GPU the GPU's name as a folder (e.g. `nvidia-h100-80gb-hbm3`). """
+    if not settings.on_gpu:
+        return 'cpu'
+    return re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name(settings.device).lower()).strip('-')
 
 
 @dataclass
