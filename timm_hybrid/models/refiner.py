@@ -274,8 +274,7 @@ class AttentionRefiner(nn.Module):
         if self.image_stats is None and (torch.compiler.is_compiling() or is_fx_symbolic_tracing()
                                          or torch.jit.is_tracing() or not attn.is_cuda):
             return False
-        norms = (self.expand.bn, self.conv_dw.bn, self.reduce.bn)
-        return all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.training for n in norms)
+        return training_batch_norms((self.expand.bn, self.conv_dw.bn, self.reduce.bn))
 
     @torch.jit.unused
     def forward_image_stats(self, attn: torch.Tensor) -> torch.Tensor:
@@ -429,6 +428,12 @@ EVAL_MAPS_PER_OP = 2
 TRAIN_MAPS_PER_OP = 3
 
 
+def training_batch_norms(norms: Sequence[nn.Module]) -> bool:
+    """ Whether every one of `norms` is a BatchNorm in training mode: the norms that `batch_norm_chunks` can replace
+    (its batch statistics and running-stat update are a training BatchNorm's). """
+    return all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.training for n in norms)
+
+
 @torch.jit.unused
 def training_chunk_size(
         x: torch.Tensor,
@@ -440,7 +445,7 @@ def training_chunk_size(
     0 (the batch whole) under CPU autocast or unless every one is a BatchNorm in training mode. """
     if torch.is_autocast_enabled('cpu'):
         return 0
-    if not all(isinstance(n, nn.modules.batchnorm._BatchNorm) and n.training for n in norms):
+    if not training_batch_norms(norms):
         return 0
     return cpu_chunk_size(x, setting, per_sample_bytes)
 
@@ -544,9 +549,7 @@ class RefinerAttention(_MapAttention):
     def _use_image_stats(self, prev_attn: torch.Tensor) -> bool:
         """ Whether a training step takes the refiner's `forward_image_stats` (a refiner of another kind: never). """
         use = getattr(self.refine, 'use_image_stats', None)
-        norm = self.norm
-        return (use is not None and use(prev_attn) and isinstance(norm, nn.modules.batchnorm._BatchNorm)
-                and norm.training)
+        return use is not None and use(prev_attn) and training_batch_norms((self.norm,))
 
     @torch.jit.unused
     def _forward_chunked(self, prev_attn: torch.Tensor, v: torch.Tensor, chunk: int) -> torch.Tensor:
