@@ -55,16 +55,17 @@ class PixelEmbed(PatchGridEmbed):
     """ Image -> per-patch grid of pixel embeddings (B*N, C_in, h, w).
 
     As in TNT, each patch is convolved on its own (zero padding at the patch border), so a pixel embedding sees only
-    its own patch. The patches are cut with a reshape instead of nn.Unfold (same values, no im2col copy).
+    its own patch. The patches are cut with a reshape instead of nn.Unfold (same values, no im2col copy). CNT passes
+    every size (no defaults here: the model's are the only ones).
     """
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: Union[int, Tuple[int, int]] = 16,
-            in_chans: int = 3,
-            inner_dim: int = 24,
-            stride: int = 4,
+            img_size: Union[int, Tuple[int, int]],
+            patch_size: Union[int, Tuple[int, int]],
+            in_chans: int,
+            inner_dim: int,
+            stride: int,
             device=None,
             dtype=None,
     ):

@@ -83,18 +83,19 @@ class ConvPatchEmbed(PatchGridEmbed):
     tensor-core layout on GPUs) and, eager on CPU, a training step runs it on `cpu_chunk`-image slices with the batch
     statistics of the whole batch, as the refiners do: its 64- and 128-channel maps at 112 x 112 are 3.2 / 6.4 MB an
     image, far above malloc's mmap threshold at batch 32 (CPU_CHUNK_BYTES in models/_common.py). Same outputs and
-    gradients within fp32 rounding; the measured effect is in the README.
+    gradients within fp32 rounding; the measured effect is in the README. RefinerViT passes every size and layer (no
+    defaults here: the model's are the only ones).
     """
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: Union[int, Tuple[int, int]] = 16,  # even: the stem runs at stride 2
-            in_chans: int = 3,
-            embed_dim: int = 384,
-            stem_chs: Sequence[int] = (32, 64, 128),
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            act_layer: Type[nn.Module] = nn.ReLU,
+            img_size: Union[int, Tuple[int, int]],
+            patch_size: Union[int, Tuple[int, int]],  # even: the stem runs at stride 2
+            in_chans: int,
+            embed_dim: int,
+            stem_chs: Sequence[int],
+            norm_layer: Type[nn.Module],
+            act_layer: Type[nn.Module],
             cpu_chunk: Optional[int] = None,
             device=None,
             dtype=None,

@@ -434,9 +434,9 @@ class Downsample(nn.Module):
             self,
             in_dim: int,
             out_dim: int,
-            shortcut: bool = True,  # TransCNN's; HAT-Net downsamples without one
-            act_layer: Type[nn.Module] = nn.SiLU,
-            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
+            shortcut: bool,  # TransCNN's; HAT-Net downsamples without one
+            act_layer: Type[nn.Module],
+            norm_layer: Callable[..., nn.Module],
             device=None,
             dtype=None,
     ):
