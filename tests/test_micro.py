@@ -133,7 +133,8 @@ def test_micro_study_plan_runs_the_most_informative_first():
     assert {r.epochs for r in option if r.data == '100pct'} == {40}
     long = [r for r in runs if r.group == 'long']
     assert [(r.model, r.data, r.epochs) for r in long] == [
-        ('cnt_micro_patch4_28', '100pct', 120), ('deit_micro_patch4_28', '100pct', 120)]
+        ('cnt_micro_patch4_28', '100pct', 120), ('deit_micro_patch4_28', '100pct', 120),
+        ('tnt_micro_patch4_28', '100pct', 120)]
     main = [r for r in runs if r.group == 'main']
     assert [r.data for r in main][-9:] == ['100pct'] * 9 and len(main) == 27
     assert {(r.model, r.seed) for r in main if r.data == '1pct'} == {
