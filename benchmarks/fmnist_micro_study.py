@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study_lib import (  # noqa: E402
@@ -397,7 +397,9 @@ def write_report(compare_csv: Optional[Path] = COMPARE_CSV) -> None:
         table.append(row)
     lines += ['## Test top-1 (%), 3 seeds', '', markdown_table(table) if table else '(no main run finished yet)']
     lines += ['', f'Epochs: {EPOCHS}; validation every {VAL_INTERVAL} epochs.', '']
-    lines += _time_to_deit(main, speed)
+    long = [r for r in rows if r['group'] == 'long']
+    lines += _time_to_deit([(data, data, main) for data in FRACTIONS]
+                           + [(f'100pct, {LONG_EPOCHS} epochs (seed 0)', '100pct', long)], speed)
     for group, title in (('teacher', 'Distillation teacher'), ('distill', 'Token distillation (10%)'),
                          ('ablation', 'CNT ablations (10%)'), ('long', f'Longer schedule (100%, {LONG_EPOCHS} epochs)'),
                          ('option', f'The winning ablation ({WIDTH_OPTION}) on 1% and 100%'),
@@ -477,24 +479,25 @@ def students_vs_teacher(distill: Sequence[Dict[str, str]], rows: Sequence[Dict[s
             f'GMACs):', '', markdown_table(table)] if table else []
 
 
-def _time_to_deit(main: Sequence[Dict[str, str]], speed: Dict[str, float]) -> List[str]:
+def _time_to_deit(groups: Sequence[Tuple[str, str, Sequence[Dict[str, str]]]], speed: Dict[str, float]) -> List[str]:
     """ Training seconds each family needs to reach DeiT's final validation top-1 (mean over seeds), epochs turned
-    into seconds with the compare CSV's img/s. """
+    into seconds with the compare CSV's img/s: a row per (label, data, runs) of `groups` in which DeiT has run. """
     if not speed:
         return ['Time to DeiT\'s accuracy: needs `report --compare-csv` (training img/s measured side by side on the '
                 'final code).', '']
     lines = ['## Training seconds to reach DeiT\'s final validation top-1 (mean over seeds)', '']
     table = []
-    for data in FRACTIONS:
-        deit = [float(r['top1_val']) for r in main if r['model'] == MODELS['deit'] and r['data'] == data]
+    for label, data, runs in groups:
+        runs = [r for r in runs if r['data'] == data]
+        deit = [float(r['top1_val']) for r in runs if r['model'] == MODELS['deit']]
         if not deit:
             continue
         target = statistics.mean(deit)
-        row = {'data': data, 'DeiT final val top-1': f'{target:.2f}'}
+        row = {'data': label, 'DeiT final val top-1': f'{target:.2f}'}
         for family in FAMILIES:
             sec = _seconds_per_epoch(MODELS[family], data, speed)
-            times = [seconds_to_reach(read_curve(STUDY, r['run']), target, sec) for r in main
-                     if r['model'] == MODELS[family] and r['data'] == data] if sec else []
+            times = [seconds_to_reach(read_curve(STUDY, r['run']), target, sec) for r in runs
+                     if r['model'] == MODELS[family]] if sec else []
             reached = [t for t in times if t is not None]
             row[DISPLAY_NAMES[family]] = (
                 f'{statistics.mean(reached):.0f} s ({len(reached)}/{len(times)} seeds)' if reached

@@ -89,6 +89,27 @@ def test_seconds_to_reach_a_target():
     assert study_lib.seconds_to_reach(curve, 90., sec_per_epoch=10.) is None
 
 
+def test_time_to_deit_has_a_row_per_group_in_which_deit_ran(monkeypatch):
+    curves = {'deit-a': [(1, 80.), (2, 90.)], 'cnt-a': [(1, 85.), (2, 91.)],
+              'deit-b': [(1, 88.), (2, 92.)], 'cnt-b': [(1, 92.5), (2, 93.)], 'cnt-c': [(1, 99.)]}
+    monkeypatch.setattr(fmnist_micro_study, 'read_curve', lambda study, run: curves[run])
+    models = fmnist_micro_study.MODELS
+
+    def row(run, family):
+        return {'run': run, 'model': models[family], 'data': '100pct', 'top1_val': str(curves[run][-1][1])}
+
+    speed = {models['deit']: 55000 / 10., models['cnt']: 55000 / 20.}  # 10 and 20 s an epoch on 100%
+    lines = fmnist_micro_study._time_to_deit([
+        ('100pct', '100pct', [row('deit-a', 'deit'), row('cnt-a', 'cnt')]),
+        ('100pct, long', '100pct', [row('deit-b', 'deit'), row('cnt-b', 'cnt')]),
+        ('no deit', '100pct', [row('cnt-c', 'cnt')])], speed)
+    table = [line for line in '\n'.join(lines).splitlines() if line.startswith('| 100pct')]
+    # DeiT reaches its own final accuracy at its last epoch; CNT reaches 90 at epoch 2 and 92 at epoch 1
+    assert table == ['| 100pct | 90.00 | 20 s (1/1 seeds) | 40 s (1/1 seeds) | - |',
+                     '| 100pct, long | 92.00 | 20 s (1/1 seeds) | 20 s (1/1 seeds) | - |']
+    assert not any('no deit' in line for line in lines)
+
+
 def test_train_throughput_reads_a_compare_csv(tmp_path):
     path = tmp_path / 'compare.csv'
     path.write_text('model,train_samples_per_sec,infer_samples_per_sec\ncnt_micro_patch4_28,330.5,900\n'
