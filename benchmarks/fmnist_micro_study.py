@@ -159,7 +159,7 @@ def planned_runs() -> List[Run]:
     # `carry` takes it across sessions), and DeiT on the same one, so that the longer schedule's gain is compared
     # between the two per epoch and per training second (DeiT rose most over its last 10% of 40 epochs: +0.53
     # validation, 3 seeds); then TNT, whose 40-epoch curves also still rose (+0.23; CNT +0.07), so that the longer
-    # schedule compares all three (~10 h on one thread)
+    # schedule compares all three (~7 h on one thread: 3.6 min an epoch)
     long = [dataclasses.replace(_run('long', f, '100pct', 0, f'-e{LONG_EPOCHS}'), epochs=LONG_EPOCHS)
             for f in ('cnt', 'deit', 'tnt')]
     option = [_run('option', 'cnt', d, s, '-' + WIDTH_OPTION.replace('=', '-').replace(' ', '-'),
