@@ -31,11 +31,12 @@ from timm_hybrid.compare import (
 )
 
 RESULTS = Path(__file__).resolve().parent / 'results'
-# size: (models, the DeiT they are timed against)
+# size: (models, the DeiT they are timed against), in the default order of a run: S first (the targets are
+# at S, and a run cut by a lease's limit keeps what it finished)
 SIZE_GROUPS = {
-    'ti': (('cnt_ti_patch16_224', 'tnt_ti_patch16_224', 'deit_tiny_patch16_224'), 'deit_tiny_patch16_224'),
     's': (('cnt_s_patch16_224', 'tnt_s_patch16_224', 'deit_small_patch16_224',
            'transcnn_small', 'hatnet_small', 'refiner_vit_small_patch16_224'), 'deit_small_patch16_224'),
+    'ti': (('cnt_ti_patch16_224', 'tnt_ti_patch16_224', 'deit_tiny_patch16_224'), 'deit_tiny_patch16_224'),
     'b': (('cnt_b_patch16_224', 'tnt_b_patch16_224', 'deit_base_patch16_224'), 'deit_base_patch16_224'),
 }
 # On a GPU the S group also times the settings that the models pick there against their alternatives (model specs,
@@ -71,8 +72,7 @@ def device_settings(args: argparse.Namespace) -> SpeedSettings:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    # S first: the targets are at S, and a run cut by a lease's limit keeps what it finished
-    parser.add_argument('--sizes', nargs='+', choices=list(SIZE_GROUPS), default=['s', 'ti', 'b'])
+    parser.add_argument('--sizes', nargs='+', choices=list(SIZE_GROUPS), default=list(SIZE_GROUPS))
     parser.add_argument('--models', nargs='+', help='time these instead of the size groups (with --reference)')
     parser.add_argument('--reference', default='deit_small_patch16_224', help='the reference of --models')
     parser.add_argument('--device', default=None, help='default: cuda if torch sees one, else cpu')
