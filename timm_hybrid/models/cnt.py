@@ -497,11 +497,23 @@ class Block(nn.Module):
             pixel_embed, pixel_to_patch = self._pixel_path_recomputed(pixel_embed, num_patches)
         else:
             pixel_embed, pixel_to_patch = self.pixel_path(pixel_embed, num_patches)
-        # Prefix tokens receive nothing. One out-of-place index_add writes the sum in a single pass: zero-pad + add
-        # takes 2.5x as long on CPU and TNT's slice + add + concatenate 1.7x (batch 32, CNT-S shapes).
-        patch_index = torch.arange(self.num_prefix_tokens, L, device=patch_embed.device)
-        patch_embed = patch_embed.index_add(1, patch_index, pixel_to_patch.to(patch_embed.dtype))
+        pixel_to_patch = pixel_to_patch.to(patch_embed.dtype)
+        if not torch.jit.is_scripting() and self._compiling():
+            # Inductor writes an index_add as atomic adds and splits the next LayerNorm into passes around them;
+            # slice + add + concatenate fuse with that norm. Compiled CNT-S, 2 threads, batch 32: 1.04x as fast in
+            # inference and 1.07x per training step (README, "Measured on this CPU").
+            prefix = self.num_prefix_tokens
+            patch_embed = torch.cat([patch_embed[:, :prefix], patch_embed[:, prefix:] + pixel_to_patch], dim=1)
+        else:
+            # Eager: prefix tokens receive nothing, and one out-of-place index_add writes the sum in a single pass;
+            # zero-pad + add takes 2.5x as long on CPU and slice + add + concatenate 1.7x (batch 32, CNT-S shapes).
+            patch_index = torch.arange(self.num_prefix_tokens, L, device=patch_embed.device)
+            patch_embed = patch_embed.index_add(1, patch_index, pixel_to_patch)
         return self.outer(patch_embed), pixel_embed
+
+    @torch.jit.unused
+    def _compiling(self) -> bool:
+        return torch.compiler.is_compiling()
 
 
 def _fixed_or_learned(
