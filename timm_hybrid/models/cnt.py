@@ -501,7 +501,7 @@ class Block(nn.Module):
         if not torch.jit.is_scripting() and self._compiling():
             # Inductor writes an index_add as atomic adds and splits the next LayerNorm into passes around them;
             # slice + add + concatenate fuse with that norm. Compiled CNT-S, 2 threads, batch 32: 1.04x as fast in
-            # inference and 1.07x per training step (README, "Measured on this CPU").
+            # inference and 1.07x per training step (README, "How the inner block runs").
             prefix = self.num_prefix_tokens
             patch_embed = torch.cat([patch_embed[:, :prefix], patch_embed[:, prefix:] + pixel_to_patch], dim=1)
         else:
