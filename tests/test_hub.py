@@ -494,41 +494,7 @@ def test_export_card_of_a_shallow_model_lists_its_own_features(tmp_path):
     assert len(features(torch.randn(1, 1, 28, 28))) == 2
 
 
-KILLED_EXPORT = '''
-import sys, time
-from pathlib import Path
-
-import safetensors.torch
-
-from timm_hybrid import hub
-from timm_hybrid.cli import main
-
-stage, ready = sys.argv[1], Path(sys.argv[2])
-
-
-def stall():
-    ready.write_text('killing time')
-    time.sleep(600)
-
-
-if stage == 'weights':  # half the weight file on disk, then the kill
-    save_file = safetensors.torch.save_file
-
-    def half_written(tensors, filename, *args, **kwargs):
-        save_file(tensors, filename, *args, **kwargs)
-        data = Path(filename).read_bytes()
-        Path(filename).write_bytes(data[:len(data) // 2])
-        stall()
-    safetensors.torch.save_file = half_written
-else:  # weights and config written, the card being rendered
-    render = hub.render_model_card
-
-    def slow_card(*args, **kwargs):
-        render(*args, **kwargs)
-        stall()
-    hub.render_model_card = slow_card
-sys.exit(main(sys.argv[3:]))
-'''
+KILLED_EXPORT = Path(__file__).with_name('killed_export.py')  # stalls where the test kills it
 
 
 @pytest.mark.parametrize('stage, previous', [('weights', True), ('card', False)])
@@ -545,11 +511,10 @@ def test_export_killed_leaves_the_previous_folder_or_none(stage, previous, expor
     if previous:
         shutil.copytree(exported[1], folder)
     before = folder_bytes(folder) if previous else None
-    script, ready = tmp_path / 'killed_export.py', tmp_path / 'ready'
-    script.write_text(KILLED_EXPORT)
+    ready = tmp_path / 'ready'
     argv = ['export', ARCH, '--checkpoint', str(checkpoint), '--output', str(folder), '--overwrite',
             '--accuracy', 'top1=99.5']
-    proc = subprocess.Popen([sys.executable, str(script), stage, str(ready), *argv], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(KILLED_EXPORT), stage, str(ready), *argv], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
