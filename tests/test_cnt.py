@@ -366,6 +366,28 @@ def test_act_recomputing_mlp_recomputes_only_where_it_applies():
     assert ActRecomputingMlp(8, 16, recompute_act=True, drop=(0., 0.1))._recomputes(x)
 
 
+
+@pytest.mark.parametrize('act_layer', [torch.nn.GELU, partial(torch.nn.GELU, approximate='tanh'), torch.nn.SiLU])
+def test_act_recomputing_mlp_without_grad_runs_gelu_in_fc1s_output(act_layer):
+    """ Under no_grad / inference_mode the outputs are timm's Mlp's to the bit; torch's GELU overwrites fc1's output
+    (one (tokens, hidden) tensor), any other activation runs out of place; with grad it never runs in place. """
+    torch.manual_seed(0)
+    plain = Mlp(6, 24, act_layer=act_layer).eval()
+    mlp = ActRecomputingMlp(6, 24, act_layer=act_layer).eval()
+    mlp.load_state_dict(plain.state_dict())
+    fc1_outputs = []
+    mlp.fc1.register_forward_hook(lambda module, args, out: fc1_outputs.append((out, out.clone())))
+    x = torch.randn(3, 5, 6)
+    gelu = act_layer is not torch.nn.SiLU
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            assert torch.equal(mlp(x), plain(x))
+        out, before = fc1_outputs.pop()
+        assert torch.equal(out, mlp.act(before) if gelu else before), context
+    assert torch.equal(mlp(x), plain(x))  # with grad (eval): fc1's output stays what fc1 gave
+    out, before = fc1_outputs.pop()
+    assert torch.equal(out, before)
+
 @pytest.mark.parametrize('setting', [None, 1, 'gpu'])
 def test_recompute_settings_other_than_true_false_cpu_are_refused(setting):
     for make in (lambda: CNT(img_size=32, patch_size=16, recompute_pixels=setting, depth=1),
