@@ -163,7 +163,7 @@ class ActRecomputingMlp(Mlp):
         return self.drop2(_ActThenLinear.apply(self.fc1(x), self.act, self.fc2.weight, self.fc2.bias))
 
     @torch.jit.unused
-    def _act_in_place(self, x: torch.Tensor) -> bool:
+    def _act_in_place(self) -> bool:
         """ Whether the GELU may overwrite fc1's output: without grad (no backward needs it), eager only. """
         if torch.is_grad_enabled() or _gelu_approximation(self.act) is None:
             return False
@@ -181,7 +181,7 @@ class ActRecomputingMlp(Mlp):
         if not torch.jit.is_scripting():
             if self._recomputes(x):
                 return self._forward_recomputing(x)
-            if self._act_in_place(x):
+            if self._act_in_place():
                 return self._forward_act_in_place(x)
         # Mlp's forward, written out: TorchScript does not compile super() calls
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))

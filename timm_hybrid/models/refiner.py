@@ -314,11 +314,11 @@ def _per_channel_view(x: torch.Tensor, per_image: bool) -> Tuple[torch.Tensor, i
     return x, 1
 
 
-# aten's CPU BatchNorm backward on channels-last maps reduces slowly where the channels are not a multiple of 16 (the
-# float vector width of AVX-512): its sums of g and g * x_hat, 2 threads, against one (C, C) GEMM of the pixel rows:
-# 36 channels (a refiner's expanded 197 x 197 map) 3.2 against 1.2 ms, 12 channels 2.5 against 0.3 ms; at 32 / 64 /
-# 128 channels (the stem's 3-image slices at 112 x 112) aten's kernel is faster (0.5 / 0.8 / 1.5 against 0.6 / 1.6 /
-# 4.7 ms). Scratch, one map hot in the cache, median of 30.
+# aten's CPU BatchNorm backward on channels-last maps reduces slowly where the channels are not a multiple of 16 (on
+# the AVX-512 host measured, 16 floats a vector): its sums of g and g * x_hat, 2 threads, against one (C, C) GEMM of
+# the pixel rows: 36 channels (a refiner's expanded 197 x 197 map) 3.2 against 1.2 ms, 12 channels 2.5 against 0.3 ms;
+# at 32 / 64 / 128 channels (the stem's 3-image slices at 112 x 112) aten's kernel is faster (0.5 / 0.8 / 1.5 against
+# 0.6 / 1.6 / 4.7 ms). Scratch, one map hot in the cache, median of 30.
 ROW_GEMM_CHANNEL_MULTIPLE = 16
 
 
