@@ -366,7 +366,6 @@ def test_act_recomputing_mlp_recomputes_only_where_it_applies():
     assert ActRecomputingMlp(8, 16, recompute_act=True, drop=(0., 0.1))._recomputes(x)
 
 
-
 @pytest.mark.parametrize('act_layer', [torch.nn.GELU, partial(torch.nn.GELU, approximate='tanh'), torch.nn.SiLU])
 def test_act_recomputing_mlp_without_grad_runs_gelu_in_fc1s_output(act_layer):
     """ Under no_grad / inference_mode the outputs are timm's Mlp's to the bit; torch's GELU overwrites fc1's output
@@ -387,6 +386,7 @@ def test_act_recomputing_mlp_without_grad_runs_gelu_in_fc1s_output(act_layer):
     assert torch.equal(mlp(x), plain(x))  # with grad (eval): fc1's output stays what fc1 gave
     out, before = fc1_outputs.pop()
     assert torch.equal(out, before)
+
 
 @pytest.mark.parametrize('setting', [None, 1, 'gpu'])
 def test_recompute_settings_other_than_true_false_cpu_are_refused(setting):

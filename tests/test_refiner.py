@@ -281,7 +281,6 @@ def test_image_stats_on_cuda_equals_aten_batch_norm(amp, monkeypatch):
                    torch.cat([g.flatten() for g in grads1.values()])) < 1e-3
 
 
-
 @pytest.mark.parametrize('channels, offset', [(36, 0.), (12, 0.), (36, 50.), (32, 0.)])
 def test_chunked_batch_norm_of_channels_last_maps_is_batch_norm(channels, offset):
     """ batch_norm_chunks over channels-last chunks (the refiners' expanded maps on CPU): outputs, input, weight and
@@ -328,6 +327,7 @@ def test_chunked_batch_norm_of_channels_last_maps_is_batch_norm(channels, offset
         close(norm.weight.grad, reference.weight.grad, 'weight gradient')
         close(norm.bias.grad, reference.bias.grad, 'bias gradient')
         close(norm.running_var, reference.running_var, 'running var')
+
 
 def test_per_image_batch_norm_of_bfloat16_maps_keeps_float32_statistics():
     """ Under bf16 autocast the maps are bf16: the per-image norm keeps its statistics and gradient coefficients in

@@ -74,13 +74,19 @@ def check_recompute_setting(name: str, value: Any) -> Union[bool, str]:
 
 
 @torch.jit.unused
+def traced_or_compiling() -> bool:
+    """ Whether fx / jit tracing or torch.compile is running the module: eager-only choices step aside. """
+    return is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+
+
+@torch.jit.unused
 def recomputes(setting: Union[bool, str], training: bool, x: torch.Tensor) -> bool:
     """ Whether a module with this recompute setting recomputes for input `x`: in an eager training step that needs
     x's gradient, everywhere (True) or for CPU tensors ('cpu'); never under fx / jit tracing or torch.compile. """
     if setting is False:
         return False
     # the tracers first: a traced tensor's requires_grad cannot steer Python control flow
-    if is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if traced_or_compiling():
         return False
     if not (training and torch.is_grad_enabled() and x.requires_grad):
         return False
@@ -165,9 +171,7 @@ class ActRecomputingMlp(Mlp):
     @torch.jit.unused
     def _act_in_place(self) -> bool:
         """ Whether the GELU may overwrite fc1's output: without grad (no backward needs it), eager only. """
-        if torch.is_grad_enabled() or _gelu_approximation(self.act) is None:
-            return False
-        return not (is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.compiler.is_compiling())
+        return not (torch.is_grad_enabled() or _gelu_approximation(self.act) is None or traced_or_compiling())
 
     @torch.jit.unused
     def _forward_act_in_place(self, x: torch.Tensor) -> torch.Tensor:
