@@ -159,6 +159,8 @@ def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
         refiners = [blk.attn for blk, refine in zip(model.blocks, model.refiner_blocks) if refine]
         for conv in [attn.refine.expand.conv for attn in refiners] + [model.patch_embed.conv1.conv]:
             conv.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+        proj_calls = []  # the chunked stem's patchify conv runs as GEMMs (_PatchifyChunks), not through the module
+        model.patch_embed.proj.register_forward_pre_hook(lambda m, args: proj_calls.append(args[0].shape[0]))
         dw_layouts = set()  # the chunked path runs the depthwise conv on channels-last maps (oneDNN's fast kernel)
         for attn in refiners:
             attn.refine.conv_dw.conv.register_forward_pre_hook(lambda m, args: dw_layouts.add(
@@ -168,11 +170,41 @@ def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
             out = model(x)
             out.square().mean().backward()
         assert set(calls) == ({5} if chunk == 0 else {2, 1})
+        assert proj_calls == ([5, 5] if chunk == 0 else [])
         assert dw_layouts == {chunk > 0}
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         buffers = {n: b.clone() for n, b in model.named_buffers()}
         results.append((out.detach(), grads, buffers))
     _assert_same_training_steps(*results)
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_patchify_chunks_equal_the_patchify_conv(bias, channels_last):
+    """ The chunked stem's patchify conv as GEMMs over patch rows (`_PatchifyChunks`, a non-square kernel here): the
+    tokens and the input, weight and bias gradients of nn.Conv2d with kernel = stride over the whole batch (float64),
+    the input gradients channels-last. """
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, kernel_size=(2, 3), stride=(2, 3), bias=bias).double()
+    x = torch.randn(5, 6, 8, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(5, 12, 10, dtype=torch.float64)
+    ref_x = x.clone().requires_grad_()
+    ref_tokens = conv(ref_x).flatten(2).transpose(1, 2)
+    ref_tokens.backward(g)
+    ref_grads = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    chunks = [c.detach().requires_grad_() for c in x.split(2)]
+    params = list(conv.parameters())
+    tokens = refiner_module._PatchifyChunks.apply(conv.weight, conv.bias, *chunks)
+    grads = torch.autograd.grad(tokens, chunks + params, g)  # as the function returns them (no leaf layout rule)
+    chunk_grads, grads = grads[:len(chunks)], grads[len(chunks):]
+    torch.testing.assert_close(tokens, ref_tokens, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(chunk_grads), ref_x.grad, rtol=1e-12, atol=1e-12)
+    for ours, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert all(grad.is_contiguous(memory_format=torch.channels_last) for grad in chunk_grads)
 
 
 def test_channels_last_refinement_equals_the_default_train_eval_and_folded():

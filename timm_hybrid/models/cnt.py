@@ -37,9 +37,9 @@ from timm.models.vision_transformer import Block as TransformerBlock
 
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
-    check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats, conv2d_with,
-    conv_norm_weights, cpu_untraced, describe_layout, recomputes, resample_token_pos, source_token_grid, summarize_keys,
-    token_model_cfg, unwrap_checkpoint,
+    check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats, column_sums,
+    conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, recomputes, resample_token_pos, source_token_grid,
+    summarize_keys, token_model_cfg, unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -112,9 +112,9 @@ def conv3x3_as_matrix(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 
 def _channel_sums(rows: torch.Tensor, num_pixels: int) -> torch.Tensor:
-    """ Per-channel sums of pixel rows (R, h*w*C): down the rows first (a pass vectorized along each row), then over
-    the h*w pixels of the (h*w*C) result. """
-    return rows.sum(0).view(num_pixels, rows.shape[1] // num_pixels).sum(0)
+    """ Per-channel sums of pixel rows (R, h*w*C), pixel-major and channel-minor (`column_sums` of the (R*h*w, C)
+    view: for a 4 x 4 grid the (R, h*w*C) rows themselves, then the h*w pixels). """
+    return column_sums(rows.reshape(rows.shape[0] * num_pixels, rows.shape[1] // num_pixels))
 
 
 class _PixelRowsBatchNorm(torch.autograd.Function):

@@ -63,7 +63,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from ._common import (
     PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, build_with_official_weights, check_int,
-    check_ints, check_loaded_share, check_positive, check_token_model_args, conv2d_with, cpu_chunk_size,
+    check_ints, check_loaded_share, check_positive, check_token_model_args, column_sums, conv2d_with, cpu_chunk_size,
     describe_layout, eager_on_cpu, norm_act_remainder, resample_token_pos, source_token_grid, token_model_cfg,
     unwrap_checkpoint,
 )
@@ -71,6 +71,68 @@ from ._common import (
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
+
+
+def _patch_rows(x: torch.Tensor, patch: Tuple[int, int]) -> torch.Tensor:
+    """ (B, C, H, W) -> (B * H/ph * W/pw, ph * pw * C): each row one patch, pixel-major and channel-minor (one copy;
+    from a channels-last `x` each patch row gathers ph runs of pw * C contiguous values). """
+    (b, c, h, w), (ph, pw) = x.shape, patch
+    return x.permute(0, 2, 3, 1).reshape(b, h // ph, ph, w // pw, pw, c).transpose(2, 3).reshape(-1, ph * pw * c)
+
+
+class _PatchifyChunks(torch.autograd.Function):
+    """ A conv whose kernel is its stride (no padding) over a batch held as chunks (B_i, C, H, W), as GEMMs over the
+    patch rows: the tokens (B, N, D) of the whole batch.
+
+    Why: oneDNN's backward of Refiner's 8x8 / 8 conv (128 -> 384 channels, 3-image slices of 112 x 112 maps, 2 threads)
+    ran at about a third of the GEMM rate, 0.8 s of a 10.7 s training step; as GEMMs a slice's forward + backward took
+    44 against 79 ms (scratch, median of 15). The forward is the same GEMM either way, so eval keeps the conv. The
+    patch rows are rebuilt in backward instead of being kept (the maps themselves are kept by their ReLU anyway). """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, bias: Optional[torch.Tensor], *chunks: torch.Tensor) -> torch.Tensor:
+        patch = tuple(weight.shape[-2:])
+        matrix = weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)  # (D, ph * pw * C), as the rows are
+        parts = [_patch_rows(c, patch) for c in chunks]
+        out = parts[0].new_empty(sum(r.shape[0] for r in parts), weight.shape[0])
+        start = 0
+        for rows in parts:
+            target = out[start:start + rows.shape[0]]
+            if bias is None:
+                torch.mm(rows, matrix.t(), out=target)
+            else:
+                torch.addmm(bias, rows, matrix.t(), out=target)
+            start += rows.shape[0]
+        ctx.save_for_backward(matrix, *chunks)
+        ctx.patch = patch
+        return out.view(sum(c.shape[0] for c in chunks), -1, weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        matrix, *chunks = ctx.saved_tensors
+        ph, pw = ctx.patch
+        rows_grad = grad.reshape(-1, matrix.shape[0])
+        grad_matrix = matrix.new_zeros(matrix.shape) if ctx.needs_input_grad[0] else None
+        grad_chunks = []
+        start = 0
+        for x, needs_grad in zip(chunks, ctx.needs_input_grad[2:]):
+            b, c, h, w = x.shape
+            g = rows_grad[start:start + b * (h // ph) * (w // pw)]
+            start += g.shape[0]
+            if grad_matrix is not None:
+                grad_matrix.addmm_(g.t(), _patch_rows(x, ctx.patch))
+            grad_x = None
+            if needs_grad:
+                # the patch rows scattered back into their pixels (one copy), channels-last as the stem's maps
+                grad_x = (g @ matrix).view(b, h // ph, w // pw, ph, pw, c).transpose(2, 3).reshape(b, h, w, c)
+                grad_x = grad_x.permute(0, 3, 1, 2)
+            grad_chunks.append(grad_x)
+        grad_weight = None
+        if grad_matrix is not None:
+            grad_weight = grad_matrix.view(-1, ph, pw, matrix.shape[1] // (ph * pw)).permute(0, 3, 1, 2)
+        grad_bias = rows_grad.sum(0) if ctx.needs_input_grad[1] else None
+        return (grad_weight, grad_bias, *grad_chunks)
 
 
 class ConvPatchEmbed(PatchGridEmbed):
@@ -141,7 +203,7 @@ class ConvPatchEmbed(PatchGridEmbed):
         maps = list(x.split(chunk))
         for conv_norm in (self.conv1, self.conv2, self.conv3):
             maps = batch_norm_chunks(conv_norm.bn, [conv_norm.conv(m) for m in maps])
-        return torch.cat([self.proj(m).flatten(2).transpose(1, 2) for m in maps])
+        return _PatchifyChunks.apply(self.proj.weight, self.proj.bias, *maps)  # the patchify conv as GEMMs
 
 
 class _MapAttention(nn.Module):
@@ -387,7 +449,7 @@ class _ChunkedBatchNorm(torch.autograd.Function):
             rows = None if ctx.per_image else _odd_channel_rows(g, c)
             if rows is not None:
                 g_rows, x_rows = rows
-                s_g = g_rows.sum(0)
+                s_g = column_sums(g_rows)
                 # sum(g * (x - mean)) as diag(g^T x) - mean * sum(g): one (C, C) GEMM over the pixel rows computes C
                 # times the products needed and still beats aten's reduction (see _odd_channel_rows)
                 sum_gx = sum_gx + (torch.mm(g_rows.t(), x_rows).diagonal() - mean * s_g) * invstd
@@ -481,6 +543,21 @@ def training_chunk_size(
     return cpu_chunk_size(x, setting, per_sample_bytes)
 
 
+class _ColumnBiasGrad(torch.autograd.Function):
+    """ `out` (..., C), which already holds `bias` (added from a detached copy, e.g. by baddbmm's fused add), passed
+    through; `bias` gets its gradient as `column_sums` of out's. autograd's own reduction of the broadcast sums narrow
+    rows slowly on CPU: 0.56 against 0.11 ms for a refiner's (38809, 36) map (scratch). """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return grad, column_sums(grad.reshape(-1, grad.shape[-1])) if ctx.needs_input_grad[1] else None
+
+
 def pointwise_conv_norm_chunks(conv_norm: ConvNormAct, chunks: List[torch.Tensor]) -> List[torch.Tensor]:
     """ A bias-free 1x1 conv and its training BatchNorm (and act) over the batch that `chunks` split, as one 1x1 conv
     with a bias: y = W a has the batch mean W mu and variances diag(W S W^T), where mu and S are the mean and
@@ -505,8 +582,12 @@ def pointwise_conv_norm_chunks(conv_norm: ConvNormAct, chunks: List[torch.Tensor
         shift = shift + norm.bias
     _update_running_stats(norm, out_mean, out_var, n)
     fused_t = (weight * scale[:, None]).t()  # (C, C_out)
-    # (b, H*W, C) @ (C, C_out): pixel-major rows, i.e. channels-last; the act runs on the GEMM's own output
-    rows = [torch.baddbmm(shift, c.flatten(2).transpose(1, 2), fused_t.expand(c.shape[0], -1, -1)) for c in chunks]
+    # (b, H*W, C) @ (C, C_out): pixel-major rows, i.e. channels-last; the act runs on the GEMM's own output. The
+    # shift is added inside the GEMM; its gradient comes from _ColumnBiasGrad
+    rows = []
+    for c in chunks:
+        out = torch.baddbmm(shift.detach(), c.flatten(2).transpose(1, 2), fused_t.expand(c.shape[0], -1, -1))
+        rows.append(_ColumnBiasGrad.apply(out, shift))
     return [r.view(c.shape[0], *c.shape[2:], -1).permute(0, 3, 1, 2) for r, c in zip(_after_norm(norm, rows), chunks)]
 
 
