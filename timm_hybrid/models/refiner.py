@@ -534,9 +534,10 @@ def _after_norm(
 # next), not op by op over all chunks: each op then reads the map the op before it has just written, still in the
 # last-level cache, and autograd's backward, which runs the latest-made node first, follows the same order. Forward of a
 # refiner's expand GEMM -> ReLU6 -> depthwise conv -> statistics over 32 one-image chunks: 70 against 139 ms op by op
-# (scratch, 2 threads, no grad). Refiner-S's training step (scratch A/Bs in one process, 6-8 interleaved rounds): 1.05x
-# from the stem's chains (3-image slices of 112 x 112 maps), 1.02x more from the refiners'. The norms' statistics need
-# every chunk, so a chunk-by-chunk run stops at each norm.
+# (scratch, 2 threads, no grad). Refiner-S's training step, scratch A/Bs in one process: about 1.05x from the stem's
+# chains (3-image slices of 112 x 112 maps) and 1.02x from the refiners' (6-8 rounds each, spreads near 5%); with the
+# patchify GEMMs and grouped sums, 1.042x in all (7 rounds). The norms' statistics need every chunk, so a chunk-by-chunk
+# run stops at each norm.
 
 
 # Chunks of the refinement are sized by the expanded maps one op touches at a time, not by one map: an op whose maps
