@@ -48,7 +48,7 @@ import copy
 import logging
 import re
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -505,11 +505,11 @@ def _update_running_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor
 
 def _after_norm(
         norm: nn.Module,
-        outs: List[torch.Tensor],
+        outs: Iterable[torch.Tensor],
         then: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> List[torch.Tensor]:
     """ What timm's BatchNormAct2d applies after the normalisation (drop, act; nothing for a plain BatchNorm), then
-    `then`, chunk by chunk (see CHUNK_MAJOR).
+    `then`, chunk by chunk (see CHUNK_MAJOR); `outs` may be a generator that makes each chunk when it is reached.
 
     Out of place: timm builds the act in place, and autograd makes an in-place ReLU6 clone its input first (a read
     and a write of every map more than the plain op). """
@@ -616,15 +616,16 @@ def pointwise_conv_norm_chunks(
         shift = shift + norm.bias
     _update_running_stats(norm, out_mean, out_var, n)
     fused_t = (weight * scale[:, None]).t()  # (C, C_out)
-    # (b, H*W, C) @ (C, C_out): pixel-major rows, i.e. channels-last; the act runs on the GEMM's own output. The
-    # shift is added inside the GEMM; its gradient comes from _ColumnBiasGrad
-    outs = []
-    for c in chunks:
-        out = torch.baddbmm(shift.detach(), c.flatten(2).transpose(1, 2), fused_t.expand(c.shape[0], -1, -1))
-        out = _after_norm(norm, [_ColumnBiasGrad.apply(out, shift)])[0].view(c.shape[0], *c.shape[2:], -1)
-        out = out.permute(0, 3, 1, 2)  # (b, C_out, H, W), channels-last
-        outs.append(out if then is None else then(out))
-    return outs
+
+    def expanded() -> Iterator[torch.Tensor]:
+        # (b, H*W, C) @ (C, C_out): pixel-major rows, i.e. the channels-last (b, C_out, H, W) map, on which the act
+        # runs. The shift is added inside the GEMM; its gradient comes from _ColumnBiasGrad. A generator: each chunk's
+        # GEMM runs when _after_norm reaches that chunk (CHUNK_MAJOR)
+        for c in chunks:
+            out = torch.baddbmm(shift.detach(), c.flatten(2).transpose(1, 2), fused_t.expand(c.shape[0], -1, -1))
+            yield _ColumnBiasGrad.apply(out, shift).view(c.shape[0], *c.shape[2:], -1).permute(0, 3, 1, 2)
+
+    return _after_norm(norm, expanded(), then)
 
 
 def pointwise_conv_to_nchw(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
