@@ -153,6 +153,16 @@ def test_compare_defaults_quick_s_trio_outside_the_source_tree(argv, batch_size,
     assert recorded_compare['output_dir'] == 'timm-hybrid-results/compare'  # relative: the current folder
 
 
+def test_compare_malloc_setting_reaches_the_settings(recorded_compare, capsys):
+    assert main(['compare', '--malloc', 'keep']) == 0
+    assert recorded_compare['settings'].malloc == 'keep'
+    assert main(['compare']) == 0
+    assert recorded_compare['settings'].malloc == 'default'
+    with pytest.raises(SystemExit) as e:
+        main(['compare', '--malloc', 'never'])
+    assert e.value.code == 2 and "invalid choice: 'never'" in capsys.readouterr().err
+
+
 def test_compare_rejects_a_device_torch_does_not_have(capsys):
     if torch.cuda.is_available():
         pytest.skip('this machine has CUDA')

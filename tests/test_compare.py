@@ -43,9 +43,41 @@ def test_settings_defaults_and_validation():
         SpeedSettings(repeats=0)
     with pytest.raises(ValueError, match='settle_steps'):
         SpeedSettings(settle_steps=-1)
+    with pytest.raises(ValueError, match="malloc must be one of"):
+        SpeedSettings(malloc='never')
     text = SpeedSettings(threads=2, batch_size=4, repeats=5, amp='bf16').describe()
-    assert 'threads=2, batch_size=4, repeats=5' in text and 'amp=bf16' in text
+    assert 'threads=2, batch_size=4, repeats=5' in text and 'amp=bf16' in text and 'malloc=default' in text
     assert '1 untimed step(s) of the same model before each timed one' in text
+
+
+_REMAKE_FAULTS = """
+import resource, sys, torch
+from timm_hybrid.compare import SpeedSettings
+
+def faults_of_remaking():
+    torch.empty(2 ** 24).fill_(1.)  # 64 MiB made and freed
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(2 ** 24).fill_(1.)  # and made again
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+before = faults_of_remaking()
+SpeedSettings(malloc=sys.argv[1]).apply_malloc()
+faults_of_remaking()  # the first block after the change is new to the heap
+print(before, faults_of_remaking())
+"""
+
+
+@pytest.mark.skipif(compare.glibc_mallopt() is None, reason="glibc's malloc only")
+@pytest.mark.parametrize('malloc', ['default', 'keep'])
+def test_malloc_keep_stops_each_step_faulting_its_tensors_in_anew(malloc):
+    """ A 64 MiB tensor made again after it was freed: with glibc's defaults above its mmap threshold, so a fresh
+    mapping whose 16384 pages fault in again; with malloc='keep' from the heap, where its pages already are. In a
+    fresh process: the setting lasts for the rest of the process. """
+    import subprocess
+    out = subprocess.run([sys.executable, '-c', _REMAKE_FAULTS, malloc], capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    assert before > 15000
+    assert after > 15000 if malloc == 'default' else after < 500
 
 
 @pytest.mark.parametrize('settle_steps', [0, 1, 2])

@@ -82,7 +82,7 @@ def _compare(args: argparse.Namespace) -> int:
         settings = compare.SpeedSettings.defaults(
             full=args.full, device=args.device, batch_size=args.batch_size, repeats=args.repeats,
             threads=args.threads, amp=args.amp, compile=args.compile or None, channels_last=args.channels_last or None,
-            settle_steps=args.settle_steps)
+            settle_steps=args.settle_steps, malloc=args.malloc)
     except ValueError as e:
         return _usage_error(e)
     progress = compare.Progress()
@@ -141,6 +141,11 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--repeats', type=POSITIVE_INT, default=None,
                    help='interleaved timing rounds (default 3, or 7 with --full); short steps such as the 28 px '
                         'models on a shared machine need more for a stable median')
+    p.add_argument('--malloc', choices=['default', 'keep'], default=None,
+                   help="CPU, glibc: 'keep' tells malloc to keep freed memory (mmap above 256 MiB only, no trimming) "
+                        'so that no step page-faults its tensors in anew: the models\' own compute, without the '
+                        "fault noise that moves CPU ratios between runs (default: glibc's behaviour, what a user's "
+                        'process gets)')
     p.add_argument('--settle-steps', type=NON_NEGATIVE_INT, default=None,
                    help='untimed steps of the same model before each timed one (default 1: as in timm\'s '
                         'benchmark.py, a timed step follows a step of its own model, not another model\'s)')

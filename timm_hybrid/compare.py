@@ -56,6 +56,8 @@ SWEEP_MODELS = QUICK_MODELS
 # benchmark script is run on purpose
 DEFAULT_OUTPUT = 'timm-hybrid-results/compare'
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+# 'default': glibc's malloc as a user's process has it; 'keep': `keep_freed_memory()`
+MALLOC_SETTINGS = ('default', 'keep')
 
 # column suffixes of the speed ratios (infer_x_<short>, train_x_<short>); other references use the name up to '_patch'
 _REFERENCE_SHORT_NAMES = {'tnt_s_patch16_224': 'tnt_s', 'deit_small_patch16_224': 'deit_s'}
@@ -131,6 +133,7 @@ class SpeedSettings:
     # of the same model, and a step right after another model's finds the allocator's heap shaped by that model (CPU:
     # more page faults; in scratch A/B runs CNT-S / DeiT-S training ratios came out 0.03 lower without it)
     settle_steps: int = 1
+    malloc: str = 'default'  # MALLOC_SETTINGS; 'keep': the models' own compute, without page faults (CPU, glibc)
 
     @classmethod
     def defaults(cls, full: bool = False, device: str = 'cpu', **overrides) -> 'SpeedSettings':
@@ -153,6 +156,10 @@ class SpeedSettings:
             raise ValueError(f'warmup and settle_steps must be >= 0: {self}')
         if torch.device(self.device).type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f'device {self.device!r} asked for, but torch sees no CUDA device')
+        if self.malloc not in MALLOC_SETTINGS:
+            raise ValueError(f'malloc must be one of {MALLOC_SETTINGS}, not {self.malloc!r}')
+        if self.malloc == 'keep' and glibc_mallopt() is None:
+            raise ValueError("malloc='keep' tunes glibc's malloc, and this C library is not glibc")
 
     @property
     def on_gpu(self) -> bool:
@@ -162,7 +169,13 @@ class SpeedSettings:
         return (f'device={self.device}, threads={self.threads}, batch_size={self.batch_size}, repeats={self.repeats} '
                 f'(+{self.warmup} warm-up; {self.settle_steps} untimed step(s) of the same model before each timed '
                 f'one), amp={self.amp or "off (float32)"}, compile={self.compile}, '
-                f'channels_last={self.channels_last}, torch {torch.__version__}, timm {timm.__version__}')
+                f'channels_last={self.channels_last}, malloc={self.malloc}, torch {torch.__version__}, '
+                f'timm {timm.__version__}')
+
+    def apply_malloc(self) -> None:
+        """ `keep_freed_memory()` where `malloc` is 'keep' (for the rest of the process); nothing otherwise. """
+        if self.malloc == 'keep':
+            keep_freed_memory()
 
     def autocast(self):
         if self.amp is None:
@@ -306,6 +319,7 @@ def time_interleaved(
     that no model always runs first; each timed step follows `settings.settle_steps` untimed ones of the same model.
     Models are prepared (device, channels-last, compile) by the caller. """
     torch.set_num_threads(settings.threads)
+    settings.apply_malloc()
     steps = {n: make_step(m, input_sizes[n], settings, train) for n, m in models.items()}
     names = list(models)
     for _ in range(settings.warmup):
@@ -348,6 +362,7 @@ def train_step_peak_memory_mb(name: str, settings: SpeedSettings) -> float:
     /proc/self/clear_refs. Memory already held by the process hides reuse, so run it in a fresh process:
     `peak_memory_mb`. A compiled model is measured eager: inductor's first step adds compile-time buffers. """
     torch.set_num_threads(settings.threads)
+    settings.apply_malloc()
     eager = dataclasses.replace(settings, compile=False)
     model = prepare_model(create_model_spec(name), eager)
     step = make_step(model, tuple(model.pretrained_cfg['input_size']), eager, train=True)
@@ -369,6 +384,39 @@ def train_step_peak_memory_mb(name: str, settings: SpeedSettings) -> float:
         f.write('5')  # resets VmHWM to the current RSS
     step()
     return (status_kb('VmHWM') - before) / 1024
+
+
+def glibc_mallopt() -> Optional[Callable[[int, int], int]]:
+    """ glibc's `mallopt`, or None where the C library is another. """
+    try:
+        return ctypes.CDLL('libc.so.6').mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+# mallopt's parameters (malloc.h) and what 'keep' sets them to: mmap only above 256 MiB (glibc's default moves between
+# 128 KiB and 32 MiB), and no trimming of the heap's top below 2 GiB (mallopt takes an int)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_MMAP_THRESHOLD, KEEP_TRIM_THRESHOLD = 256 * 2 ** 20, 2 ** 31 - 1
+
+
+def keep_freed_memory() -> None:
+    """ Tells glibc's malloc to keep the memory that freed tensors leave, for the rest of the process, as
+    `MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=2147483647` would at its start.
+
+    By default glibc serves a block above its mmap threshold (at most 32 MiB) with a fresh mmap, and hands the top of
+    its heap back to the OS once enough of it is free; either way the next step's tensors are page-faulted in and
+    zeroed by the kernel anew. How many faults a step takes then depends on where the heap's top falls, which differs
+    between models and between runs: Refiner-S's CPU training step ran at 0.284x DeiT-S's with glibc's defaults and
+    0.332x with this, and CNT-Ti's inference at 1.132x DeiT-Ti's and 0.826x, as DeiT-Ti's eval forward faults and
+    CNT-Ti's does not (benchmarks/results/compare_malloc, README "Measured on this CPU"). With it a step reuses pages
+    the steps before it faulted in, so the timings measure the models' own compute; without it (the default) they
+    measure what a user's process gets.
+    """
+    mallopt = glibc_mallopt()
+    if mallopt is None or not (mallopt(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)
+                               and mallopt(_M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)):
+        raise RuntimeError("glibc's mallopt refused to keep freed memory (or this C library is not glibc)")
 
 
 def release_freed_memory() -> None:
