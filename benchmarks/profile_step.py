@@ -16,8 +16,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from timm_hybrid.compare import AMP_DTYPES, SpeedSettings, create_model_spec, device_folder_name, make_step, \
-    write_results
+from timm_hybrid.compare import AMP_DTYPES, MALLOC_SETTINGS, SpeedSettings, create_model_spec, device_folder_name, \
+    make_step, write_results
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -28,6 +28,7 @@ def profile_step(spec: str, settings: SpeedSettings, train: bool = True, rows: i
     (on a GPU their kernels' time), grouped by input shape, and the meta of the table. """
     on_gpu = settings.on_gpu
     torch.set_num_threads(settings.threads)
+    settings.apply_malloc()
     model = create_model_spec(spec).to(settings.device)
     step = make_step(model, tuple(model.pretrained_cfg['input_size']), settings, train=train)
     for _ in range(warmup):  # the first steps allocate the optimizer state and grow malloc's heap
@@ -74,6 +75,9 @@ def main() -> None:
     p.add_argument('--output', type=Path, default=None,
                    help='default: benchmarks/results/profile, on a GPU benchmarks/results/<gpu name>/profile')
     p.add_argument('--rows', type=int, default=20, help='ops to keep (default: %(default)s)')
+    p.add_argument('--malloc', choices=MALLOC_SETTINGS, default='default',
+                   help="'keep': glibc's malloc keeps freed memory, so no op's time includes page faults (as "
+                        '`timm-hybrid compare --malloc keep`; default: %(default)s)')
     p.add_argument('--warmup', type=int, default=6,
                    help='steps before the profiled one (default: %(default)s; on CPU the first 3-4 training steps run '
                         'up to 1.3x slower while malloc\'s heap settles)')
@@ -82,7 +86,7 @@ def main() -> None:
     on_gpu = torch.device(args.device).type == 'cuda'
     settings = SpeedSettings(
         device=args.device, threads=args.threads, amp=args.amp or ('bf16' if on_gpu else None),
-        batch_size=args.batch_size or (256 if on_gpu else 32))
+        batch_size=args.batch_size or (256 if on_gpu else 32), malloc=args.malloc)
     table, meta = profile_step(args.model, settings, train=args.train, rows=args.rows, warmup=args.warmup)
     out = args.output or (RESULTS / device_folder_name(settings) / 'profile' if on_gpu else RESULTS / 'profile')
     print(write_profile(args.model, args.train, table, meta, out).read_text())
