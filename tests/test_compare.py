@@ -71,13 +71,17 @@ print(before, faults_of_remaking())
 @pytest.mark.parametrize('malloc', ['default', 'keep'])
 def test_malloc_keep_stops_each_step_faulting_its_tensors_in_anew(malloc):
     """ A 64 MiB tensor made again after it was freed: with glibc's defaults above its mmap threshold, so a fresh
-    mapping whose 16384 pages fault in again; with malloc='keep' from the heap, where its pages already are. In a
-    fresh process: the setting lasts for the rest of the process. """
+    mapping whose pages fault in again (16384 of 4 KiB here; fewer where transparent huge pages back it); with
+    malloc='keep' from the heap, where its pages already are. In a fresh process: the setting lasts for the rest of
+    the process. """
     import subprocess
     out = subprocess.run([sys.executable, '-c', _REMAKE_FAULTS, malloc], capture_output=True, text=True, check=True)
     before, after = map(int, out.stdout.split())
-    assert before > 15000
-    assert after > 15000 if malloc == 'default' else after < 500
+    assert before > 0
+    if malloc == 'default':
+        assert after * 2 > before
+    else:
+        assert after * 10 < before
 
 
 @pytest.mark.parametrize('settle_steps', [0, 1, 2])
