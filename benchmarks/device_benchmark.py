@@ -26,7 +26,7 @@ import torch
 
 from profile_step import profile_step, write_profile
 from timm_hybrid.compare import (
-    Progress, SpeedSettings, compare_models, device_folder_name, free_cpu_threads, plot_speed_vs_gmacs,
+    MALLOC_SETTINGS, Progress, SpeedSettings, compare_models, device_folder_name, free_cpu_threads, plot_speed_vs_gmacs,
     reference_short_name, write_results,
 )
 
@@ -67,7 +67,8 @@ def device_settings(args: argparse.Namespace) -> SpeedSettings:
         defaults['warmup'] += 1  # the first call compiles
     return SpeedSettings(
         device=device, threads=args.threads or free_cpu_threads(), compile=args.compile,
-        channels_last=args.channels_last, **{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
+        channels_last=args.channels_last, malloc=args.malloc,
+        **{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
 
 
 def main() -> None:
@@ -82,6 +83,8 @@ def main() -> None:
     parser.add_argument('--amp', choices=['bf16', 'fp16'], default=None, help='default: bf16 on a GPU, off on a CPU')
     parser.add_argument('--compile', action='store_true', help='time torch.compile(model)')
     parser.add_argument('--channels-last', action='store_true')
+    parser.add_argument('--malloc', choices=MALLOC_SETTINGS, default='default',
+                        help="CPU: 'keep' times the models' own compute without page faults (as timm-hybrid compare)")
     parser.add_argument('--no-memory', action='store_true',
                         help='skip the training peak memory (one spawned process a model: half of a GPU run\'s time)')
     parser.add_argument('--output', type=Path, default=None, help='default: benchmarks/results/<device>')
