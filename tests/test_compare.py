@@ -51,14 +51,14 @@ def test_settings_defaults_and_validation():
 
 
 _REMAKE_FAULTS = """
-import resource, sys, torch
-from timm_hybrid.compare import SpeedSettings
+import sys, torch
+from timm_hybrid.compare import SpeedSettings, minor_faults
 
 def faults_of_remaking():
     torch.empty(2 ** 24).fill_(1.)  # 64 MiB made and freed
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = minor_faults()
     torch.empty(2 ** 24).fill_(1.)  # and made again
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+    return minor_faults() - start
 
 before = faults_of_remaking()
 SpeedSettings(malloc=sys.argv[1]).apply_malloc()
@@ -99,6 +99,27 @@ def test_each_timed_step_follows_untimed_steps_of_the_same_model(settle_steps):
     rounds = [calls[3 + i * per_round:3 + (i + 1) * per_round] for i in range(3)]  # after the warm-up a, b, c
     assert calls[:3] == ['a', 'b', 'c'] and len(calls) == 3 + 3 * per_round
     assert rounds == [[n for n in order for _ in range(1 + settle_steps)] for order in ('abc', 'bca', 'cab')]
+
+
+def test_timed_steps_count_the_page_faults_they_take(monkeypatch):
+    """ Each timed step's faults, not its settling steps' or the other models': here each forward of `a` takes 100
+    faults and each of `b` 1 (a fake counter). """
+    taken = [0]
+    monkeypatch.setattr(compare, 'minor_faults', lambda: taken[0])
+
+    class Faulting(torch.nn.Linear):
+        def __init__(self, faults: int):
+            super().__init__(3, 2)
+            self.faults = faults
+
+        def forward(self, x):
+            taken[0] += self.faults
+            return super().forward(x)
+
+    models = {'a': Faulting(100), 'b': Faulting(1)}
+    settings = SpeedSettings(batch_size=2, repeats=3, warmup=1, settle_steps=2)
+    timings = compare.time_interleaved(models, {n: (3,) for n in models}, settings, train=True)
+    assert timings['a'].faults == [100] * 3 and timings['b'].faults == [1] * 3
 
 
 @pytest.mark.parametrize('name, kwargs, tokens', [
@@ -168,9 +189,12 @@ def test_bad_model_spec_says_which(spec, message):
     assert spec in str(e.value)
 
 
-def test_model_spec_variants_time_side_by_side(tmp_path):
+def test_model_spec_variants_time_side_by_side(tmp_path, monkeypatch):
     """ A spec builds the model with its kwargs (depth 2, fewer blocks than registered: fewer params and GMACs),
-    keeps the spec as the row's model, and can be a reference with its own ratio columns. """
+    keeps the spec as the row's model, and can be a reference with its own ratio columns. On CPU each row has the
+    page faults of its timed steps (here a fault counter that moves by 5 a reading). """
+    readings = iter(range(0, 10 ** 6, 5))
+    monkeypatch.setattr(compare, 'minor_faults', lambda: next(readings))
     variant = 'cnt_nano_patch7_28:depth=2'
     rows = compare.compare_models(
         ['cnt_nano_patch7_28', variant], output_dir=tmp_path, references=[variant], memory=False,
@@ -181,6 +205,7 @@ def test_model_spec_variants_time_side_by_side(tmp_path):
     assert by_model[variant]['param_count'] < by_model['cnt_nano_patch7_28']['param_count']
     assert by_model[variant]['infer_x_cnt_nano_depth_2'] == 1.0
     assert 'infer_x_cnt_nano_depth_2' in by_model['cnt_nano_patch7_28']
+    assert {(r['infer_faults_per_step'], r['train_faults_per_step']) for r in rows} == {(5, 5)}
 
 
 def test_resolution_sweep_counts_tokens_from_the_model(tmp_path):

@@ -26,6 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 import torch
 import torch.nn as nn
 
@@ -196,8 +201,10 @@ def device_folder_name(settings: SpeedSettings) -> str:
 
 @dataclass
 class Timing:
-    """ Seconds per step over the repeats of one model. """
+    """ Seconds per step over the repeats of one model, and the minor page faults the process took during each
+    (fresh memory that the kernel maps in and zeroes: time that depends on the allocator as much as on the model). """
     seconds: List[float] = field(default_factory=list)
+    faults: List[int] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -331,12 +338,19 @@ def time_interleaved(
         for n in names[r % len(names):] + names[:r % len(names)]:
             for _ in range(settings.settle_steps):
                 steps[n]()
+            faults = minor_faults()
             start = time.perf_counter()
             steps[n]()
             timings[n].seconds.append(time.perf_counter() - start)
+            timings[n].faults.append(minor_faults() - faults)
         if progress is not None:
             progress.heartbeat(f'  {kind} round {r + 1}/{settings.repeats} of {", ".join(names)}')
     return timings
+
+
+def minor_faults() -> int:
+    """ The minor page faults this process has taken so far (0 where `resource` is missing: Windows). """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def matmul_gmacs_per_s(settings: SpeedSettings, size: int = 2048, repeats: int = 5) -> float:
@@ -495,7 +509,9 @@ def _speed_columns(
         references: Sequence[str],
         settings: SpeedSettings,
 ) -> Dict[str, float]:
-    """ timm's benchmark.py columns (samples/s, step time in ms) + the spread and the ratios to the references. """
+    """ timm's benchmark.py columns (samples/s, step time in ms) + the spread and the ratios to the references; on
+    CPU the median minor page faults of a timed step (`<prefix>_faults_per_step`): where a model and its reference
+    fault in different amounts, their ratio holds the allocator's work as well as theirs (`--malloc keep`). """
     columns = {}
     for prefix, timings in (('infer', infer), ('train', train)):
         t = timings[name]
@@ -504,6 +520,8 @@ def _speed_columns(
         columns[f'{prefix}_spread'] = round(t.spread, 3)
         for ref in references:
             columns[f'{prefix}_x_{reference_short_name(ref)}'] = round(timings[ref].median / t.median, 3)
+        if not settings.on_gpu and t.faults:
+            columns[f'{prefix}_faults_per_step'] = int(statistics.median(t.faults))
     return columns
 
 
@@ -572,8 +590,9 @@ def compare_models(
             timings[kind] = time_interleaved({m: built[m] for m in group}, sizes, settings, train, progress)
             progress.finished(kind, units, time.perf_counter() - start, f'{kind}, group {i + 1}/{len(groups)} done')
             for m, t in timings[kind].items():
+                faults = '' if settings.on_gpu else f', {statistics.median(t.faults):.0f} page faults/step'
                 progress.line(f'  {kind} {m}: {settings.batch_size / t.median:.1f} samples/s ±{t.spread:.0%}, '
-                              f'{t.median * 1000:.0f} ms/step')
+                              f'{t.median * 1000:.0f} ms/step{faults}')
         new = [m for m in group if m in rows and 'infer_samples_per_sec' not in rows[m]]
         for m in new:
             rows[m].update(_speed_columns(m, timings['inference'], timings['train step'], references, settings))
