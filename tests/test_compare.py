@@ -67,7 +67,7 @@ print(before, faults_of_remaking())
 """
 
 
-@pytest.mark.skipif(compare.glibc_mallopt() is None, reason="glibc's malloc only")
+@pytest.mark.skipif(compare.glibc_function('mallopt') is None, reason="glibc's malloc only")
 @pytest.mark.parametrize('malloc', ['default', 'keep'])
 def test_malloc_keep_stops_each_step_faulting_its_tensors_in_anew(malloc):
     """ A 64 MiB tensor made again after it was freed: with glibc's defaults above its mmap threshold, so a fresh

@@ -163,7 +163,7 @@ class SpeedSettings:
             raise ValueError(f'device {self.device!r} asked for, but torch sees no CUDA device')
         if self.malloc not in MALLOC_SETTINGS:
             raise ValueError(f'malloc must be one of {MALLOC_SETTINGS}, not {self.malloc!r}')
-        if self.malloc == 'keep' and glibc_mallopt() is None:
+        if self.malloc == 'keep' and glibc_function('mallopt') is None:
             raise ValueError("malloc='keep' tunes glibc's malloc, and this C library is not glibc")
 
     @property
@@ -209,6 +209,10 @@ class Timing:
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def median_faults(self) -> int:
+        return int(statistics.median(self.faults))
 
     @property
     def spread(self) -> float:
@@ -400,10 +404,10 @@ def train_step_peak_memory_mb(name: str, settings: SpeedSettings) -> float:
     return (status_kb('VmHWM') - before) / 1024
 
 
-def glibc_mallopt() -> Optional[Callable[[int, int], int]]:
-    """ glibc's `mallopt`, or None where the C library is another. """
+def glibc_function(name: str) -> Optional[Callable[..., int]]:
+    """ The glibc function `name` (e.g. `mallopt`, `malloc_trim`), or None where the C library is another. """
     try:
-        return ctypes.CDLL('libc.so.6').mallopt
+        return getattr(ctypes.CDLL('libc.so.6'), name)
     except (OSError, AttributeError):
         return None
 
@@ -427,7 +431,7 @@ def keep_freed_memory() -> None:
     the steps before it faulted in, so the timings measure the models' own compute; without it (the default) they
     measure what a user's process gets.
     """
-    mallopt = glibc_mallopt()
+    mallopt = glibc_function('mallopt')
     if mallopt is None or not (mallopt(_M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)
                                and mallopt(_M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)):
         raise RuntimeError("glibc's mallopt refused to keep freed memory (or this C library is not glibc)")
@@ -437,10 +441,9 @@ def release_freed_memory() -> None:
     """ Hands the memory that freed tensors left in this process's heap back to the OS (glibc's `malloc_trim`; a
     no-op elsewhere), collecting Python's garbage first. """
     gc.collect()
-    try:
-        ctypes.CDLL('libc.so.6').malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    malloc_trim = glibc_function('malloc_trim')
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def peak_memory_mb(name: str, settings: SpeedSettings) -> float:
@@ -521,7 +524,7 @@ def _speed_columns(
         for ref in references:
             columns[f'{prefix}_x_{reference_short_name(ref)}'] = round(timings[ref].median / t.median, 3)
         if not settings.on_gpu and t.faults:
-            columns[f'{prefix}_faults_per_step'] = int(statistics.median(t.faults))
+            columns[f'{prefix}_faults_per_step'] = t.median_faults
     return columns
 
 
@@ -590,7 +593,7 @@ def compare_models(
             timings[kind] = time_interleaved({m: built[m] for m in group}, sizes, settings, train, progress)
             progress.finished(kind, units, time.perf_counter() - start, f'{kind}, group {i + 1}/{len(groups)} done')
             for m, t in timings[kind].items():
-                faults = '' if settings.on_gpu else f', {statistics.median(t.faults):.0f} page faults/step'
+                faults = '' if settings.on_gpu else f', {t.median_faults} page faults/step'
                 progress.line(f'  {kind} {m}: {settings.batch_size / t.median:.1f} samples/s ±{t.spread:.0%}, '
                               f'{t.median * 1000:.0f} ms/step{faults}')
         new = [m for m in group if m in rows and 'infer_samples_per_sec' not in rows[m]]
