@@ -178,6 +178,43 @@ def test_cpu_chunked_training_step_equals_the_whole_batch(checkpointing):
     _assert_same_training_steps(*results)
 
 
+@pytest.mark.parametrize('act', ['relu', 'gelu'])
+def test_cpu_chunked_training_step_equals_the_whole_batch_for_other_acts(act):
+    """ The chunked path runs a clamping act (ReLU, ReLU6) in place and any other act out of place (models/refiner.py
+    `_after_norm`): both give the whole batch's logits, gradients and running stats (float64). """
+    x = torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    results = []
+    for chunk in (0, 2):
+        model = _tiny(cpu_chunk=chunk, refine_act_layer=act, conv_act_layer=act).double().train()
+        out = model(x)
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results.append((out.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}))
+    _assert_same_training_steps(*results)
+
+
+def test_chunked_refinement_keeps_three_expanded_maps_per_chunk_for_backward():
+    """ A CPU training step's refinement keeps, per chunk, the three expanded maps its backward reads: the expand
+    GEMM's output after its ReLU6 (clamped in place, which the ReLU6's and the depthwise conv's backward both read),
+    the depthwise conv's output (the norm's input) and the norm's output after its ReLU6 (clamped in place; the
+    reduce GEMM's input). Out of place each ReLU6 would keep its input as well: five maps. """
+    model = _tiny(cpu_chunk=2).train()
+    attn = next(blk.attn for blk, refine in zip(model.blocks, model.refiner_blocks) if refine)
+    hidden, heads, tokens = attn.refine.expand.conv.out_channels, attn.num_heads, 17
+    prev = torch.softmax(torch.randn(4, heads, tokens, tokens), -1)
+    map_numel = 2 * hidden * tokens * tokens  # one 2-image chunk's expanded map
+    storages = set()
+
+    def pack(t):
+        if t.numel() == map_numel:
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = attn._forward_chunked(prev, torch.randn(4, heads, tokens, attn.head_dim), 2)
+    assert len(storages) == 3 * 2
+    out.sum().backward()  # the in-place acts left what backward needs intact (autograd checks the versions)
+
+
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_patchify_chunks_equal_the_patchify_conv(bias, channels_last):

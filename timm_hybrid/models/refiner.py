@@ -46,6 +46,7 @@ the position embedding to the model's grid.
 """
 import copy
 import logging
+import math
 import re
 from functools import partial
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Type, Union
@@ -503,23 +504,76 @@ def _update_running_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor
             norm.running_var.lerp_(var.detach() * (n / max(n - 1, 1)), momentum)  # unbiased, as BatchNorm's update
 
 
+def _clamp_bounds(act: Optional[nn.Module]) -> Optional[Tuple[float, float]]:
+    """ (low, high) of an act that clamps (ReLU, ReLU6, Hardtanh; exactly these classes), else None: the acts that
+    the chunked paths run in place (`_ClampInPlace`). """
+    if type(act) is nn.ReLU:
+        return 0., math.inf
+    if type(act) in (nn.ReLU6, nn.Hardtanh):
+        return act.min_val, act.max_val
+    return None
+
+
+class _ClampInPlace(torch.autograd.Function):
+    """ A clamping act (`_clamp_bounds`) in place, its gradient masked by its output, which is all it keeps for
+    backward. autograd's own in-place hardtanh / clamp keep a clone of their input (one more map, one more pass);
+    out of place a ReLU6 keeps its input while the op after it keeps its output. In Refiner-S's CPU training step
+    the refiners' two ReLU6s so keep two of the five 36-channel maps an image held for backward out of memory:
+    training peak 12890 -> 9899 MB at batch 32, the step 1.17x as fast with glibc's default malloc (fewer page
+    faults) and 1.03x with `--malloc keep` (scratch A/Bs, 6 rounds; README, "Speed on CPU: the large maps"). """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bounds: Tuple[float, float]) -> torch.Tensor:
+        return _clamp_keeping_output(ctx, x, bounds)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return _clamped_grad(ctx, grad), None
+
+
+def _clamp_keeping_output(ctx, x: torch.Tensor, bounds: Tuple[float, float]) -> torch.Tensor:
+    """ Forward of an autograd Function that clamps its input `x` in place and keeps the result for backward. """
+    x.clamp_(*bounds)
+    ctx.mark_dirty(x)
+    ctx.save_for_backward(x)
+    ctx.bounds = bounds
+    return x
+
+
+def _clamped_grad(ctx, grad: torch.Tensor) -> torch.Tensor:
+    """ The gradient through a `_clamp_keeping_output` clamp: zero where its output sits at a bound (where its input
+    was at or beyond it), as hardtanh's and ReLU's own backward (ReLU's passes an infinite output's gradient). """
+    out, (low, high) = ctx.saved_tensors[0], ctx.bounds
+    if high == math.inf:
+        return torch.ops.aten.threshold_backward(grad, out, low)
+    return torch.ops.aten.hardtanh_backward(grad, out, low, high)
+
+
 def _after_norm(
         norm: nn.Module,
         outs: Iterable[torch.Tensor],
         then: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        act_applied: bool = False,
 ) -> List[torch.Tensor]:
     """ What timm's BatchNormAct2d applies after the normalisation (drop, act; nothing for a plain BatchNorm), then
     `then`, chunk by chunk (see CHUNK_MAJOR); `outs` may be a generator that makes each chunk when it is reached.
+    `act_applied`: the caller has clamped the chunks already (`_clamp_bounds`; only where there is no drop).
 
-    Out of place: timm builds the act in place, and autograd makes an in-place ReLU6 clone its input first (a read
-    and a write of every map more than the plain op). """
+    A clamping act runs in place on the fresh tensor of the norm or the drop before it (`_ClampInPlace`); other acts
+    run out of place (timm builds them in place, where autograd may need their input). """
     tail = []
-    for m in (getattr(norm, 'drop', None), getattr(norm, 'act', None)):
-        if m is not None:
-            if getattr(m, 'inplace', False):
-                m = copy.copy(m)  # shares the parameters; only this call runs out of place
-                m.inplace = False
-            tail.append(m)
+    drop, act = getattr(norm, 'drop', None), getattr(norm, 'act', None)
+    if drop is not None:
+        tail.append(drop)
+    bounds = None if act_applied else _clamp_bounds(act)
+    if bounds is not None:
+        tail.append(lambda out: _ClampInPlace.apply(out, bounds))  # positional: Function.apply's own convention
+    elif act is not None and not act_applied:
+        if getattr(act, 'inplace', False):
+            act = copy.copy(act)  # shares the parameters; only this call runs out of place
+            act.inplace = False
+        tail.append(act)
     if then is not None:
         tail.append(then)
     finished = []
@@ -575,17 +629,21 @@ def training_chunk_size(
 
 class _ColumnBiasGrad(torch.autograd.Function):
     """ `out` (..., C), which already holds `bias` (added from a detached copy, e.g. by baddbmm's fused add), passed
-    through; `bias` gets its gradient as `column_sums` of out's. autograd's own reduction of the broadcast sums narrow
-    rows slowly on CPU: 0.56 against 0.11 ms for a refiner's (38809, 36) map (scratch). """
+    through as a view, or with `bounds` clamped in place as `_ClampInPlace` does (here, because no in-place op may
+    follow on the view); `bias` gets its gradient as `column_sums` of out's. autograd's own reduction of the
+    broadcast sums narrow rows slowly on CPU: 0.56 against 0.11 ms for a refiner's (38809, 36) map (scratch). """
 
     @staticmethod
-    def forward(ctx, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return out.view_as(out)
+    def forward(ctx, out: torch.Tensor, bias: torch.Tensor, bounds: Optional[Tuple[float, float]] = None):
+        ctx.clamped = bounds is not None
+        return _clamp_keeping_output(ctx, out, bounds) if ctx.clamped else out.view_as(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        return grad, column_sums(grad.reshape(-1, grad.shape[-1])) if ctx.needs_input_grad[1] else None
+        if ctx.clamped:
+            grad = _clamped_grad(ctx, grad)
+        return grad, column_sums(grad.reshape(-1, grad.shape[-1])) if ctx.needs_input_grad[1] else None, None
 
 
 def pointwise_conv_norm_chunks(
@@ -616,6 +674,9 @@ def pointwise_conv_norm_chunks(
         shift = shift + norm.bias
     _update_running_stats(norm, out_mean, out_var, n)
     fused_t = (weight * scale[:, None]).t()  # (C, C_out)
+    drop = getattr(norm, 'drop', None)
+    # a clamping act runs in place on the GEMM's output, inside _ColumnBiasGrad
+    bounds = _clamp_bounds(getattr(norm, 'act', None)) if drop is None or isinstance(drop, nn.Identity) else None
 
     def expanded() -> Iterator[torch.Tensor]:
         # (b, H*W, C) @ (C, C_out): pixel-major rows, i.e. the channels-last (b, C_out, H, W) map, on which the act
@@ -623,9 +684,9 @@ def pointwise_conv_norm_chunks(
         # GEMM runs when _after_norm reaches that chunk (CHUNK_MAJOR)
         for c in chunks:
             out = torch.baddbmm(shift.detach(), c.flatten(2).transpose(1, 2), fused_t.expand(c.shape[0], -1, -1))
-            yield _ColumnBiasGrad.apply(out, shift).view(c.shape[0], *c.shape[2:], -1).permute(0, 3, 1, 2)
+            yield _ColumnBiasGrad.apply(out, shift, bounds).view(c.shape[0], *c.shape[2:], -1).permute(0, 3, 1, 2)
 
-    return _after_norm(norm, expanded(), then)
+    return _after_norm(norm, expanded(), then, act_applied=bounds is not None)
 
 
 def pointwise_conv_to_nchw(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
