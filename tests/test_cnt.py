@@ -10,6 +10,7 @@ from timm.layers import Mlp, resample_abs_pos_embed
 from timm.utils import reparameterize_model
 
 from timm_hybrid import count_flops
+from timm_hybrid.models import cnt as cnt_module
 from timm_hybrid.models._common import ActRecomputingMlp, column_sums
 from timm_hybrid.models.cnt import (
     CNT, InnerResBlock, batch_norm_pixel_rows, checkpoint_filter_fn, conv3x3_as_matrix, conv3x3_taps)
@@ -428,6 +429,48 @@ def test_cnt_outer_mlp_recompute_gives_the_same_step_with_less_saved():
     torch.testing.assert_close(out_r, out_k, atol=1e-6, rtol=0)
     for n in grads_k:
         torch.testing.assert_close(grads_r[n], grads_k[n], atol=1e-6, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize('dist_token', [False, True])
+def test_pixel_to_patch_add_keeps_nothing_for_backward(monkeypatch, dist_token):
+    """ The eager training step adds each block's pixel projection to the patch tokens through `_AddToPatchTokens`:
+    the same logits and gradients as autograd's index_add (float64), and the projection (norm2_proj's output, a
+    (B, N, D) tensor a block), which index_add keeps although its backward needs only the shape, is no longer kept. """
+    def step(add_keeps_nothing):
+        monkeypatch.setattr(cnt_module.Block, '_keeps_nothing_for_the_add', lambda self, a, b: add_keeps_nothing)
+        torch.manual_seed(0)
+        model = _randomize(_small_cnt(depth=3, dist_token=dist_token).double().train())
+        projections = set()
+        for blk in model.blocks:
+            blk.norm2_proj.register_forward_hook(
+                lambda m, args, out: projections.add(out.untyped_storage().data_ptr()))
+        kept = set()
+
+        def pack(t):
+            kept.add(t.untyped_storage().data_ptr())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(torch.randn(4, 3, 32, 32, dtype=torch.float64))
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}, len(projections & kept)
+
+    out_new, grads_new, projections_kept_new = step(True)
+    out_old, grads_old, projections_kept_old = step(False)
+    assert (projections_kept_new, projections_kept_old) == (0, 3)
+    torch.testing.assert_close(out_new, out_old, rtol=0, atol=1e-12)
+    for n in grads_old:
+        torch.testing.assert_close(grads_new[n], grads_old[n], rtol=0, atol=1e-12, msg=n)
+
+
+def test_pixel_to_patch_add_takes_index_add_where_no_backward_runs():
+    """ The Function only where backward will run: without grad, or with no input that needs one, the add stays
+    autograd's index_add (which then keeps nothing either). """
+    block = _small_cnt().train().blocks[0]
+    tokens, pixels = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 4, 32)
+    assert block._keeps_nothing_for_the_add(tokens, pixels)
+    assert not block._keeps_nothing_for_the_add(tokens.detach(), pixels)
+    with torch.no_grad():
+        assert not block._keeps_nothing_for_the_add(tokens, pixels)
 
 
 @pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])
