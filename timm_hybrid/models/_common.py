@@ -80,15 +80,20 @@ def traced_or_compiling() -> bool:
 
 
 @torch.jit.unused
-def recomputes(setting: Union[bool, str], training: bool, x: torch.Tensor) -> bool:
-    """ Whether a module with this recompute setting recomputes for input `x`: in an eager training step that needs
-    x's gradient, everywhere (True) or for CPU tensors ('cpu'); never under fx / jit tracing or torch.compile. """
-    if setting is False:
-        return False
+def eager_backward_needs(*tensors: torch.Tensor) -> bool:
+    """ Whether an eager forward (not fx / jit traced or compiled) builds a graph for the gradient of any of
+    `tensors`: grad enabled and one of them requires it. """
     # the tracers first: a traced tensor's requires_grad cannot steer Python control flow
     if traced_or_compiling():
         return False
-    if not (training and torch.is_grad_enabled() and x.requires_grad):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@torch.jit.unused
+def recomputes(setting: Union[bool, str], training: bool, x: torch.Tensor) -> bool:
+    """ Whether a module with this recompute setting recomputes for input `x`: in an eager training step that needs
+    x's gradient, everywhere (True) or for CPU tensors ('cpu'); never under fx / jit tracing or torch.compile. """
+    if setting is False or not training or not eager_backward_needs(x):
         return False
     return setting is True or x.device.type == 'cpu'
 

@@ -38,8 +38,8 @@ from timm.models.vision_transformer import Block as TransformerBlock
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
     check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats, column_sums,
-    conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, recomputes, resample_token_pos, source_token_grid,
-    summarize_keys, token_model_cfg, traced_or_compiling, unwrap_checkpoint,
+    conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, eager_backward_needs, recomputes,
+    resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -533,9 +533,7 @@ class Block(nn.Module):
     @torch.jit.unused
     def _keeps_nothing_for_the_add(self, patch_embed: torch.Tensor, pixel_to_patch: torch.Tensor) -> bool:
         """ Whether the pixel -> patch add takes `_AddToPatchTokens`: eager (not traced), when backward will run. """
-        if traced_or_compiling():  # before reading the tensors: a traced tensor's flags steer no Python branch
-            return False
-        return torch.is_grad_enabled() and (patch_embed.requires_grad or pixel_to_patch.requires_grad)
+        return eager_backward_needs(patch_embed, pixel_to_patch)
 
     @torch.jit.unused
     def _add_keeping_nothing(self, patch_embed: torch.Tensor, pixel_to_patch: torch.Tensor) -> torch.Tensor:
