@@ -440,10 +440,9 @@ def test_pixel_to_patch_add_keeps_nothing_for_backward(monkeypatch, dist_token):
         monkeypatch.setattr(cnt_module.Block, '_keeps_nothing_for_the_add', lambda self, a, b: add_keeps_nothing)
         torch.manual_seed(0)
         model = _randomize(_small_cnt(depth=3, dist_token=dist_token).double().train())
-        projections = set()
+        projections = []  # held, so that no tensor made later can take a projection's freed address
         for blk in model.blocks:
-            blk.norm2_proj.register_forward_hook(
-                lambda m, args, out: projections.add(out.untyped_storage().data_ptr()))
+            blk.norm2_proj.register_forward_hook(lambda m, args, out: projections.append(out))
         kept = set()
 
         def pack(t):
@@ -452,7 +451,8 @@ def test_pixel_to_patch_add_keeps_nothing_for_backward(monkeypatch, dist_token):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = model(torch.randn(4, 3, 32, 32, dtype=torch.float64))
         out.square().sum().backward()
-        return out.detach(), {n: p.grad for n, p in model.named_parameters()}, len(projections & kept)
+        projections_kept = sum(p.untyped_storage().data_ptr() in kept for p in projections)
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}, projections_kept
 
     out_new, grads_new, projections_kept_new = step(True)
     out_old, grads_old, projections_kept_old = step(False)
