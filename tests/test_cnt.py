@@ -131,18 +131,19 @@ def test_conv3x3_matrix_is_the_zero_padded_convolution():
 @pytest.mark.parametrize('impl', ['conv', 'matmul'])
 @pytest.mark.parametrize('bottleneck', [False, True])
 @pytest.mark.parametrize('training', [True, False])
-def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottleneck, training):
+@pytest.mark.parametrize('dim', [12, 16])  # the GEMM form's CPU training norms: on rows below 16 channels, aten's from 16
+def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottleneck, training, dim):
     """ Every implementation == timm's ResNet block on the NCHW map: outputs, input and weight gradients, and the
     BatchNorm running stats a training step leaves (fp32, < 1e-5). Drop path is on: the same samples drop. """
     torch.manual_seed(0)
-    reference = _trained_like(InnerResBlock(12, (4, 4), drop_path=0.3, bottleneck=bottleneck, impl=impl))
+    reference = _trained_like(InnerResBlock(dim, (4, 4), drop_path=0.3, bottleneck=bottleneck, impl=impl))
     reference.init_weights(zero_init_last=False)
     block = copy.deepcopy(reference).train(training)
     reference.train(training)
-    tokens = torch.randn(6, 16, 12)
+    tokens = torch.randn(6, 16, dim)
     x_ref, x = tokens.clone().requires_grad_(), tokens.clone().requires_grad_()
     torch.manual_seed(1)
-    nchw = x_ref.transpose(1, 2).reshape(6, 12, 4, 4)
+    nchw = x_ref.transpose(1, 2).reshape(6, dim, 4, 4)
     expected = reference.conv_block(nchw).flatten(2).transpose(1, 2)
     torch.manual_seed(1)
     actual = block(x)
@@ -155,6 +156,30 @@ def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottlene
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f'{name}: {m}')
     for (name, b_ref), b in zip(reference.named_buffers(), block.buffers()):
         torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=lambda m: f'{name}: {m}')
+
+
+def _autograd_node_names(out: torch.Tensor) -> list[str]:
+    names, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize('dim, bottleneck', [(8, False), (16, False), (16, True)])
+def test_matmul_inner_block_runs_no_in_place_act_on_a_view_for_backward(dim, bottleneck):
+    """ The GEMM form's training graph has no CopySlices node (an in-place act on a view of the GEMM's or the norm's
+    output, whose backward clones the gradient), with the norm on rows (8 channels), aten's norm on a permuted view
+    (16) and the bottleneck's per-pixel 1x1 GEMMs (reshaped views); the ReLUs still run in place on fresh tensors. """
+    block = InnerResBlock(dim, (4, 4), bottleneck=bottleneck, impl='matmul').train()
+    names = _autograd_node_names(block(torch.randn(5, 16, dim, requires_grad=True)))
+    assert 'CopySlices' not in names
+    assert names.count('ReluBackward0') == len(block.stages)
+    assert all(getattr(block.conv_block, stage[2] or block.out_act).inplace for stage in block.stages)
 
 
 @pytest.mark.parametrize('num_rows, channels', [(38809, 36), (98, 12), (160, 8), (7, 5), (0, 3)])

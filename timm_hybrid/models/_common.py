@@ -1,4 +1,5 @@
 """ Pieces shared by more than one family that timm.layers / timm.models do not have. """
+import copy
 import math
 import numbers
 import os
@@ -25,10 +26,10 @@ __all__ = [
     'check_recompute_setting', 'check_token_model_args', 'checkpoint_keeping_bn_stats', 'conv2d_with',
     'conv_norm_acts_eval', 'conv_norm_eval', 'conv_norm_weights', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout',
     'eager_on_cpu', 'fold_conv_norm', 'folds_into_conv', 'has_running_stats', 'MIN_LOADED_SHARE', 'norm_act_remainder',
-    'norm_conv1x1_eval', 'norm_conv1x1_weights', 'official_weights_cache_file', 'patch_grid', 'PatchGridEmbed',
-    'PretrainedWeightsUnavailable', 'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes', 'resample_token_pos',
-    'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg',
-    'TokenClassifierMixin', 'unwrap_checkpoint', 'weights_source_hint',
+    'norm_conv1x1_eval', 'norm_conv1x1_weights', 'official_weights_cache_file', 'out_of_place', 'patch_grid',
+    'PatchGridEmbed', 'PretrainedWeightsUnavailable', 'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes',
+    'resample_token_pos', 'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens', 'summarize_keys',
+    'token_model_cfg', 'TokenClassifierMixin', 'unwrap_checkpoint', 'weights_source_hint',
 ]
 
 
@@ -96,6 +97,17 @@ def recomputes(setting: Union[bool, str], training: bool, x: torch.Tensor) -> bo
     if setting is False or not training or not eager_backward_needs(x):
         return False
     return setting is True or x.device.type == 'cpu'
+
+
+def out_of_place(act: nn.Module) -> nn.Module:
+    """ `act` itself, or where it was built in place (timm's blocks build ReLUs so) a shallow copy that runs out of
+    place, sharing its parameters. For inputs that autograd needs again, or views: an in-place op on a view is
+    recorded as CopySlices, whose backward clones the gradient of the view's base. """
+    if not getattr(act, 'inplace', False):
+        return act
+    act = copy.copy(act)
+    act.inplace = False
+    return act
 
 
 def _gelu_approximation(act: nn.Module) -> Optional[str]:

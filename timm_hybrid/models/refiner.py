@@ -44,7 +44,6 @@ instead of one `drop_rate` everywhere; all default to 0 as in the released confi
 `checkpoint_filter_fn` converts the released checkpoints (module and key names of the official code) and resamples
 the position embedding to the model's grid.
 """
-import copy
 import logging
 import math
 import re
@@ -65,8 +64,8 @@ from timm.models import generate_default_cfgs, register_model
 from ._common import (
     PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, build_with_official_weights, check_int,
     check_ints, check_loaded_share, check_positive, check_token_model_args, column_sums, conv2d_with, cpu_chunk_size,
-    describe_layout, eager_on_cpu, norm_act_remainder, resample_token_pos, source_token_grid, token_model_cfg,
-    unwrap_checkpoint,
+    describe_layout, eager_on_cpu, norm_act_remainder, out_of_place, resample_token_pos, source_token_grid,
+    token_model_cfg, unwrap_checkpoint,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -570,10 +569,7 @@ def _after_norm(
     if bounds is not None:
         tail.append(lambda out: _ClampInPlace.apply(out, bounds))  # positional: Function.apply's own convention
     elif act is not None and not act_applied:
-        if getattr(act, 'inplace', False):
-            act = copy.copy(act)  # shares the parameters; only this call runs out of place
-            act.inplace = False
-        tail.append(act)
+        tail.append(out_of_place(act))
     if then is not None:
         tail.append(then)
     finished = []
