@@ -20,6 +20,19 @@ def hybrid_model_names(pattern: str = '*') -> list:
         and timm.models.model_entrypoint(name).__module__ != 'timm_hybrid.models.hybrids')
 
 
+def autograd_node_names(out: torch.Tensor) -> list:
+    """ The names of the autograd nodes that `out`'s backward would run (e.g. 'CopySlices', 'CloneBackward0'). """
+    names, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

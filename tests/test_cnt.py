@@ -9,6 +9,8 @@ import torch
 from timm.layers import Mlp, resample_abs_pos_embed
 from timm.utils import reparameterize_model
 
+from conftest import autograd_node_names
+
 from timm_hybrid import count_flops
 from timm_hybrid.models import cnt as cnt_module
 from timm_hybrid.models._common import ActRecomputingMlp, column_sums
@@ -158,25 +160,13 @@ def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottlene
         torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=lambda m: f'{name}: {m}')
 
 
-def _autograd_node_names(out: torch.Tensor) -> list[str]:
-    names, seen, stack = [], set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(node.name())
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return names
-
-
 @pytest.mark.parametrize('dim, bottleneck', [(8, False), (16, False), (16, True)])
 def test_matmul_inner_block_runs_no_in_place_act_on_a_view_for_backward(dim, bottleneck):
     """ The GEMM form's training graph has no CopySlices node (an in-place act on a view of the GEMM's or the norm's
     output, whose backward clones the gradient), with the norm on rows (8 channels), aten's norm on a permuted view
     (16) and the bottleneck's per-pixel 1x1 GEMMs (reshaped views); the ReLUs still run in place on fresh tensors. """
     block = InnerResBlock(dim, (4, 4), bottleneck=bottleneck, impl='matmul').train()
-    names = _autograd_node_names(block(torch.randn(5, 16, dim, requires_grad=True)))
+    names = autograd_node_names(block(torch.randn(5, 16, dim, requires_grad=True)))
     assert 'CopySlices' not in names
     assert names.count('ReluBackward0') == len(block.stages)
     assert all(getattr(block.conv_block, stage[2] or block.out_act).inplace for stage in block.stages)

@@ -1,5 +1,6 @@
 """ TransCNN / HAT-Net (models/transcnn.py): official parity, any input size, the timm API on small configs. """
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 from timm.layers import GroupNorm1
 from timm.models._features_fx import create_feature_extractor
 from timm.utils import reparameterize_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_hybrid import count_flops  # importing timm_hybrid registers the models
 from timm_hybrid.models import _common, transcnn
@@ -164,6 +166,46 @@ def test_hatnet_with_every_norm_on_the_channels_last_path_equals_the_default(tra
     assert (out_cl - out).abs().max() < 1e-10
     assert max((grads_cl[n] - grads[n]).abs().max() for n in grads) < 1e-10
     assert model.forward_features(x).is_contiguous(memory_format=torch.channels_last)
+
+
+class _AtenOpCounter(TorchDispatchMode):
+    """ Counts the aten ops that run below autograd (autograd's own clones of inputs it keeps included). """
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _aten_ops(model: torch.nn.Module, x: torch.Tensor) -> Counter:
+    with _AtenOpCounter() as counter:
+        model(x)
+    return counter.counts
+
+
+def test_hatnet_training_keeps_no_copy_of_an_activation_input(monkeypatch):
+    """ In an eager training step HAT-Net's SiLUs (FFNs, stem, downsampling) run out of place, so autograd keeps their
+    inputs without cloning them (a SiLU in place has its input cloned first): the same logits and gradients, one
+    clone fewer per SiLU. Without grad they run in place, as built. """
+    torch.manual_seed(0)
+    model = _small('hatnet_tiny').double().train()
+    x = torch.randn(ODD_SIZE, dtype=torch.float64)
+    num_silus = sum(isinstance(m, torch.nn.SiLU) for m in model.modules())
+    ops = _aten_ops(model, x)
+    assert ops['silu'] == num_silus and ops['silu_'] == 0
+    out, grads = _logits_and_grads(model, x)
+    with torch.no_grad():
+        ops_no_grad = _aten_ops(model, x)
+    assert ops_no_grad['silu_'] == num_silus and ops_no_grad['silu'] == 0
+    monkeypatch.setattr(transcnn, 'act_for', lambda x, act: act)  # the acts as built, in place
+    ops_in_place = _aten_ops(model, x)
+    assert ops_in_place['silu_'] == num_silus and ops_in_place['clone'] == ops['clone'] + num_silus
+    out_in_place, grads_in_place = _logits_and_grads(model, x)
+    assert (out - out_in_place).abs().max() < 1e-12
+    assert max((grads[n] - grads_in_place[n]).abs().max() for n in grads) < 1e-12
 
 
 def _window_attention_loop(qkv: torch.Tensor, heads: int, ws: int) -> torch.Tensor:

@@ -54,7 +54,7 @@ from timm.models._features import feature_take_indices
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from ._common import (
-    build_with_official_weights, check_image_batch, check_int, check_ints, check_loaded_share, check_positive,
+    act_for, build_with_official_weights, check_image_batch, check_int, check_ints, check_loaded_share, check_positive,
     check_rate, checkpoint_keeping_bn_stats, conv2d_with, conv_norm_acts_eval, conv_norm_eval, cpu_chunk_size,
     describe_layout, fold_conv_norm, has_running_stats, norm_conv1x1_eval, norm_conv1x1_weights, prune_sequence,
     unwrap_checkpoint,
@@ -125,7 +125,10 @@ class LayoutKeepingGroupNorm1Act(GroupNorm1Act):
     channels-last map channels-last on every device, as LayoutKeepingGroupNorm1. """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(group_norm1(x, self.weight, self.bias, self.eps, self._fast_norm)))
+        x = self.drop(group_norm1(x, self.weight, self.bias, self.eps, self._fast_norm))
+        if torch.jit.is_scripting():
+            return self.act(x)
+        return act_for(x, self.act)(x)  # in place unless that keeps a copy for backward
 
 
 def layout_keeping_group_norm1_act(num_channels: int, **kwargs) -> LayoutKeepingGroupNorm1Act:
@@ -391,8 +394,14 @@ class PreNormInvertedResidual(nn.Module):
         self.norm_out = norm_layer(out_chs, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act1(self.conv_pw(self.norm(x)))
-        x = self.act2(self.conv_dw(x))
+        x = self.conv_pw(self.norm(x))
+        if torch.jit.is_scripting():
+            x = self.act2(self.conv_dw(self.act1(x)))
+        else:
+            # in place unless that keeps a copy of the expanded map for backward (`act_for`)
+            x = act_for(x, self.act1)(x)
+            x = self.conv_dw(x)
+            x = act_for(x, self.act2)(x)
         return self.norm_out(self.conv_pwl(x))
 
 
@@ -473,7 +482,10 @@ class Downsample(nn.Module):
             return self._forward_folded(x)
         if self.shortcut is None:
             return self.conv(x)
-        return self.act(self.conv(x) + self.shortcut(self.pool(x)))
+        x = self.conv(x) + self.shortcut(self.pool(x))
+        if torch.jit.is_scripting():
+            return self.act(x)
+        return act_for(x, self.act)(x)
 
 
 class TransCNNStage(nn.Module):
