@@ -268,7 +268,8 @@ CHUNKED = ['transcnn_tiny', 'hatnet_tiny', 'refiner_vit_small_patch16_224']
 @pytest.mark.parametrize('name', CHUNKED)
 def test_cpu_chunks_give_the_whole_batchs_outputs(name):
     """ In eval on CPU the large-map families run a batch in chunks (cpu_chunk): same logits as the whole
-    batch, the stem run once per chunk; training, and cpu_chunk=0, run the batch whole. """
+    batch, the stem run once per chunk; cpu_chunk=0, and training with auto chunks that the batch fits, run the batch
+    whole (training in chunks: tests/test_transcnn.py, tests/test_refiner.py). """
     small = {'depth': 4} if 'refiner' in name else {'depths': (1, 1, 1, 1)}
     model = _create(name, cpu_chunk=2, **small).eval()
     stem = model.stem if hasattr(model, 'stem') else model.patch_embed

@@ -208,6 +208,33 @@ def test_hatnet_training_keeps_no_copy_of_an_activation_input(monkeypatch):
     assert max((grads[n] - grads_in_place[n]).abs().max() for n in grads) < 1e-12
 
 
+@pytest.mark.parametrize('checkpointing', [False, True])
+def test_hatnet_cpu_training_runs_in_chunks_with_the_whole_batchs_step(checkpointing):
+    """ HAT-Net's norms take no batch statistics, so a CPU training forward runs cpu_chunk images at a time (the stem
+    sees chunks) with the whole batch's logits and gradients (float64); TransCNN's BatchNorms need the batch whole:
+    in training it runs whole, in eval in chunks. """
+    torch.manual_seed(0)
+    model = _small('hatnet_tiny', cpu_chunk=2).double().train()
+    model.set_grad_checkpointing(checkpointing)
+    batch_sizes = []
+    model.stem.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    x = torch.randn(5, *ODD_SIZE[1:], dtype=torch.float64)
+    chunked, chunked_grads = _logits_and_grads(model, x)
+    assert batch_sizes[:3] == [2, 2, 1]
+    model.cpu_chunk = 0
+    whole, whole_grads = _logits_and_grads(model, x)
+    assert batch_sizes[-1] == 5
+    assert (chunked - whole).abs().max() < 1e-12
+    assert max((chunked_grads[n] - whole_grads[n]).abs().max() for n in whole_grads) < 1e-12
+    transcnn_model = _small('transcnn_tiny', cpu_chunk=2)
+    transcnn_sizes = []
+    transcnn_model.stem.register_forward_pre_hook(lambda module, args: transcnn_sizes.append(args[0].shape[0]))
+    transcnn_model.train()(x.float())
+    with torch.no_grad():
+        transcnn_model.eval()(x.float())
+    assert transcnn_sizes == [5, 2, 2, 1]
+
+
 def _window_attention_loop(qkv: torch.Tensor, heads: int, ws: int) -> torch.Tensor:
     """ Window attention written plainly: one window at a time, explicit softmax over its real pixels only. """
     B, C3, H, W = qkv.shape
