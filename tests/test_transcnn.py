@@ -235,6 +235,16 @@ def test_hatnet_cpu_training_runs_in_chunks_with_the_whole_batchs_step(checkpoin
     assert transcnn_sizes == [5, 2, 2, 1]
 
 
+def test_hatnet_training_chunks_are_larger_than_eval_ones():
+    """ Auto chunks of HAT-Net-S at 224: its widest map (512 x 56 x 56 floats, 6.1 MiB an image) under 24 MiB in eval,
+    TRAIN_CHUNK_SCALE (2) times that many images in training; TransCNN-S trains whole (BatchNorm). """
+    x = torch.empty(32, 3, 224, 224)
+    model = timm.create_model('hatnet_small')
+    assert transcnn.TRAIN_CHUNK_SCALE == 2
+    assert model.eval()._cpu_chunk(x) == 3 and model.train()._cpu_chunk(x) == 7  # 24 MiB // 3.06 MiB
+    assert timm.create_model('transcnn_small').train()._cpu_chunk(x) == 0
+
+
 def _window_attention_loop(qkv: torch.Tensor, heads: int, ws: int) -> torch.Tensor:
     """ Window attention written plainly: one window at a time, explicit softmax over its real pixels only. """
     B, C3, H, W = qkv.shape

@@ -530,6 +530,14 @@ class TransCNNStage(nn.Module):
         return x
 
 
+# A CPU training chunk holds TRAIN_CHUNK_SCALE times an eval chunk's images: forward + backward run every op of the
+# model once a chunk, and in training that fixed cost outweighed the page faults of larger maps. HAT-Net-S's training
+# step (batch 32, 2 threads, glibc's defaults, interleaved in one process with DeiT-S, 4 rounds): 0.453x DeiT-S whole,
+# 0.521x / 0.556x / 0.568x / 0.586x / 0.479x in chunks of 3 (the eval rule) / 4 / 6 / 8 / 16 images (two runs); with
+# this scale (7 images) 0.592x against 0.409x whole and 0.625x in chunks of 8 (a third run).
+TRAIN_CHUNK_SCALE = 2
+
+
 class TransCNN(nn.Module):
     """ TransCNN / HAT-Net.
 
@@ -616,8 +624,9 @@ class TransCNN(nn.Module):
             cpu_chunk: On CPU, in eval and in training where no norm takes batch statistics (HAT-Net's GroupNorms;
                 not TransCNN's BatchNorms), run a batch this many images at a time (None: as many as keep one
                 image's largest map, the first stage's FFN expansion, below 24 MiB: 6 for TransCNN-S at 256, 3 for
-                HAT-Net-S; 0: the batch whole). Same outputs and gradients (in training, drop path draws its masks
-                chunk by chunk); see `cpu_chunk_size` in models/_common.py for the measured reason.
+                HAT-Net-S; in training TRAIN_CHUNK_SCALE times as many, 7 for HAT-Net-S; 0: the batch whole).
+                Same outputs and gradients (in training, drop path draws its masks chunk by chunk); see
+                `cpu_chunk_size` in models/_common.py for the measured reason.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -791,12 +800,15 @@ class TransCNN(nn.Module):
     def _cpu_chunk(self, x: torch.Tensor) -> int:
         """ Images per chunk of a CPU forward (0: the batch whole): in eval, and in training where no norm takes batch
         statistics (HAT-Net's GroupNorms normalise each image alone, TransCNN's BatchNorms need the whole batch).
-        HAT-Net-S's CPU training step (batch 32, 2 threads) ran 1.25x as fast in 4-image chunks with glibc's
-        defaults, 58 thousand page faults a step instead of 1.0 million, and 1.01x with glibc keeping freed memory
-        (scratch A/Bs, 4 rounds each, DeiT-S in the same rounds). """
-        if self.training and self._batch_statistics():
+        HAT-Net-S's CPU training step (batch 32, 2 threads, glibc's defaults) ran 1.45x as fast in its 7-image
+        chunks as whole, 61 thousand page faults a step instead of 0.89 million (scratch A/B, 4 rounds, DeiT-S in the
+        same rounds; 1.01x with glibc keeping freed memory, 4-image chunks). A training chunk is TRAIN_CHUNK_SCALE
+        times the eval one. """
+        if not self.training:
+            return cpu_chunk_size(x, self.cpu_chunk, lambda: self._per_sample_activation_bytes(x))
+        if self._batch_statistics():
             return 0
-        return cpu_chunk_size(x, self.cpu_chunk, lambda: self._per_sample_activation_bytes(x))
+        return cpu_chunk_size(x, self.cpu_chunk, lambda: self._per_sample_activation_bytes(x) // TRAIN_CHUNK_SCALE)
 
     @torch.jit.unused
     def _batch_statistics(self) -> bool:
