@@ -20,9 +20,11 @@ _TWO_STAGES = dict(
     pool_ratios=(4, 1))
 # name -> (family, create kwargs on top of its tiny config, image size or None for the tiny config's). CNT's 'auto'
 # inner block resolves to one of its two implementations (the tiny config's 8 channels: matmul on CPU); both compile.
+# At 16 channels the matmul form's training norm is aten's on a view of the GEMM's output (a GPU's CNT-S path).
 COMPILED = {
     'cnt_conv': ('cnt', dict(inner_block_args=dict(impl='conv')), None),
     'cnt_matmul': ('cnt', dict(inner_block_args=dict(impl='matmul')), None),
+    'cnt_matmul_16': ('cnt', dict(inner_dim=16, inner_block_args=dict(impl='matmul')), None),
     'transcnn': ('transcnn', _TWO_STAGES, 40),
     'hatnet': ('hatnet', _TWO_STAGES, 40),
     'refiner': ('refiner', {}, None),

@@ -375,7 +375,9 @@ class InnerResBlock(nn.Module):
         and an as_strided pass a conv (48 of CNT-Ti's training step, about 7 ms of it on CPU). """
         if out.shape == rows_shape:
             return act(out)
-        return out_of_place(act)(out.reshape(rows_shape))
+        rows = out.reshape(rows_shape)
+        # a copy of the module only where autograd records the op: not without grad, nor in a traced or compiled graph
+        return out_of_place(act)(rows) if eager_backward_needs(rows) else act(rows)
 
     @torch.jit.ignore
     def reparameterize(self) -> None:
