@@ -187,7 +187,7 @@ def _aten_ops(model: torch.nn.Module, x: torch.Tensor) -> Counter:
 
 
 def test_hatnet_training_keeps_no_copy_of_an_activation_input(monkeypatch):
-    """ In an eager training step HAT-Net's SiLUs (FFNs, stem, downsampling) run out of place, so autograd keeps their
+    """ In an eager training step HAT-Net's SiLUs (FFNs and stem) run out of place, so autograd keeps their
     inputs without cloning them (a SiLU in place has its input cloned first): the same logits and gradients, one
     clone fewer per SiLU. Without grad they run in place, as built. """
     torch.manual_seed(0)
