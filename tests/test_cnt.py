@@ -133,7 +133,7 @@ def test_conv3x3_matrix_is_the_zero_padded_convolution():
 @pytest.mark.parametrize('impl', ['conv', 'matmul'])
 @pytest.mark.parametrize('bottleneck', [False, True])
 @pytest.mark.parametrize('training', [True, False])
-@pytest.mark.parametrize('dim', [12, 16])  # the GEMM form's CPU training norms: on rows below 16 channels, aten's from 16
+@pytest.mark.parametrize('dim', [12, 16])  # the GEMM form's CPU training norm: on rows below 16 channels, else aten's
 def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottleneck, training, dim):
     """ Every implementation == timm's ResNet block on the NCHW map: outputs, input and weight gradients, and the
     BatchNorm running stats a training step leaves (fp32, < 1e-5). Drop path is on: the same samples drop. """
