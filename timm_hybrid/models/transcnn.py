@@ -804,11 +804,10 @@ class TransCNN(nn.Module):
         chunks as whole, 61 thousand page faults a step instead of 0.89 million (scratch A/B, 4 rounds, DeiT-S in the
         same rounds; 1.01x with glibc keeping freed memory, 4-image chunks). A training chunk is TRAIN_CHUNK_SCALE
         times the eval one. """
-        if not self.training:
-            return cpu_chunk_size(x, self.cpu_chunk, lambda: self._per_sample_activation_bytes(x))
-        if self._batch_statistics():
-            return 0
-        return cpu_chunk_size(x, self.cpu_chunk, lambda: self._per_sample_activation_bytes(x) // TRAIN_CHUNK_SCALE)
+        scale = TRAIN_CHUNK_SCALE if self.training else 1
+        chunk = cpu_chunk_size(x, self.cpu_chunk, lambda: self._per_sample_activation_bytes(x) // scale)
+        # the module scan only where a chunk would run: not on accelerators, nor under tracers and torch.compile
+        return 0 if chunk and self.training and self._batch_statistics() else chunk
 
     @torch.jit.unused
     def _batch_statistics(self) -> bool:
