@@ -37,7 +37,7 @@ from timm.models.vision_transformer import Block as TransformerBlock
 
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
-    check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats, column_sums,
+    check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats,
     conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, eager_backward_needs, out_of_place,
     recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint,
 )
@@ -111,46 +111,50 @@ def conv3x3_as_matrix(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return matrix.reshape(num_pixels * c_in, num_pixels * c_out)
 
 
-def _channel_sums(rows: torch.Tensor, num_pixels: int) -> torch.Tensor:
-    """ Per-channel sums of pixel rows (R, h*w*C), pixel-major and channel-minor (`column_sums` of the (R*h*w, C)
-    view: for a 4 x 4 grid the (R, h*w*C) rows themselves, then the h*w pixels). """
-    return column_sums(rows.reshape(rows.shape[0] * num_pixels, rows.shape[1] // num_pixels))
-
-
 class _PixelRowsBatchNorm(torch.autograd.Function):
     """ Training-mode BatchNorm of pixel rows (R, h*w*C), pixel-major and channel-minor: each channel's statistics
-    over every row and pixel, as BatchNorm2d computes them on the (R, C, h, w) view, with every pass over the rows
-    vectorized along a whole row (h*w*C values) instead of along C. Returns the batch mean and biased variance too
-    (for the running statistics), without gradients. """
+    over every row and pixel, as BatchNorm2d computes them on the (R, C, h, w) view. Every pass is one of aten's
+    BatchNorm kernels on the rows as a 2D (R, h*w*C) batch, whose h*w*C columns fill whole vectors: the per-column
+    mean and variance (one pass), merged over each channel's h*w columns; the normalisation (one pass); in backward
+    the per-column sums of g and g * x_hat (one pass over g and the rows), then dx = a * g + b * x + c (two). Keeps
+    only its input for backward. Returns the batch mean and biased variance too (for the running statistics),
+    without gradients. """
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_pixels: int, eps: float):
-        count = rows.shape[0] * num_pixels
-        mean = _channel_sums(rows, num_pixels) / count
-        centered = rows - mean.repeat(num_pixels)
-        var = _channel_sums(centered * centered, num_pixels) / count
-        inv_std = torch.rsqrt(var + eps)
-        out = torch.addcmul(bias.repeat(num_pixels), centered, (weight * inv_std).repeat(num_pixels))
-        ctx.save_for_backward(centered, inv_std, weight)
-        ctx.num_pixels = num_pixels
+        col_mean, col_var = (s.view(num_pixels, -1) for s in torch.batch_norm_update_stats(rows, None, None, 0.))
+        mean = col_mean.mean(0)
+        var = (col_var + (col_mean - mean) ** 2).mean(0)  # every column has R values: the exact merge (Chan et al.)
+        out = F.batch_norm(
+            rows, mean.repeat(num_pixels), var.repeat(num_pixels), weight.repeat(num_pixels), bias.repeat(num_pixels),
+            False, 0., eps)
+        ctx.save_for_backward(rows, weight, mean, var)
+        ctx.num_pixels, ctx.eps = num_pixels, eps
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
-        centered, inv_std, weight = ctx.saved_tensors
+        rows, weight, mean, var = ctx.saved_tensors
         num_pixels = ctx.num_pixels
-        count = centered.shape[0] * num_pixels
-        grad_bias = _channel_sums(grad_out, num_pixels)
-        grad_centered = _channel_sums(grad_out * centered, num_pixels)
+        count = rows.shape[0] * num_pixels
+        inv_std = torch.rsqrt(var + ctx.eps)
+        col_mean, col_var, col_inv_std = (t.repeat(num_pixels) for t in (mean, var, inv_std))
+        # per-column sums of g * x_hat and g: what aten's inference-mode backward (statistics as constants) reduces
+        # for the weight and bias gradients; the statistics go in as running (read on CPU) and as saved ones
+        col_grad_x, col_grad = torch.ops.aten.native_batch_norm_backward(
+            grad_out, rows, None, col_mean, col_var, col_mean, col_inv_std, False, ctx.eps, [False, True, True])[1:]
+        grad_weight = col_grad_x.view(num_pixels, -1).sum(0)
+        grad_bias = col_grad.view(num_pixels, -1).sum(0)
         grad_rows = None
         if ctx.needs_input_grad[0]:
-            # d rows = scale * (g - mean(g) - centered * mean(g * centered) / var), per channel
-            scale = weight * inv_std
-            grad_rows = torch.addcmul(
-                (-grad_bias / count * scale).repeat(num_pixels), grad_out, scale.repeat(num_pixels))
-            grad_rows.addcmul_(centered, (-grad_centered * inv_std * inv_std / count * scale).repeat(num_pixels))
-        return grad_rows, grad_centered * inv_std, grad_bias, None, None
+            # d rows = scale * (g - mean(g) - x_hat * mean(g * x_hat)) = a * g + b * x + c, per channel
+            a = weight * inv_std
+            b = -a * inv_std * grad_weight / count
+            c = -a * grad_bias / count - b * mean
+            grad_rows = torch.addcmul(c.repeat(num_pixels), rows, b.repeat(num_pixels))
+            grad_rows.addcmul_(grad_out, a.repeat(num_pixels))
+        return grad_rows, grad_weight, grad_bias, None, None
 
 
 def batch_norm_pixel_rows(rows: torch.Tensor, bn: nn.BatchNorm2d, num_pixels: int) -> torch.Tensor:
@@ -160,8 +164,9 @@ def batch_norm_pixel_rows(rows: torch.Tensor, bn: nn.BatchNorm2d, num_pixels: in
     Why: aten's CPU BatchNorm on a channels-last map vectorizes along the channels (16 fp32 lanes with AVX-512), so
     at 4 channels three quarters of each vector are empty: forward + backward on 6272 rows of 16 pixels x 4 channels
     took 4.9-8.5 ms there and 0.8-3.6 ms here (1 and 2 threads), and at 8 channels aten's backward slows down with
-    2 threads. Each pass here runs along whole rows instead; it takes more passes, which costs from 16 channels on
-    (`CPU_ROW_NORM_MAX_CHANNELS`).
+    2 threads. Here every pass runs along whole rows instead (`_PixelRowsBatchNorm`). At 8 channels, forward +
+    backward on 6272 rows took 2.9-3.5 ms against aten's 8.9-9.1 ms on the channels-last view; at 16 aten's kernel
+    was faster (3.1-4.4 against 3.8-5.0 ms), hence `CPU_ROW_NORM_MAX_CHANNELS` (2 threads, medians of 25).
     """
     num_channels = bn.num_features
     weight = bn.weight if bn.weight is not None else rows.new_ones(num_channels)
@@ -188,7 +193,7 @@ CPU_CONV_MIN_CHANNELS = 16
 # 8-13% faster with the row form (0.90x -> 0.98-1.03x DeiT-micro, 1 thread, batch 128). At 8 (CNT-Ti), with 2 threads
 # and the machine otherwise idle, aten's backward alone took 7.6 ms a call (12% of the training step, 24 calls) and
 # forward + backward 7.7-8.4 ms against 2.6-3.0 ms as rows; with 1 thread 2.1-3.0 against 3.3 ms (6272 rows of 16
-# pixels). At 16 the norm alone ran slower as rows (7.1 against 1.8-3.7 ms, 2 threads).
+# pixels). At 16 the norm alone ran slower as rows (`batch_norm_pixel_rows`).
 CPU_ROW_NORM_MAX_CHANNELS = 16
 
 
