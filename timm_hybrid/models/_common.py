@@ -21,15 +21,17 @@ from timm.models._helpers import clean_state_dict
 from timm.models._input import update_model_input_size
 
 __all__ = [
-    'act_for', 'ActRecomputingMlp', 'bn_scale_shift', 'build_token_model', 'build_with_official_weights',
-    'check_global_pool', 'check_image_batch', 'check_int', 'check_ints', 'check_loaded_share', 'check_positive',
-    'check_rate', 'check_recompute_setting', 'check_token_model_args', 'checkpoint_keeping_bn_stats', 'conv2d_with',
-    'conv_norm_acts_eval', 'conv_norm_eval', 'conv_norm_weights', 'cpu_chunk_size', 'cpu_untraced', 'describe_layout',
-    'eager_on_cpu', 'fold_conv_norm', 'folds_into_conv', 'has_running_stats', 'MIN_LOADED_SHARE', 'norm_act_remainder',
-    'norm_conv1x1_eval', 'norm_conv1x1_weights', 'official_weights_cache_file', 'out_of_place', 'patch_grid',
-    'PatchGridEmbed', 'PretrainedWeightsUnavailable', 'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes',
-    'resample_token_pos', 'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens', 'summarize_keys',
-    'token_model_cfg', 'TokenClassifierMixin', 'unwrap_checkpoint', 'weights_source_hint',
+    'act_for', 'ActRecomputingMlp', 'batch_norm_grad_coefficients', 'bn_scale_shift', 'build_token_model',
+    'build_with_official_weights', 'check_global_pool', 'check_image_batch', 'check_int', 'check_ints',
+    'check_loaded_share', 'check_positive', 'check_rate', 'check_recompute_setting', 'check_token_model_args',
+    'checkpoint_keeping_bn_stats', 'conv2d_with', 'conv_norm_acts_eval', 'conv_norm_eval', 'conv_norm_weights',
+    'cpu_chunk_size', 'cpu_untraced', 'describe_layout', 'eager_on_cpu', 'fold_conv_norm', 'folds_into_conv',
+    'grouped_norm', 'grouped_norm_grad_sums', 'grouped_norm_input_grad', 'grouped_norm_stats', 'has_running_stats',
+    'MIN_LOADED_SHARE', 'norm_act_remainder', 'norm_conv1x1_eval', 'norm_conv1x1_weights',
+    'official_weights_cache_file', 'out_of_place', 'patch_grid', 'PatchGridEmbed', 'PretrainedWeightsUnavailable',
+    'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes', 'resample_token_pos', 'size_mismatch_message',
+    'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'TokenClassifierMixin',
+    'unwrap_checkpoint', 'weights_source_hint',
 ]
 
 
@@ -261,6 +263,91 @@ def column_sums(rows: torch.Tensor, group: int = 16) -> torch.Tensor:
     head = num_rows - num_rows % group
     sums = rows[:head].reshape(head // group, group * channels).sum(0).view(group, channels).sum(0)
     return sums + rows[head:].sum(0) if head < num_rows else sums
+
+
+# Training BatchNorm passes over an input whose BatchNorm channels (dim 1) are `groups` repeats of C channels: CNT's
+# pixel rows (R, h*w*C), pixel-major and channel-minor (h*w groups), a channels-last map's (B*H, W*C) rows (W groups),
+# an NCHW batch's (1, B*C, H*W) view (B groups: statistics per image). Each helper is one of aten's BatchNorm kernels
+# over that input, with the per-channel values repeated for each group. On CPU, aten vectorizes along dim 1 of a 2D
+# input, so on such rows every pass runs along whole rows; on the (R*groups, C) pixels or the channels-last map itself
+# it vectorizes along C, and a C that fills no whole vector (CNT-Ti's 8, a refiner's 36) leaves lanes idle.
+
+def grouped_norm_stats(x: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ Mean and biased variance of each of x's `groups` * C channels, as (groups, C): aten's BatchNorm statistics
+    kernel, one pass. """
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.)
+    return mean.view(groups, -1), var.view(groups, -1)
+
+
+def grouped_norm(
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        eps: float,
+        groups: int,
+        out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """ `x` normalised by per-channel (C,) statistics and affine: one pass (aten's inference kernel, or where `out`
+    is given, the same x * scale + shift written into `out`: a view of a fresh tensor that an autograd Function then
+    returns, since a Function's output may not be a view if in-place ops are to follow). """
+    if out is None:
+        mean, var, weight, bias = (None if t is None else t.repeat(groups) for t in (mean, var, weight, bias))
+        return F.batch_norm(x, mean, var, weight, bias, False, 0., eps)
+    scale = torch.rsqrt(var + eps) if weight is None else weight * torch.rsqrt(var + eps)
+    shift = -mean * scale if bias is None else bias - mean * scale
+    shape = (-1,) + (1,) * (x.ndim - 2)  # along dim 1
+    return torch.addcmul(shift.repeat(groups).view(shape), x, scale.repeat(groups).view(shape), out=out)
+
+
+def grouped_norm_grad_sums(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        eps: float,
+        groups: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ Per-channel (C,) sum(grad * x_hat) and sum(grad) of `x` normalised by (mean, var): what aten's inference-mode
+    BatchNorm backward reduces for the weight and bias gradients, one pass over `grad` and `x`. The statistics go in
+    as running (read on CPU) and as saved ones (read on CUDA). """
+    inv_std = torch.rsqrt(var + eps)
+    mean, var, inv_std = (t.repeat(groups) for t in (mean, var, inv_std))
+    sum_grad_x, sum_grad = torch.ops.aten.native_batch_norm_backward(
+        grad, x, None, mean, var, mean, inv_std, False, eps, [False, True, True])[1:]
+    return sum_grad_x.view(groups, -1).sum(0), sum_grad.view(groups, -1).sum(0)
+
+
+def grouped_norm_input_grad(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        c: torch.Tensor,
+        groups: int,
+) -> torch.Tensor:
+    """ a * grad + b * x + c with per-channel (C,) a, b, c: a training BatchNorm's input gradient, two passes. """
+    shape = (-1,) + (1,) * (x.ndim - 2)  # along dim 1
+    a, b, c = (t.repeat(groups).view(shape) for t in (a, b, c))
+    return torch.addcmul(c, x, b).addcmul_(grad, a)
+
+
+def batch_norm_grad_coefficients(
+        weight: torch.Tensor,
+        mean: torch.Tensor,
+        inv_std: torch.Tensor,
+        sum_grad_x: torch.Tensor,
+        sum_grad: torch.Tensor,
+        count: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ Per-channel a, b, c of a training BatchNorm's input gradient a * g + b * x + c, which is
+    weight * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)), from the sums of g * x_hat and g over `count`
+    values. """
+    a = weight * inv_std
+    b = -a * inv_std * sum_grad_x / count
+    c = -a * sum_grad / count - b * mean
+    return a, b, c
 
 
 @torch.jit.unused

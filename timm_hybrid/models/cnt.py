@@ -36,10 +36,11 @@ from timm.models.resnet import BasicBlock, Bottleneck
 from timm.models.vision_transformer import Block as TransformerBlock
 
 from ._common import (
-    ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, check_int,
-    check_loaded_share, check_recompute_setting, check_token_model_args, checkpoint_keeping_bn_stats,
-    conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, eager_backward_needs, out_of_place,
-    recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint,
+    ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, batch_norm_grad_coefficients, bn_scale_shift,
+    build_token_model, check_int, check_loaded_share, check_recompute_setting, check_token_model_args,
+    checkpoint_keeping_bn_stats, conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, eager_backward_needs,
+    grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad, grouped_norm_stats, out_of_place, recomputes,
+    resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -114,20 +115,17 @@ def conv3x3_as_matrix(weight: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 class _PixelRowsBatchNorm(torch.autograd.Function):
     """ Training-mode BatchNorm of pixel rows (R, h*w*C), pixel-major and channel-minor: each channel's statistics
     over every row and pixel, as BatchNorm2d computes them on the (R, C, h, w) view. Every pass is one of aten's
-    BatchNorm kernels on the rows as a 2D (R, h*w*C) batch, whose h*w*C columns fill whole vectors: the per-column
-    mean and variance (one pass), merged over each channel's h*w columns; the normalisation (one pass); in backward
-    the per-column sums of g and g * x_hat (one pass over g and the rows), then dx = a * g + b * x + c (two). Keeps
-    only its input for backward. Returns the batch mean and biased variance too (for the running statistics),
-    without gradients. """
+    BatchNorm kernels on the rows as a 2D batch (`grouped_norm_stats` and its kin in models/_common.py): the
+    per-column statistics (one pass), merged over each channel's h*w columns; the normalisation (one pass); in backward
+    the sums of g and g * x_hat (one pass), then the input gradient (two). Keeps only its input for backward. Returns
+    the batch mean and biased variance too (for the running statistics), without gradients. """
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_pixels: int, eps: float):
-        col_mean, col_var = (s.view(num_pixels, -1) for s in torch.batch_norm_update_stats(rows, None, None, 0.))
+        col_mean, col_var = grouped_norm_stats(rows, num_pixels)
         mean = col_mean.mean(0)
         var = (col_var + (col_mean - mean) ** 2).mean(0)  # every column has R values: the exact merge (Chan et al.)
-        out = F.batch_norm(
-            rows, mean.repeat(num_pixels), var.repeat(num_pixels), weight.repeat(num_pixels), bias.repeat(num_pixels),
-            False, 0., eps)
+        out = grouped_norm(rows, mean, var, weight, bias, eps, num_pixels)
         ctx.save_for_backward(rows, weight, mean, var)
         ctx.num_pixels, ctx.eps = num_pixels, eps
         ctx.mark_non_differentiable(mean, var)
@@ -137,23 +135,12 @@ class _PixelRowsBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
         rows, weight, mean, var = ctx.saved_tensors
         num_pixels = ctx.num_pixels
-        count = rows.shape[0] * num_pixels
-        inv_std = torch.rsqrt(var + ctx.eps)
-        col_mean, col_var, col_inv_std = (t.repeat(num_pixels) for t in (mean, var, inv_std))
-        # per-column sums of g * x_hat and g: what aten's inference-mode backward (statistics as constants) reduces
-        # for the weight and bias gradients; the statistics go in as running (read on CPU) and as saved ones
-        col_grad_x, col_grad = torch.ops.aten.native_batch_norm_backward(
-            grad_out, rows, None, col_mean, col_var, col_mean, col_inv_std, False, ctx.eps, [False, True, True])[1:]
-        grad_weight = col_grad_x.view(num_pixels, -1).sum(0)
-        grad_bias = col_grad.view(num_pixels, -1).sum(0)
+        grad_weight, grad_bias = grouped_norm_grad_sums(grad_out, rows, mean, var, ctx.eps, num_pixels)
         grad_rows = None
         if ctx.needs_input_grad[0]:
-            # d rows = scale * (g - mean(g) - x_hat * mean(g * x_hat)) = a * g + b * x + c, per channel
-            a = weight * inv_std
-            b = -a * inv_std * grad_weight / count
-            c = -a * grad_bias / count - b * mean
-            grad_rows = torch.addcmul(c.repeat(num_pixels), rows, b.repeat(num_pixels))
-            grad_rows.addcmul_(grad_out, a.repeat(num_pixels))
+            a, b, c = batch_norm_grad_coefficients(
+                weight, mean, torch.rsqrt(var + ctx.eps), grad_weight, grad_bias, rows.shape[0] * num_pixels)
+            grad_rows = grouped_norm_input_grad(grad_out, rows, a, b, c, num_pixels)
         return grad_rows, grad_weight, grad_bias, None, None
 
 

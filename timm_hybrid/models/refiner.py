@@ -52,7 +52,6 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from timm.layers import (
@@ -62,10 +61,11 @@ from timm.layers import (
 from timm.models import generate_default_cfgs, register_model
 
 from ._common import (
-    PatchGridEmbed, TokenClassifierMixin, bn_scale_shift, build_token_model, build_with_official_weights, check_int,
-    check_ints, check_loaded_share, check_positive, check_token_model_args, column_sums, conv2d_with, cpu_chunk_size,
-    describe_layout, eager_on_cpu, norm_act_remainder, out_of_place, resample_token_pos, source_token_grid,
-    token_model_cfg, unwrap_checkpoint,
+    PatchGridEmbed, TokenClassifierMixin, batch_norm_grad_coefficients, bn_scale_shift, build_token_model,
+    build_with_official_weights, check_int, check_ints, check_loaded_share, check_positive, check_token_model_args,
+    column_sums, conv2d_with, cpu_chunk_size, describe_layout, eager_on_cpu, grouped_norm, grouped_norm_grad_sums,
+    grouped_norm_input_grad, grouped_norm_stats, norm_act_remainder, out_of_place, resample_token_pos,
+    source_token_grid, token_model_cfg, unwrap_checkpoint,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -370,38 +370,52 @@ def _fold_norm_into_conv(
     conv_norm.bn = norm_act_remainder(bn)  # BatchNormAct2d carries the act
 
 
-def _per_channel_view(x: torch.Tensor, per_image: bool) -> Tuple[torch.Tensor, int]:
-    """ `x` as a BatchNorm input whose channels are (image, channel) pairs, and how many images each channel of `x`
-    is split into: a (1, B*C, H*W) view of an NCHW-contiguous `x` where `per_image`, else `x` itself and 1. """
-    if per_image and x.ndim == 4 and x.is_contiguous():
-        return x.view(1, x.shape[0] * x.shape[1], -1), x.shape[0]
+def _norm_view(x: torch.Tensor, per_image: bool) -> Tuple[torch.Tensor, int]:
+    """ `x` as a BatchNorm input whose channels (dim 1) are `groups` repeats of x's C channels, and `groups`
+    (the `grouped_norm*` passes of models/_common.py take such inputs):
+
+    * `per_image` and x NCHW-contiguous: the (1, B*C, H*W) view, B groups (statistics per image and channel);
+    * otherwise a CPU float32 / float64 channels-last x: its (B*H, W*C) rows, W groups. aten's CPU kernels then
+      vectorize along whole rows, where on the map they vectorize along C: a refiner's 36-channel 197 x 197 map,
+      statistics, normalisation and backward, 2 threads, 4.6 against 8.9 ms (aten on the map) and 7.1 ms (its
+      earlier GEMM reductions); the stem's 3-image 112 x 112 slices 1.8 / 6.9 / 10.8 against 2.5 / 7.3 / 12.9 ms at
+      32 / 64 / 128 channels (scratch, medians of 20);
+    * else x itself, one group. """
+    if per_image:
+        if x.ndim == 4 and x.is_contiguous():
+            return x.view(1, x.shape[0] * x.shape[1], -1), x.shape[0]
+        return x, 1
+    if (x.device.type == 'cpu' and x.dtype in (torch.float32, torch.float64) and x.ndim == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        b, c, h, w = x.shape
+        return x.permute(0, 2, 3, 1).reshape(b * h, w * c), w
     return x, 1
 
 
-# aten's CPU BatchNorm backward on channels-last maps reduces slowly where the channels are not a multiple of 16 (on
-# the AVX-512 host measured, 16 floats a vector): its sums of g and g * x_hat, 2 threads, against one (C, C) GEMM of
-# the pixel rows: 36 channels (a refiner's expanded 197 x 197 map) 3.2 against 1.2 ms, 12 channels 2.5 against 0.3 ms;
-# at 32 / 64 / 128 channels (the stem's 3-image slices at 112 x 112) aten's kernel is faster (0.5 / 0.8 / 1.5 against
-# 0.6 / 1.6 / 4.7 ms). Scratch, one map hot in the cache, median of 30.
-ROW_GEMM_CHANNEL_MULTIPLE = 16
+def _as_norm_view(t: torch.Tensor, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """ `t`, shaped like `x`, in the layout of `view` = `_norm_view(x, ...)[0]` (a copy where t's layout differs). """
+    if view is x:
+        return t
+    if view.ndim == 2:  # channels-last rows
+        return t.permute(0, 2, 3, 1).reshape(view.shape)
+    return t.contiguous().view(view.shape)
 
 
-def _odd_channel_rows(g: torch.Tensor, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """ (pixels, C) row views of a CPU float32 / float64 BatchNorm input `x` and its output's gradient `g`, both
-    channels-last with C not a multiple of ROW_GEMM_CHANNEL_MULTIPLE; None otherwise (aten's reduction then). """
-    if x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64) or x.ndim != 4:
-        return None
-    channels = x.shape[1]
-    if not channels % ROW_GEMM_CHANNEL_MULTIPLE or x.is_contiguous() or g.stride() != x.stride():
-        return None
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        return None
-    return g.permute(0, 2, 3, 1).reshape(-1, channels), x.permute(0, 2, 3, 1).reshape(-1, channels)  # views
+def _from_norm_view(out: torch.Tensor, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """ `out`, computed on `view` = `_norm_view(x, ...)[0]`, back in the shape of `x` (from channels-last rows: in
+    x's layout). """
+    if view is x:
+        return out
+    if view.ndim == 2:
+        b, c, h, w = x.shape
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    return out.view(x.shape)
 
 
 class _ChunkedBatchNorm(torch.autograd.Function):
     """ Training-mode batch norm of a batch held as chunks (B_i, C, H, W): the statistics and gradients of the whole
     batch, every tensor chunk-sized (see RefinerAttention). Returns the normalised chunks, then (mean, biased var).
+    Each chunk's passes run on `_norm_view` (channels-last CPU chunks as rows).
 
     `per_image`: the statistics and gradient sums of each NCHW chunk are taken per image and channel, over a
     (1, B_i*C, H*W) view, and merged. aten's and cuDNN's CUDA BatchNorm kernels split the work by channel, so 12 or
@@ -412,17 +426,17 @@ class _ChunkedBatchNorm(torch.autograd.Function):
     def forward(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, per_image: bool,
                 *chunks: torch.Tensor):
         n = sum(c.numel() // c.shape[1] for c in chunks)
-        # mean and biased var per chunk or per image (BatchNorm's own statistics kernel, 3x faster than var_mean on
+        # mean and biased var per chunk and group (BatchNorm's own statistics kernel, 3x faster than var_mean on
         # these maps on CPU), merged exactly (Chan et al.): the maps are near-uniform at init, where E[x^2] - E[x]^2
         # would cancel
         mean = var = 0.
         stats = []
         for c in chunks:
-            view, images = _per_channel_view(c, per_image)
+            view, groups = _norm_view(c, per_image)
             if view.dtype in (torch.float16, torch.bfloat16) and not view.is_cuda:
                 view = view.float()  # aten's CPU kernel returns half-precision statistics of such maps, CUDA's float32
-            m, v = (s.double().view(images, -1) for s in torch.batch_norm_update_stats(view, None, None, 0.))
-            stats.append((m, v, c.numel() // c.shape[1] // images))  # values per group and channel
+            m, v = (s.double() for s in grouped_norm_stats(view, groups))
+            stats.append((m, v, c.numel() // c.shape[1] // groups))  # values per group and channel
             mean = mean + m.sum(0) * stats[-1][2]
         mean = mean / n
         for m, v, k in stats:
@@ -431,7 +445,15 @@ class _ChunkedBatchNorm(torch.autograd.Function):
         # float32 statistics for half-precision maps (as aten's CUDA BatchNorm keeps them)
         stat_dtype = torch.float32 if chunks[0].dtype in (torch.float16, torch.bfloat16) else chunks[0].dtype
         mean, var = mean.to(stat_dtype), var.to(stat_dtype)
-        outs = [F.batch_norm(c, mean, var, weight, bias, False, 0., eps) for c in chunks]  # one fused pass each
+        outs = []
+        for c in chunks:  # one fused pass each
+            view, groups = _norm_view(c, per_image)
+            if view.ndim == 2:  # channels-last rows: written into a fresh map (in place ops follow on the output)
+                out = torch.empty_like(c)
+                grouped_norm(view, mean, var, weight, bias, eps, groups, out=_as_norm_view(out, c, view))
+            else:
+                out = grouped_norm(c, mean, var, weight, bias, eps, 1)
+            outs.append(out)
         ctx.save_for_backward(weight, mean, var, *chunks)
         ctx.n, ctx.eps, ctx.per_image = n, eps, per_image
         ctx.mark_non_differentiable(mean, var)  # for the running stats only
@@ -441,39 +463,20 @@ class _ChunkedBatchNorm(torch.autograd.Function):
     def backward(ctx, *grads: torch.Tensor):
         weight, mean, var, *chunks = ctx.saved_tensors
         grads = grads[:len(chunks)]
-        w = torch.ones_like(mean) if weight is None else weight
-        invstd = torch.rsqrt(var + ctx.eps)
-        # sum(g) and sum(g * x_hat) per channel, one fused pass over each chunk: aten's inference-mode backward
-        # (statistics as constants) reduces exactly these for the weight and bias gradients. The statistics go in
-        # as running (read on CPU) and as saved ones (read on CUDA, which asserts they are given)
+        views = [_norm_view(c, ctx.per_image) for c in chunks]
+        grad_views = [_as_norm_view(g, c, view) for g, c, (view, _) in zip(grads, chunks, views)]
+        # sum(g) and sum(g * x_hat) per channel, one fused pass over each chunk
         sum_gx = sum_g = 0.
-        for g, c in zip(grads, chunks):
-            rows = None if ctx.per_image else _odd_channel_rows(g, c)
-            if rows is not None:
-                g_rows, x_rows = rows
-                s_g = column_sums(g_rows)
-                # sum(g * (x - mean)) as diag(g^T x) - mean * sum(g): one (C, C) GEMM over the pixel rows computes C
-                # times the products needed and still beats aten's reduction (see _odd_channel_rows)
-                sum_gx = sum_gx + (torch.mm(g_rows.t(), x_rows).diagonal() - mean * s_g) * invstd
-                sum_g = sum_g + s_g
-                continue
-            view, images = _per_channel_view(c, ctx.per_image)
-            if images > 1:
-                g = g.contiguous().view(view.shape)
-            stats = [t.repeat(images) if images > 1 else t for t in (w, mean, var, mean, invstd)]
-            s_gx, s_g = torch.ops.aten.native_batch_norm_backward(
-                g, view, *stats, False, ctx.eps, [False, True, True])[1:]
-            sum_gx = sum_gx + s_gx.view(images, -1).sum(0)
-            sum_g = sum_g + s_g.view(images, -1).sum(0)
-        # dx = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) = a * g + b * x + c, per-channel a, b, c: two
-        # passes a chunk (timm's / aten's training backward makes the same two: a reduction, then this)
-        a = w * invstd
-        b = -a * invstd * sum_gx / ctx.n
-        c = -a * sum_g / ctx.n - b * mean
-        shape = (1, -1, 1, 1)
-        a, b, c = a.reshape(shape), b.reshape(shape), c.reshape(shape)
-        # in the statistics' precision, then the maps' (half-precision coefficients would cancel in b * x + c)
-        grad_chunks = [torch.addcmul(c, x, b).addcmul_(g, a).to(x.dtype) for g, x in zip(grads, chunks)]
+        for g, (view, groups) in zip(grad_views, views):
+            s_gx, s_g = grouped_norm_grad_sums(g, view, mean, var, ctx.eps, groups)
+            sum_gx, sum_g = sum_gx + s_gx, sum_g + s_g
+        # two passes a chunk (timm's / aten's training backward makes the same two: a reduction, then this); in the
+        # statistics' precision, then the maps' (half-precision coefficients would cancel in b * x + c)
+        w = torch.ones_like(mean) if weight is None else weight
+        a, b, c = batch_norm_grad_coefficients(w, mean, torch.rsqrt(var + ctx.eps), sum_gx, sum_g, ctx.n)
+        grad_chunks = [
+            _from_norm_view(grouped_norm_input_grad(g, view, a, b, c, groups), x, view).to(x.dtype)
+            for g, x, (view, groups) in zip(grad_views, chunks, views)]
         grad_weight = sum_gx if weight is not None and ctx.needs_input_grad[0] else None
         grad_bias = sum_g if ctx.needs_input_grad[1] else None
         return (grad_weight, grad_bias, None, None, *grad_chunks)
