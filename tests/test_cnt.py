@@ -13,7 +13,7 @@ from conftest import autograd_node_names
 
 from timm_hybrid import count_flops
 from timm_hybrid.models import cnt as cnt_module
-from timm_hybrid.models._common import ActRecomputingMlp, column_sums
+from timm_hybrid.models._common import ActRecomputingMlp
 from timm_hybrid.models.cnt import (
     CNT, InnerResBlock, batch_norm_pixel_rows, checkpoint_filter_fn, conv3x3_as_matrix, conv3x3_taps)
 
@@ -170,16 +170,6 @@ def test_matmul_inner_block_runs_no_in_place_act_on_a_view_for_backward(dim, bot
     assert 'CopySlices' not in names
     assert names.count('ReluBackward0') == len(block.stages)
     assert all(getattr(block.conv_block, stage[2] or block.out_act).inplace for stage in block.stages)
-
-
-@pytest.mark.parametrize('num_rows, channels', [(38809, 36), (98, 12), (160, 8), (7, 5), (0, 3)])
-def test_column_sums_are_the_sums_down_the_rows(num_rows, channels):
-    """ column_sums (grouped rows, a remainder summed apart; the row norms' and the refiners' per-channel sums) is
-    rows.sum(0), also for fewer rows than a group and for none; a non-contiguous matrix is summed as well. """
-    rows = torch.randn(num_rows, channels, dtype=torch.float64)
-    torch.testing.assert_close(column_sums(rows), rows.sum(0), rtol=1e-12, atol=1e-12)
-    wide = torch.randn(num_rows, 2 * channels, dtype=torch.float64)[:, ::2]
-    torch.testing.assert_close(column_sums(wide), wide.sum(0), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('momentum, affine', [(0.1, True), (None, True), (0.3, False)])

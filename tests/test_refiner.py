@@ -628,3 +628,13 @@ def test_reparameterized_official_weights_keep_official_logits():
     model.load_state_dict(checkpoint_filter_fn(state_dict, model))
     with torch.no_grad():
         assert (reparameterize_model(model)(io['input']) - io['logits']).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize('num_rows, channels', [(38809, 36), (98, 12), (160, 8), (7, 5), (0, 3)])
+def test_column_sums_are_the_sums_down_the_rows(num_rows, channels):
+    """ column_sums (grouped rows, a remainder summed apart; the refiners' per-channel sums of narrow rows) is
+    rows.sum(0), also for fewer rows than a group and for none; a non-contiguous matrix is summed as well. """
+    rows = torch.randn(num_rows, channels, dtype=torch.float64)
+    torch.testing.assert_close(refiner_module.column_sums(rows), rows.sum(0), rtol=1e-12, atol=1e-12)
+    wide = torch.randn(num_rows, 2 * channels, dtype=torch.float64)[:, ::2]
+    torch.testing.assert_close(refiner_module.column_sums(wide), wide.sum(0), rtol=1e-12, atol=1e-12)

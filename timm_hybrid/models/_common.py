@@ -251,20 +251,6 @@ def patch_grid(
 CPU_CHUNK_BYTES = 24 * 2 ** 20
 
 
-def column_sums(rows: torch.Tensor, group: int = 16) -> torch.Tensor:
-    """ rows.sum(0) of a (R, C) matrix of narrow rows (C channels, channel-minor), summed down (R / group, group * C)
-    rows first, then over the `group` partial sums of each channel.
-
-    Why: aten's CPU sum over dim 0 vectorizes along the C columns, and a C that fills no whole vector (a refiner's 12
-    or 36 channels) runs at a fraction of the speed of wide rows: (38809, 36), 2 threads, 0.58 against 0.10 ms
-    (scratch). `group` = 16 makes every row a multiple of 16 floats (one AVX-512 vector); CNT's row norms (16 pixels
-    of C channels a row) sum their rows as they are. A remainder of fewer than `group` rows is summed on its own. """
-    num_rows, channels = rows.shape
-    head = num_rows - num_rows % group
-    sums = rows[:head].reshape(head // group, group * channels).sum(0).view(group, channels).sum(0)
-    return sums + rows[head:].sum(0) if head < num_rows else sums
-
-
 # Training BatchNorm passes over an input whose BatchNorm channels (dim 1) are `groups` repeats of C channels: CNT's
 # pixel rows (R, h*w*C), pixel-major and channel-minor (h*w groups), a channels-last map's (B*H, W*C) rows (W groups),
 # an NCHW batch's (1, B*C, H*W) view (B groups: statistics per image). Each helper is one of aten's BatchNorm kernels

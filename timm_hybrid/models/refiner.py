@@ -63,7 +63,7 @@ from timm.models import generate_default_cfgs, register_model
 from ._common import (
     PatchGridEmbed, TokenClassifierMixin, batch_norm_grad_coefficients, bn_scale_shift, build_token_model,
     build_with_official_weights, check_int, check_ints, check_loaded_share, check_positive, check_token_model_args,
-    column_sums, conv2d_with, cpu_chunk_size, describe_layout, eager_on_cpu, grouped_norm, grouped_norm_grad_sums,
+    conv2d_with, cpu_chunk_size, describe_layout, eager_on_cpu, grouped_norm, grouped_norm_grad_sums,
     grouped_norm_input_grad, grouped_norm_stats, norm_act_remainder, out_of_place, resample_token_pos,
     source_token_grid, token_model_cfg, unwrap_checkpoint,
 )
@@ -624,6 +624,20 @@ def training_chunk_size(
     if not training_batch_norms(norms):
         return 0
     return cpu_chunk_size(x, setting, per_sample_bytes)
+
+
+def column_sums(rows: torch.Tensor, group: int = 16) -> torch.Tensor:
+    """ rows.sum(0) of a (R, C) matrix of narrow rows (C channels, channel-minor), summed down (R / group, group * C)
+    rows first, then over the `group` partial sums of each channel.
+
+    Why: aten's CPU sum over dim 0 vectorizes along the C columns, and a C that fills no whole vector (a refiner's 12
+    or 36 channels) runs at a fraction of the speed of wide rows: (38809, 36), 2 threads, 0.58 against 0.10 ms
+    (scratch). `group` = 16 makes every row a multiple of 16 floats (one AVX-512 vector). A remainder of fewer than
+    `group` rows is summed on its own. """
+    num_rows, channels = rows.shape
+    head = num_rows - num_rows % group
+    sums = rows[:head].reshape(head // group, group * channels).sum(0).view(group, channels).sum(0)
+    return sums + rows[head:].sum(0) if head < num_rows else sums
 
 
 class _ColumnBiasGrad(torch.autograd.Function):
