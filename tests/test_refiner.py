@@ -638,3 +638,16 @@ def test_column_sums_are_the_sums_down_the_rows(num_rows, channels):
     torch.testing.assert_close(refiner_module.column_sums(rows), rows.sum(0), rtol=1e-12, atol=1e-12)
     wide = torch.randn(num_rows, 2 * channels, dtype=torch.float64)[:, ::2]
     torch.testing.assert_close(refiner_module.column_sums(wide), wide.sum(0), rtol=1e-12, atol=1e-12)
+
+
+def test_channel_moments_gradients_are_the_mean_and_covariances():
+    """ _ChannelMoments (the expand norm's input statistics): the mean and the biased covariance of the channels over
+    every chunk, and their gradients as autograd's through the plain formulas (gradcheck, float64, near-uniform maps
+    as at init, and chunks of different sizes). """
+    torch.manual_seed(0)
+    chunks = [(1 / 49 + 1e-3 * torch.randn(b, 3, 7, 7, dtype=torch.float64)).requires_grad_() for b in (2, 1)]
+    mean, cov = refiner_module._ChannelMoments.apply(*chunks)
+    pixels = torch.cat([c.permute(0, 2, 3, 1).reshape(-1, 3) for c in chunks])
+    torch.testing.assert_close(mean, pixels.mean(0), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(cov, torch.cov(pixels.t(), correction=0), rtol=1e-10, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda *c: refiner_module._ChannelMoments.apply(*c), chunks)

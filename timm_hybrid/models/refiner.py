@@ -659,24 +659,55 @@ class _ColumnBiasGrad(torch.autograd.Function):
         return grad, column_sums(grad.reshape(-1, grad.shape[-1])) if ctx.needs_input_grad[1] else None, None
 
 
+class _ChannelMoments(torch.autograd.Function):
+    """ Mean (C,) and biased covariance (C, C) of the channels of a batch held as NCHW chunks (B_i, C, H, W), the
+    covariance from centred values (the maps are near-uniform at init, where E[a a^T] - mu mu^T would cancel). Keeps
+    only the mean for backward (the chunks are kept by the conv that reads them): autograd through the same ops kept
+    a centred copy of every chunk and made about six passes over it in backward, where this makes two and one GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, *chunks: torch.Tensor):
+        n = sum(c.numel() // c.shape[1] for c in chunks)
+        mean = sum(c.sum((0, 2, 3)) for c in chunks) / n
+        cov = 0.
+        for c in chunks:
+            centred = (c - mean.reshape(1, -1, 1, 1)).flatten(2)  # (b, C, H*W)
+            cov = cov + torch.bmm(centred, centred.transpose(1, 2)).sum(0)
+        ctx.save_for_backward(mean, *chunks)
+        ctx.n = n
+        return mean, cov / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: torch.Tensor, grad_cov: torch.Tensor):
+        mean, *chunks = ctx.saved_tensors
+        # per pixel a: d/da of <G, cov> is (G + G^T)(a - mean) / n (the path through the mean adds nothing: the centred
+        # values sum to zero), of <g, mean> g / n. One GEMM a chunk, the mean's part as its added bias
+        symmetric = (grad_cov + grad_cov.t()) / ctx.n
+        shift = (grad_mean / ctx.n).reshape(1, -1, 1)
+        grads = []
+        for c in chunks:
+            centred = (c - mean.reshape(1, -1, 1, 1)).flatten(2)
+            grads.append(torch.baddbmm(shift, symmetric.expand(c.shape[0], -1, -1), centred).view_as(c))
+        return tuple(grads)
+
+
 def pointwise_conv_norm_chunks(
         conv_norm: ConvNormAct,
         chunks: List[torch.Tensor],
         then: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> List[torch.Tensor]:
     """ A bias-free 1x1 conv and its training BatchNorm (and act) over the batch that `chunks` split, as one 1x1 conv
-    with a bias: y = W a has the batch mean W mu and variances diag(W S W^T), where mu and S are the mean and
-    covariance of the input's channels, so BN(W a) = (gamma / sigma) W a + beta - (gamma / sigma) W mu. The input's
-    statistics cost one pass over its C channels (a centred copy and a C x C Gram matrix), where BatchNorm's
-    statistics, normalisation and backward cost four over the conv's wider output; outputs, gradients and running
-    stats are BatchNorm's (within rounding). The outputs are channels-last: each chunk's conv is one GEMM that reads
-    the NCHW input transposed (no layout copy). `then` runs on each chunk's output right after it (CHUNK_MAJOR). """
+    with a bias: y = W a has the batch mean W mu and variances diag(W S W^T), where mu and S are the mean and covariance
+    of the input's channels, so BN(W a) = (gamma / sigma) W a + beta - (gamma / sigma) W mu. The input's statistics
+    (`_ChannelMoments`) cost one pass over its C channels (a centred copy and a C x C Gram matrix), where BatchNorm's
+    statistics, normalisation and backward cost four over the conv's wider output; outputs, gradients and running stats
+    are BatchNorm's (within rounding). The outputs are channels-last: each chunk's conv is one GEMM that reads the NCHW
+    input transposed (no layout copy). `then` runs on each chunk's output right after it (CHUNK_MAJOR). """
     conv, norm = conv_norm.conv, conv_norm.bn
     n = sum(c.numel() // c.shape[1] for c in chunks)
-    mean = sum(c.sum((0, 2, 3)) for c in chunks) / n
-    centred = [(c - mean.reshape(1, -1, 1, 1)).flatten(2) for c in chunks]  # (b, C, H*W)
-    cov = sum(torch.bmm(c, c.transpose(1, 2)).sum(0) for c in centred) / n  # (C, C), centred: the maps are
-    # near-uniform at init, where E[a a^T] - mu mu^T would cancel
+    mean, cov = _ChannelMoments.apply(*chunks)
     weight = conv.weight.flatten(1)  # (C_out, C)
     out_mean, out_var = weight @ mean, ((weight @ cov) * weight).sum(1)
     scale = torch.rsqrt(out_var + norm.eps)
