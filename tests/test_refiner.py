@@ -651,3 +651,25 @@ def test_channel_moments_gradients_are_the_mean_and_covariances():
     torch.testing.assert_close(mean, pixels.mean(0), rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(cov, torch.cov(pixels.t(), correction=0), rtol=1e-10, atol=1e-15)
     assert torch.autograd.gradcheck(lambda *c: refiner_module._ChannelMoments.apply(*c), chunks)
+
+
+@pytest.mark.parametrize('per_image', [False, True])
+def test_chunked_batch_norm_backward_hands_aten_a_weight(per_image):
+    """ The gradient sums of `batch_norm_chunks` (`grouped_norm_grad_sums`) pass aten's BatchNorm backward a weight
+    tensor even for a norm without one: aten's CUDA kernel allocates the weight gradient with the weight's options
+    and fails on None, which the CPU kernel accepts (so only this check sees it without a GPU). """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    weights = []
+
+    class BackwardWeights(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.native_batch_norm_backward.default:
+                weights.append(args[2])
+            return func(*args, **(kwargs or {}))
+    norm = nn.BatchNorm2d(4, affine=False)
+    chunks = [torch.randn(2, 4, 5, 5).requires_grad_() for _ in range(2)]
+    outs = refiner_module.batch_norm_chunks(norm, chunks, per_image=per_image)
+    with BackwardWeights():
+        torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+    assert len(weights) == 2 and all(isinstance(w, torch.Tensor) for w in weights)
+    assert all(c.grad is not None and c.grad.isfinite().all() for c in chunks)

@@ -297,11 +297,12 @@ def grouped_norm_grad_sums(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """ Per-channel (C,) sum(grad * x_hat) and sum(grad) of `x` normalised by (mean, var): what aten's inference-mode
     BatchNorm backward reduces for the weight and bias gradients, one pass over `grad` and `x`. The statistics go in
-    as running (read on CPU) and as saved ones (read on CUDA). """
+    as running (read on CPU) and as saved ones (read on CUDA). The sums do not depend on the norm's weight, but a
+    weight goes in: aten's CUDA kernel allocates the weight gradient with the weight's options. """
     inv_std = torch.rsqrt(var + eps)
     mean, var, inv_std = (t.repeat(groups) for t in (mean, var, inv_std))
     sum_grad_x, sum_grad = torch.ops.aten.native_batch_norm_backward(
-        grad, x, None, mean, var, mean, inv_std, False, eps, [False, True, True])[1:]
+        grad, x, torch.ones_like(mean), mean, var, mean, inv_std, False, eps, [False, True, True])[1:]
     return sum_grad_x.view(groups, -1).sum(0), sum_grad.view(groups, -1).sum(0)
 
 
