@@ -662,9 +662,9 @@ class _ColumnBiasGrad(torch.autograd.Function):
 class _ChannelMoments(torch.autograd.Function):
     """ Mean (C,) and biased covariance (C, C) of the channels of a batch held as NCHW chunks (B_i, C, H, W), the
     covariance from centred values (the maps are near-uniform at init, where E[a a^T] - mu mu^T would cancel). Keeps
-    only the mean for backward (the chunks are kept by the conv that reads them): autograd through the same ops kept
-    a centred copy of every chunk and made about six passes over it in backward, where this makes two and one GEMM.
-    """
+    the mean and the chunks for backward (the conv that reads the chunks keeps them anyway): autograd through the
+    same ops kept a centred copy of every chunk and made about six passes over it in backward, where this makes two
+    and one GEMM. """
 
     @staticmethod
     def forward(ctx, *chunks: torch.Tensor):
