@@ -6,15 +6,20 @@ read the shares, not the milliseconds.
     # -> benchmarks/results/profile/<model spec>-<train|infer>.{csv,md,json}
     python benchmarks/profile_step.py cnt_s_patch16_224 --train --device cuda   # bf16 autocast, batch 256
     # -> benchmarks/results/<gpu name>/profile/...: ops ranked by their kernels' time on the GPU (self_ms)
+    python benchmarks/profile_step.py refiner_vit_small_patch16_224 --train --faults
+    # -> benchmarks/results/profile/<model spec>-train-faults.{csv,md,json}: ops ranked by the page faults they took
 """
 import argparse
 import re
+import resource
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_hybrid.compare import AMP_DTYPES, MALLOC_SETTINGS, SpeedSettings, create_model_spec, device_folder_name, \
     make_step, write_results
@@ -56,11 +61,63 @@ def profile_step(spec: str, settings: SpeedSettings, train: bool = True, rows: i
     return table, meta
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+class _FaultCounter(TorchDispatchMode):
+    """ Minor page faults each aten op takes (the process's count before and after it), by op and input shapes. """
+
+    def __init__(self):
+        super().__init__()
+        self.faults, self.calls = Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = _minor_faults()
+        out = func(*args, **(kwargs or {}))
+        key = (func.name(), str([list(a.shape) for a in args if isinstance(a, torch.Tensor)]))  # 'aten::add.Tensor'
+        self.faults[key] += _minor_faults() - before
+        self.calls[key] += 1
+        return out
+
+
+def faults_step(spec: str, settings: SpeedSettings, train: bool = True, rows: int = 20,
+                warmup: int = 6) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+    """ One CPU step of model `spec` after `warmup` steps with the minor page faults each aten op took, grouped by
+    op and input shapes: the `rows` ops with the most. With glibc's defaults a tensor above malloc's mmap threshold is
+    mapped, and faulted in, anew each time one is made, and memory the heap returns at its top faults again when the
+    heap grows back; `timm-hybrid compare` reports the faults a step, this says which ops take them. """
+    if settings.on_gpu:
+        raise ValueError('Page faults are counted for CPU steps only.')
+    torch.set_num_threads(settings.threads)
+    settings.apply_malloc()
+    model = create_model_spec(spec).to(settings.device)
+    step = make_step(model, tuple(model.pretrained_cfg['input_size']), settings, train=train)
+    for _ in range(warmup):
+        step()
+    counter = _FaultCounter()
+    before = _minor_faults()
+    with counter:
+        step()
+    step_faults = _minor_faults() - before
+    total = sum(counter.faults.values())
+    table = [
+        dict(op=op, input_shapes=shapes, calls=counter.calls[(op, shapes)], faults=faults,
+             faults_share=round(faults / max(total, 1), 3))
+        for (op, shapes), faults in counter.faults.most_common(rows)]
+    meta = dict(settings=settings.describe() + f', one step after {warmup} warm-up',
+                faults='minor page faults the op took (getrusage around each aten op)',
+                faults_all_ops=total, faults_step=step_faults)
+    return table, meta
+
+
 def write_profile(spec: str, train: bool, table: Sequence[Dict[str, object]], meta: Dict[str, object],
-                  out: Path) -> Path:
-    """ `profile_step`'s table as `<spec>-<train|infer>.csv/.md/.json` in `out`; returns the Markdown file. """
-    stem = re.sub(r'[^0-9A-Za-z_.=-]+', '_', spec) + ('-train' if train else '-infer')
-    write_results(table, out, stem, meta, title=f'{spec}: {"training step" if train else "inference"}')
+                  out: Path, kind: str = '') -> Path:
+    """ `profile_step`'s table as `<spec>-<train|infer>.csv/.md/.json` in `out` (`faults_step`'s with `kind`
+    'faults': `<spec>-<train|infer>-faults.*`); returns the Markdown file. """
+    stem = re.sub(r'[^0-9A-Za-z_.=-]+', '_', spec) + ('-train' if train else '-infer') + (f'-{kind}' if kind else '')
+    title = f'{spec}: {"training step" if train else "inference"}' + (f' ({kind})' if kind else '')
+    write_results(table, out, stem, meta, title=title)
     return out / f'{stem}.md'
 
 
@@ -78,6 +135,8 @@ def main() -> None:
     p.add_argument('--malloc', choices=MALLOC_SETTINGS, default='default',
                    help="'keep': glibc's malloc keeps freed memory, so no op's time includes page faults (as "
                         '`timm-hybrid compare --malloc keep`; default: %(default)s)')
+    p.add_argument('--faults', action='store_true',
+                   help='rank the ops by the minor page faults they take instead of their time (CPU only)')
     p.add_argument('--warmup', type=int, default=6,
                    help='steps before the profiled one (default: %(default)s; on CPU the first 3-4 training steps run '
                         'up to 1.3x slower while malloc\'s heap settles)')
@@ -87,9 +146,10 @@ def main() -> None:
     settings = SpeedSettings(
         device=args.device, threads=args.threads, amp=args.amp or ('bf16' if on_gpu else None),
         batch_size=args.batch_size or (256 if on_gpu else 32), malloc=args.malloc)
-    table, meta = profile_step(args.model, settings, train=args.train, rows=args.rows, warmup=args.warmup)
+    run = faults_step if args.faults else profile_step
+    table, meta = run(args.model, settings, train=args.train, rows=args.rows, warmup=args.warmup)
     out = args.output or (RESULTS / device_folder_name(settings) / 'profile' if on_gpu else RESULTS / 'profile')
-    print(write_profile(args.model, args.train, table, meta, out).read_text())
+    print(write_profile(args.model, args.train, table, meta, out, kind='faults' if args.faults else '').read_text())
 
 
 if __name__ == '__main__':

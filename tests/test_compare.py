@@ -253,3 +253,28 @@ def test_profile_step_ranks_ops_by_self_time_and_device_benchmark_writes_them(tm
     md = profile_step.write_profile('cnt_nano_patch7_28:depth=2', True, table, meta, tmp_path)
     assert md == tmp_path / 'cnt_nano_patch7_28_depth=2-train.md' and md.is_file()
     assert (tmp_path / 'cnt_nano_patch7_28_depth=2-train.csv').is_file()
+
+
+def test_profile_step_faults_counts_each_ops_page_faults(tmp_path, monkeypatch):
+    """ profile_step.py --faults: one CPU training step's aten ops (backward's too) ranked by the minor page faults
+    each took. Here the fault counter is stubbed to count one fault a read, so every op takes exactly one: the table
+    then holds each op's calls as its faults, and the step's own count is the ops' plus the two reads around the step.
+    GPU steps are refused. """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    import itertools
+    from types import SimpleNamespace
+    import profile_step
+    ticks = itertools.count()
+    monkeypatch.setattr(profile_step, '_minor_faults', lambda: next(ticks))
+    table, meta = profile_step.faults_step(
+        'cnt_nano_patch7_28:depth=2', SpeedSettings(batch_size=2), train=True, rows=1000, warmup=1)
+    assert all(r['faults'] == r['calls'] for r in table)
+    assert meta['faults_all_ops'] == sum(r['calls'] for r in table)
+    assert meta['faults_step'] == 2 * meta['faults_all_ops'] + 1  # two reads an op, one more after the step
+    ops = {r['op'] for r in table}
+    assert any(op.startswith('aten::convolution_backward') for op in ops)  # backward runs under the counter too
+    assert any(op.startswith('aten::_foreach') or op.startswith('aten::add') for op in ops)
+    md = profile_step.write_profile('cnt_nano_patch7_28:depth=2', True, table, meta, tmp_path, kind='faults')
+    assert md == tmp_path / 'cnt_nano_patch7_28_depth=2-train-faults.md' and md.is_file()
+    with pytest.raises(ValueError, match='CPU steps only'):  # settings of a GPU step (none needed to refuse it)
+        profile_step.faults_step('cnt_nano_patch7_28', SimpleNamespace(on_gpu=True), rows=1)
