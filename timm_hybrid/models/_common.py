@@ -31,7 +31,7 @@ __all__ = [
     'official_weights_cache_file', 'out_of_place', 'patch_grid', 'PatchGridEmbed', 'PretrainedWeightsUnavailable',
     'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes', 'resample_token_pos', 'size_mismatch_message',
     'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'TokenClassifierMixin',
-    'unwrap_checkpoint', 'weights_source_hint',
+    'unwrap_checkpoint', 'update_running_stats', 'weights_source_hint',
 ]
 
 
@@ -318,6 +318,17 @@ def grouped_norm_input_grad(
     shape = (-1,) + (1,) * (x.ndim - 2)  # along dim 1
     a, b, c = (t.repeat(groups).view(shape) for t in (a, b, c))
     return torch.addcmul(c, x, b).addcmul_(grad, a)
+
+
+def update_running_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    """ A training BatchNorm's running-stat update from a batch's mean and biased variance over `n` values, as
+    nn.BatchNorm2d makes it: momentum, or a cumulative mean where momentum is None; the variance unbiased. """
+    if norm.track_running_stats and norm.running_mean is not None:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            momentum = 1. / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            norm.running_mean.lerp_(mean.detach(), momentum)
+            norm.running_var.lerp_(var.detach() * (n / max(n - 1, 1)), momentum)
 
 
 def batch_norm_grad_coefficients(

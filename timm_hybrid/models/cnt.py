@@ -40,7 +40,7 @@ from ._common import (
     build_token_model, check_int, check_loaded_share, check_recompute_setting, check_token_model_args,
     checkpoint_keeping_bn_stats, conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, eager_backward_needs,
     grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad, grouped_norm_stats, out_of_place, recomputes,
-    resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint,
+    resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint, update_running_stats,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -159,13 +159,7 @@ def batch_norm_pixel_rows(rows: torch.Tensor, bn: nn.BatchNorm2d, num_pixels: in
     weight = bn.weight if bn.weight is not None else rows.new_ones(num_channels)
     bias = bn.bias if bn.bias is not None else rows.new_zeros(num_channels)
     out, mean, var = _PixelRowsBatchNorm.apply(rows, weight, bias, num_pixels, bn.eps)
-    if bn.track_running_stats:  # nn.BatchNorm2d's update: momentum, or a cumulative mean when it is None
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            factor = bn.momentum if bn.momentum is not None else 1. / float(bn.num_batches_tracked)
-            count = rows.shape[0] * num_pixels
-            bn.running_mean.lerp_(mean, factor)
-            bn.running_var.lerp_(var * (count / max(count - 1, 1)), factor)
+    update_running_stats(bn, mean, var, rows.shape[0] * num_pixels)
     return out
 
 

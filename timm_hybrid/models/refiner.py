@@ -65,7 +65,7 @@ from ._common import (
     build_with_official_weights, check_int, check_ints, check_loaded_share, check_positive, check_token_model_args,
     conv2d_with, cpu_chunk_size, describe_layout, eager_on_cpu, grouped_norm, grouped_norm_grad_sums,
     grouped_norm_input_grad, grouped_norm_stats, norm_act_remainder, out_of_place, resample_token_pos,
-    source_token_grid, token_model_cfg, unwrap_checkpoint,
+    source_token_grid, token_model_cfg, unwrap_checkpoint, update_running_stats,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -492,18 +492,8 @@ def batch_norm_chunks(
     the same outputs, gradients and running-stat update as on the concatenated batch. `per_image`: statistics per
     image first (`_ChunkedBatchNorm`), for GPUs. `then` runs on each chunk right after its act (CHUNK_MAJOR). """
     *outs, mean, var = _ChunkedBatchNorm.apply(norm.weight, norm.bias, norm.eps, per_image, *chunks)
-    _update_running_stats(norm, mean, var, sum(c.numel() // c.shape[1] for c in chunks))
+    update_running_stats(norm, mean, var, sum(c.numel() // c.shape[1] for c in chunks))
     return _after_norm(norm, outs, then)
-
-
-def _update_running_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-    """ A training BatchNorm's running-stat update from a batch's mean and biased variance over `n` values. """
-    if norm.track_running_stats and norm.running_mean is not None:
-        with torch.no_grad():
-            norm.num_batches_tracked.add_(1)
-            momentum = 1. / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-            norm.running_mean.lerp_(mean.detach(), momentum)
-            norm.running_var.lerp_(var.detach() * (n / max(n - 1, 1)), momentum)  # unbiased, as BatchNorm's update
 
 
 def _clamp_bounds(act: Optional[nn.Module]) -> Optional[Tuple[float, float]]:
@@ -716,7 +706,7 @@ def pointwise_conv_norm_chunks(
         scale, shift = scale * norm.weight, shift * norm.weight
     if norm.bias is not None:
         shift = shift + norm.bias
-    _update_running_stats(norm, out_mean, out_var, n)
+    update_running_stats(norm, out_mean, out_var, n)
     fused_t = (weight * scale[:, None]).t()  # (C, C_out)
     drop = getattr(norm, 'drop', None)
     # a clamping act runs in place on the GEMM's output, inside _ColumnBiasGrad
