@@ -237,19 +237,31 @@ def test_device_benchmark_times_the_gpu_only_choices_against_their_alternatives_
 
 
 def test_profile_step_ranks_ops_by_self_time_and_device_benchmark_writes_them(tmp_path):
-    """ benchmarks/profile_step.py: one training step's ops (no kernels, no duplicates of one op and shape), largest
-    self time first, shares of the whole step; `write_profile` names the files after the model spec. """
+    """ benchmarks/profile_step.py: one training step's ops (no duplicates of one op and shape), largest self time
+    first, shares of the whole step. On CPU timed at dispatch (backward's ops too), with each op's page faults; the
+    ops' times add up to no more than the counted step's. With `torch_profiler`, under torch.profiler.
+    `write_profile` names the files after the model spec. """
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
     import profile_step
-    table, meta = profile_step.profile_step(
-        'cnt_nano_patch7_28:depth=2', SpeedSettings(batch_size=2), train=True, rows=8, warmup=1)
-    assert len(table) == 8
-    times = [r['self_ms'] for r in table]
-    assert times == sorted(times, reverse=True) and times[0] > 0
-    assert len({(r['op'], r['input_shapes']) for r in table}) == 8
-    assert any(r['op'].startswith('aten::') for r in table)  # ops, with autograd nodes and record_function ranges
-    assert 0 < sum(r['self_share'] for r in table) <= 1.001
-    assert meta['self_ms_all_ops'] >= sum(times) and 'one step after 1 warm-up' in meta['settings']
+    for torch_profiler in (False, True):
+        table, meta = profile_step.profile_step(
+            'cnt_nano_patch7_28:depth=2', SpeedSettings(batch_size=2), train=True, rows=8, warmup=1,
+            torch_profiler=torch_profiler)
+        assert len(table) == 8
+        times = [r['self_ms'] for r in table]
+        assert times == sorted(times, reverse=True) and times[0] > 0
+        assert len({(r['op'], r['input_shapes']) for r in table}) == 8
+        assert any(r['op'].startswith('aten::') for r in table)
+        assert 0 < sum(r['self_share'] for r in table) <= 1.001
+        assert meta['self_ms_all_ops'] >= sum(times) and 'one step after 1 warm-up' in meta['settings']
+        if torch_profiler:
+            assert 'torch.profiler' in meta['self_ms'] and 'step_ms' not in meta and 'faults' not in table[0]
+        else:
+            assert all(r['faults'] >= 0 for r in table)
+            assert meta['self_ms_all_ops'] <= meta['step_ms'] and meta['step_ms_uncounted'] > 0
+            full, _ = profile_step.count_step('cnt_nano_patch7_28:depth=2', SpeedSettings(batch_size=2), rows=10 ** 6,
+                                              warmup=1)
+            assert any(r['op'].startswith('aten::convolution_backward') for r in full)
     md = profile_step.write_profile('cnt_nano_patch7_28:depth=2', True, table, meta, tmp_path)
     assert md == tmp_path / 'cnt_nano_patch7_28_depth=2-train.md' and md.is_file()
     assert (tmp_path / 'cnt_nano_patch7_28_depth=2-train.csv').is_file()
@@ -278,3 +290,5 @@ def test_profile_step_faults_counts_each_ops_page_faults(tmp_path, monkeypatch):
     assert md == tmp_path / 'cnt_nano_patch7_28_depth=2-train-faults.md' and md.is_file()
     with pytest.raises(ValueError, match='CPU steps only'):  # settings of a GPU step (none needed to refuse it)
         profile_step.faults_step('cnt_nano_patch7_28', SimpleNamespace(on_gpu=True), rows=1)
+    with pytest.raises(ValueError, match="rank must be 'self_ms' or 'faults'"):
+        profile_step.count_step('cnt_nano_patch7_28', SpeedSettings(batch_size=2), rank='calls')

@@ -1,4 +1,5 @@
 """ Refiner-ViT: registration, sizes, API, checkpoint conversion and parity with the released implementation. """
+import copy
 import json
 import logging
 from pathlib import Path
@@ -306,10 +307,10 @@ def test_image_stats_training_step_equals_the_default(channels_last):
             refiner_module._norm_view = original
         refiners = sum(model.refiner_blocks)
         if image_stats:
-            # 4 norms a refiner, each viewed for its statistics, its normalisation and its backward, two steps; the
-            # expanded maps' two norms per channel when channels-last
-            assert len(per_image) == 2 * 3 * 4 * refiners
-            assert per_image.count(1) == (2 * 3 * 2 * refiners if channels_last else 0)
+            # 4 norms a refiner, each viewed once in forward (statistics and normalisation) and once in backward, two
+            # steps; the expanded maps' two norms per channel when channels-last
+            assert len(per_image) == 2 * 2 * 4 * refiners
+            assert per_image.count(1) == (2 * 2 * 2 * refiners if channels_last else 0)
             assert set(per_image) - {1} == {3}
         else:
             assert per_image == []
@@ -387,7 +388,7 @@ def test_chunked_batch_norm_of_channels_last_maps_is_batch_norm(channels, offset
             torch.autograd.backward(outs, [c.to(dtype) for c in g.split(2)])
         finally:
             refiner_module._norm_view = original
-        assert groups == [7] * 3 * 3  # three chunks: statistics, normalisation, backward
+        assert groups == [7] * 3 * 2  # three chunks: forward (statistics, normalisation), backward
         assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs)
         assert all(c.grad.is_contiguous(memory_format=torch.channels_last) for c in chunks)
         groups.clear()
@@ -400,6 +401,32 @@ def test_chunked_batch_norm_of_channels_last_maps_is_batch_norm(channels, offset
         close(norm.weight.grad, reference.weight.grad, 'weight gradient')
         close(norm.bias.grad, reference.bias.grad, 'bias gradient')
         close(norm.running_var, reference.running_var, 'running var')
+
+
+def test_per_image_batch_norm_of_unequal_chunks_is_batch_norm():
+    """ batch_norm_chunks(per_image=True) over NCHW chunks of 2, 2 and 1 images: each chunk's statistics per image,
+    its gradient passes with the per-channel values repeated once for the largest chunk and cut to each chunk's images
+    (`group_prefix`). Outputs, gradients and running stats are a training BatchNorm's over the whole batch. """
+    torch.manual_seed(0)
+    x = 3 + torch.randn(5, 6, 9, 9, dtype=torch.float64)
+    g = torch.randn(5, 6, 9, 9, dtype=torch.float64)
+    reference = nn.BatchNorm2d(6).double()
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    norm = copy.deepcopy(reference)
+    ref_x = x.clone().requires_grad_()
+    ref_out = reference(ref_x)
+    ref_out.backward(g)
+    chunks = [c.clone().requires_grad_() for c in x.split(2)]
+    outs = refiner_module.batch_norm_chunks(norm, chunks, per_image=True)
+    torch.autograd.backward(outs, list(g.split(2)))
+    torch.testing.assert_close(torch.cat(outs), ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.cat([c.grad for c in chunks]), ref_x.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm.weight.grad, reference.weight.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm.bias.grad, reference.bias.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm.running_mean, reference.running_mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm.running_var, reference.running_var, rtol=0, atol=1e-12)
 
 
 def test_per_image_batch_norm_of_bfloat16_maps_keeps_float32_statistics():

@@ -26,9 +26,10 @@ __all__ = [
     'check_loaded_share', 'check_positive', 'check_rate', 'check_recompute_setting', 'check_token_model_args',
     'checkpoint_keeping_bn_stats', 'conv2d_with', 'conv_norm_acts_eval', 'conv_norm_eval', 'conv_norm_weights',
     'cpu_chunk_size', 'cpu_untraced', 'describe_layout', 'eager_on_cpu', 'fold_conv_norm', 'folds_into_conv',
-    'grouped_norm', 'grouped_norm_grad_sums', 'grouped_norm_input_grad', 'grouped_norm_stats', 'has_running_stats',
-    'MIN_LOADED_SHARE', 'norm_act_remainder', 'norm_conv1x1_eval', 'norm_conv1x1_weights',
-    'official_weights_cache_file', 'out_of_place', 'patch_grid', 'PatchGridEmbed', 'PretrainedWeightsUnavailable',
+    'group_prefix', 'grouped_affine', 'grouped_norm', 'grouped_norm_grad_sums', 'grouped_norm_input_grad',
+    'grouped_norm_stats', 'has_running_stats', 'merge_group_stats', 'MIN_LOADED_SHARE', 'norm_act_remainder',
+    'norm_conv1x1_eval', 'norm_conv1x1_weights', 'norm_scale_shift', 'official_weights_cache_file', 'out_of_place',
+    'patch_grid', 'PatchGridEmbed', 'per_group', 'PretrainedWeightsUnavailable',
     'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes', 'resample_token_pos', 'size_mismatch_message',
     'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'TokenClassifierMixin',
     'unwrap_checkpoint', 'update_running_stats', 'weights_source_hint',
@@ -254,15 +255,63 @@ CPU_CHUNK_BYTES = 24 * 2 ** 20
 # Training BatchNorm passes over an input whose BatchNorm channels (dim 1) are `groups` repeats of C channels: CNT's
 # pixel rows (R, h*w*C), pixel-major and channel-minor (h*w groups), a channels-last map's (B*H, W*C) rows (W groups),
 # an NCHW batch's (1, B*C, H*W) view (B groups: statistics per image). Each helper is one of aten's BatchNorm kernels
-# over that input, with the per-channel values repeated for each group. On CPU, aten vectorizes along dim 1 of a 2D
-# input, so on such rows every pass runs along whole rows; on the (R*groups, C) pixels or the channels-last map itself
-# it vectorizes along C, and a C that fills no whole vector (CNT-Ti's 8, a refiner's 36) leaves lanes idle.
+# over that input, with the per-channel values repeated for each group (`per_group`). On CPU, aten vectorizes along
+# dim 1 of a 2D input, so on such rows every pass runs along whole rows; on the (R*groups, C) pixels or the
+# channels-last map itself it vectorizes along C, and a C that fills no whole vector (CNT-Ti's 8, a refiner's 36) leaves
+# lanes idle. A caller that runs a pass over several chunks repeats the per-channel values once, for its largest
+# `groups`: a smaller count's values are a prefix of them (`group_prefix`).
+
+def per_group(groups: int, *vectors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """ Per-channel (C,) vectors as (groups * C,): each channel's value once in every group, channel-minor. The
+    vectors themselves for one group, else an expand and one copy each: `Tensor.repeat` dispatches several ops on CPU
+    (5.6 against 2.5 us for 8 values, scratch); Refiner-S's training step made 7432 repeats, 1.7% of its time. """
+    if groups == 1:
+        return list(vectors)
+    return [None if v is None else v.expand(groups, v.shape[0]).reshape(-1) for v in vectors]
+
+
+def group_prefix(x: torch.Tensor, *repeated: torch.Tensor) -> List[torch.Tensor]:
+    """ `per_group` vectors made for at least x's groups, cut to x's dim 1 (its groups times C): views. """
+    return [v[:x.shape[1]] for v in repeated]
+
 
 def grouped_norm_stats(x: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """ Mean and biased variance of each of x's `groups` * C channels, as (groups, C): aten's BatchNorm statistics
     kernel, one pass. """
     mean, var = torch.batch_norm_update_stats(x, None, None, 0.)
     return mean.view(groups, -1), var.view(groups, -1)
+
+
+def merge_group_stats(
+        means: Sequence[torch.Tensor],
+        variances: Sequence[torch.Tensor],
+        counts: Sequence[int],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ Per-channel (C,) mean and biased variance of several inputs from each one's (G_i, C) statistics per group and
+    channel over `counts[i]` values each: the exact merge (Chan et al.), in float64 (a sum of squares minus the squared
+    sum would cancel where values sit near their mean: attention maps near 1/N at init). """
+    mean = torch.cat(means).double()
+    var = torch.cat(variances).double()
+    n = sum(m.shape[0] * k for m, k in zip(means, counts))
+    if len(set(counts)) == 1:
+        weights = counts[0] / n  # each group's share of the values
+    else:  # made on the statistics' device: a tensor from host values would be a copy that waits for the device
+        weights = torch.cat([mean.new_full((m.shape[0], 1), k / n) for m, k in zip(means, counts)])
+    merged_mean = (mean * weights).sum(0)
+    return merged_mean, ((var + (mean - merged_mean) ** 2) * weights).sum(0)
+
+
+def norm_scale_shift(
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        eps: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ Per-channel scale and shift of a norm by (mean, var) with an optional affine: x * scale + shift. """
+    scale = torch.rsqrt(var + eps) if weight is None else weight * torch.rsqrt(var + eps)
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return scale, shift
 
 
 def grouped_norm(
@@ -273,18 +322,17 @@ def grouped_norm(
         bias: Optional[torch.Tensor],
         eps: float,
         groups: int,
-        out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """ `x` normalised by per-channel (C,) statistics and affine: one pass (aten's inference kernel, or where `out`
-    is given, the same x * scale + shift written into `out`: a view of a fresh tensor that an autograd Function then
-    returns, since a Function's output may not be a view if in-place ops are to follow). """
-    if out is None:
-        mean, var, weight, bias = (None if t is None else t.repeat(groups) for t in (mean, var, weight, bias))
-        return F.batch_norm(x, mean, var, weight, bias, False, 0., eps)
-    scale = torch.rsqrt(var + eps) if weight is None else weight * torch.rsqrt(var + eps)
-    shift = -mean * scale if bias is None else bias - mean * scale
+    """ `x` normalised by per-channel (C,) statistics and affine: one pass (aten's inference kernel). """
+    return F.batch_norm(x, *per_group(groups, mean, var, weight, bias), False, 0., eps)
+
+
+def grouped_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """ x * scale + shift along dim 1, `scale` and `shift` repeated for x's groups, written into `out`: one pass (a
+    norm's output in a fresh tensor that an autograd Function then returns as a view of it, since a Function's output
+    may not be a view if in-place ops are to follow). """
     shape = (-1,) + (1,) * (x.ndim - 2)  # along dim 1
-    return torch.addcmul(shift.repeat(groups).view(shape), x, scale.repeat(groups).view(shape), out=out)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
 
 
 def grouped_norm_grad_sums(
@@ -292,15 +340,15 @@ def grouped_norm_grad_sums(
         x: torch.Tensor,
         mean: torch.Tensor,
         var: torch.Tensor,
+        inv_std: torch.Tensor,
         eps: float,
         groups: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """ Per-channel (C,) sum(grad * x_hat) and sum(grad) of `x` normalised by (mean, var): what aten's inference-mode
-    BatchNorm backward reduces for the weight and bias gradients, one pass over `grad` and `x`. The statistics go in
-    as running (read on CPU) and as saved ones (read on CUDA). The sums do not depend on the norm's weight, but a
-    weight goes in: aten's CUDA kernel allocates the weight gradient with the weight's options. """
-    inv_std = torch.rsqrt(var + eps)
-    mean, var, inv_std = (t.repeat(groups) for t in (mean, var, inv_std))
+    """ Per-channel (C,) sum(grad * x_hat) and sum(grad) of `x` normalised by (mean, var), given repeated for x's
+    `groups` (with inv_std = rsqrt(var + eps)): what aten's inference-mode BatchNorm backward reduces for the weight and
+    bias gradients, one pass over `grad` and `x`. The statistics go in as running (read on CPU) and as saved ones (read
+    on CUDA). The sums do not depend on the norm's weight, but a weight goes in: aten's CUDA kernel allocates the
+    weight gradient with the weight's options. """
     sum_grad_x, sum_grad = torch.ops.aten.native_batch_norm_backward(
         grad, x, torch.ones_like(mean), mean, var, mean, inv_std, False, eps, [False, True, True])[1:]
     return sum_grad_x.view(groups, -1).sum(0), sum_grad.view(groups, -1).sum(0)
@@ -312,12 +360,11 @@ def grouped_norm_input_grad(
         a: torch.Tensor,
         b: torch.Tensor,
         c: torch.Tensor,
-        groups: int,
 ) -> torch.Tensor:
-    """ a * grad + b * x + c with per-channel (C,) a, b, c: a training BatchNorm's input gradient, two passes. """
+    """ a * grad + b * x + c with a, b, c repeated for x's groups: a training BatchNorm's input gradient, two
+    passes. """
     shape = (-1,) + (1,) * (x.ndim - 2)  # along dim 1
-    a, b, c = (t.repeat(groups).view(shape) for t in (a, b, c))
-    return torch.addcmul(c, x, b).addcmul_(grad, a)
+    return torch.addcmul(c.view(shape), x, b.view(shape)).addcmul_(grad, a.view(shape))
 
 
 def update_running_stats(norm: nn.Module, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
@@ -467,15 +514,9 @@ def bn_scale_shift(
     the norm has been folded away already (Identity, after `reparameterize()`). """
     if isinstance(bn, nn.Identity):
         return None, conv_bias
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if conv_bias is not None:
-        shift = shift + conv_bias * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
+    # (conv + conv_bias - mean) * scale + bias: the conv's bias moves the mean
+    mean = bn.running_mean if conv_bias is None else bn.running_mean - conv_bias
+    return norm_scale_shift(mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
 def has_running_stats(norm: nn.Module) -> bool:

@@ -39,8 +39,9 @@ from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, batch_norm_grad_coefficients, bn_scale_shift,
     build_token_model, check_int, check_loaded_share, check_recompute_setting, check_token_model_args,
     checkpoint_keeping_bn_stats, conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, eager_backward_needs,
-    grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad, grouped_norm_stats, out_of_place, recomputes,
-    resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint, update_running_stats,
+    grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad, grouped_norm_stats, out_of_place, per_group,
+    recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, unwrap_checkpoint,
+    update_running_stats,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -135,12 +136,14 @@ class _PixelRowsBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor, _grad_mean: torch.Tensor, _grad_var: torch.Tensor):
         rows, weight, mean, var = ctx.saved_tensors
         num_pixels = ctx.num_pixels
-        grad_weight, grad_bias = grouped_norm_grad_sums(grad_out, rows, mean, var, ctx.eps, num_pixels)
+        inv_std = torch.rsqrt(var + ctx.eps)
+        grad_weight, grad_bias = grouped_norm_grad_sums(
+            grad_out, rows, *per_group(num_pixels, mean, var, inv_std), ctx.eps, num_pixels)
         grad_rows = None
         if ctx.needs_input_grad[0]:
-            a, b, c = batch_norm_grad_coefficients(
-                weight, mean, torch.rsqrt(var + ctx.eps), grad_weight, grad_bias, rows.shape[0] * num_pixels)
-            grad_rows = grouped_norm_input_grad(grad_out, rows, a, b, c, num_pixels)
+            coefficients = batch_norm_grad_coefficients(
+                weight, mean, inv_std, grad_weight, grad_bias, rows.shape[0] * num_pixels)
+            grad_rows = grouped_norm_input_grad(grad_out, rows, *per_group(num_pixels, *coefficients))
         return grad_rows, grad_weight, grad_bias, None, None
 
 
@@ -331,7 +334,7 @@ class InnerResBlock(nn.Module):
             repeats = matrix.shape[1] // conv.out_channels  # output columns are (pixel, channel) pairs
             rows = y.reshape(y.numel() // matrix.shape[0], matrix.shape[0])  # sizes, not -1: B = 0 is allowed
             if self.training:
-                out = rows @ matrix if conv.bias is None else torch.addmm(conv.bias.repeat(repeats), rows, matrix)
+                out = rows @ matrix if conv.bias is None else torch.addmm(*per_group(repeats, conv.bias), rows, matrix)
                 if self._norms_pixel_rows(bn, out):
                     out = batch_norm_pixel_rows(out.reshape(BN, P * conv.out_channels), bn, P)
                 else:
@@ -341,8 +344,8 @@ class InnerResBlock(nn.Module):
             else:
                 scale, shift = bn_scale_shift(bn, conv.bias)
                 if scale is not None:
-                    matrix = matrix * scale.repeat(repeats)
-                out = rows @ matrix if shift is None else torch.addmm(shift.repeat(repeats), rows, matrix)
+                    matrix = matrix * per_group(repeats, scale)[0]
+                out = rows @ matrix if shift is None else torch.addmm(*per_group(repeats, shift), rows, matrix)
             if act_name:
                 y = self._act_on_rows(getattr(self.conv_block, act_name), out, (BN, P * conv.out_channels))
             else:

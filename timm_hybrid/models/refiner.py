@@ -63,9 +63,10 @@ from timm.models import generate_default_cfgs, register_model
 from ._common import (
     PatchGridEmbed, TokenClassifierMixin, batch_norm_grad_coefficients, bn_scale_shift, build_token_model,
     build_with_official_weights, check_int, check_ints, check_loaded_share, check_positive, check_token_model_args,
-    conv2d_with, cpu_chunk_size, describe_layout, eager_on_cpu, grouped_norm, grouped_norm_grad_sums,
-    grouped_norm_input_grad, grouped_norm_stats, norm_act_remainder, out_of_place, resample_token_pos,
-    source_token_grid, token_model_cfg, unwrap_checkpoint, update_running_stats,
+    conv2d_with, cpu_chunk_size, describe_layout, eager_on_cpu, group_prefix, grouped_affine, grouped_norm,
+    grouped_norm_grad_sums, grouped_norm_input_grad, grouped_norm_stats, merge_group_stats, norm_act_remainder,
+    norm_scale_shift, out_of_place, per_group, resample_token_pos, source_token_grid, token_model_cfg,
+    unwrap_checkpoint, update_running_stats,
 )
 
 __all__ = ['RefinerViT', 'checkpoint_filter_fn']
@@ -392,6 +393,12 @@ def _norm_view(x: torch.Tensor, per_image: bool) -> Tuple[torch.Tensor, int]:
     return x, 1
 
 
+def _float_stats_input(view: torch.Tensor) -> torch.Tensor:
+    """ `view` as the statistics kernel's input: float32 for a half-precision CPU view (aten's CPU kernel returns
+    half-precision statistics of such maps, CUDA's float32). """
+    return view.float() if view.dtype in (torch.float16, torch.bfloat16) and not view.is_cuda else view
+
+
 def _as_norm_view(t: torch.Tensor, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
     """ `t`, shaped like `x`, in the layout of `view` = `_norm_view(x, ...)[0]` (a copy where t's layout differs). """
     if view is x:
@@ -426,31 +433,23 @@ class _ChunkedBatchNorm(torch.autograd.Function):
     def forward(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, per_image: bool,
                 *chunks: torch.Tensor):
         n = sum(c.numel() // c.shape[1] for c in chunks)
+        views = [_norm_view(c, per_image) for c in chunks]
         # mean and biased var per chunk and group (BatchNorm's own statistics kernel, 3x faster than var_mean on
-        # these maps on CPU), merged exactly (Chan et al.): the maps are near-uniform at init, where E[x^2] - E[x]^2
-        # would cancel
-        mean = var = 0.
-        stats = []
-        for c in chunks:
-            view, groups = _norm_view(c, per_image)
-            if view.dtype in (torch.float16, torch.bfloat16) and not view.is_cuda:
-                view = view.float()  # aten's CPU kernel returns half-precision statistics of such maps, CUDA's float32
-            m, v = (s.double() for s in grouped_norm_stats(view, groups))
-            stats.append((m, v, c.numel() // c.shape[1] // groups))  # values per group and channel
-            mean = mean + m.sum(0) * stats[-1][2]
-        mean = mean / n
-        for m, v, k in stats:
-            var = var + (v + (m - mean) ** 2).sum(0) * k
-        var = var / n
+        # these maps on CPU), merged exactly: the maps are near-uniform at init, where E[x^2] - E[x]^2 would cancel
+        stats = [grouped_norm_stats(_float_stats_input(view), groups) for view, groups in views]
+        mean, var = merge_group_stats([m for m, _ in stats], [v for _, v in stats],
+                                      [c.numel() // c.shape[1] // groups for c, (_, groups) in zip(chunks, views)])
         # float32 statistics for half-precision maps (as aten's CUDA BatchNorm keeps them)
         stat_dtype = torch.float32 if chunks[0].dtype in (torch.float16, torch.bfloat16) else chunks[0].dtype
         mean, var = mean.to(stat_dtype), var.to(stat_dtype)
         outs = []
-        for c in chunks:  # one fused pass each
-            view, groups = _norm_view(c, per_image)
+        scale = shift = None  # repeated once for the largest groups (`group_prefix`)
+        for c, (view, groups) in zip(chunks, views):  # one fused pass each
             if view.ndim == 2:  # channels-last rows: written into a fresh map (in place ops follow on the output)
+                if scale is None:
+                    scale, shift = per_group(max(g for _, g in views), *norm_scale_shift(mean, var, weight, bias, eps))
                 out = torch.empty_like(c)
-                grouped_norm(view, mean, var, weight, bias, eps, groups, out=_as_norm_view(out, c, view))
+                grouped_affine(view, *group_prefix(view, scale, shift), out=_as_norm_view(out, c, view))
             else:
                 out = grouped_norm(c, mean, var, weight, bias, eps, 1)
             outs.append(out)
@@ -465,18 +464,20 @@ class _ChunkedBatchNorm(torch.autograd.Function):
         grads = grads[:len(chunks)]
         views = [_norm_view(c, ctx.per_image) for c in chunks]
         grad_views = [_as_norm_view(g, c, view) for g, c, (view, _) in zip(grads, chunks, views)]
+        max_groups = max(groups for _, groups in views)
+        inv_std = torch.rsqrt(var + ctx.eps)
+        stats = per_group(max_groups, mean, var, inv_std)
         # sum(g) and sum(g * x_hat) per channel, one fused pass over each chunk
-        sum_gx = sum_g = 0.
-        for g, (view, groups) in zip(grad_views, views):
-            s_gx, s_g = grouped_norm_grad_sums(g, view, mean, var, ctx.eps, groups)
-            sum_gx, sum_g = sum_gx + s_gx, sum_g + s_g
+        sums = [grouped_norm_grad_sums(g, view, *group_prefix(view, *stats), ctx.eps, groups)
+                for g, (view, groups) in zip(grad_views, views)]
+        sum_gx, sum_g = (torch.stack(s).sum(0) for s in zip(*sums))
         # two passes a chunk (timm's / aten's training backward makes the same two: a reduction, then this); in the
         # statistics' precision, then the maps' (half-precision coefficients would cancel in b * x + c)
         w = torch.ones_like(mean) if weight is None else weight
-        a, b, c = batch_norm_grad_coefficients(w, mean, torch.rsqrt(var + ctx.eps), sum_gx, sum_g, ctx.n)
+        coefficients = per_group(max_groups, *batch_norm_grad_coefficients(w, mean, inv_std, sum_gx, sum_g, ctx.n))
         grad_chunks = [
-            _from_norm_view(grouped_norm_input_grad(g, view, a, b, c, groups), x, view).to(x.dtype)
-            for g, x, (view, groups) in zip(grad_views, chunks, views)]
+            _from_norm_view(grouped_norm_input_grad(g, view, *group_prefix(view, *coefficients)), x, view).to(x.dtype)
+            for g, x, (view, _) in zip(grad_views, chunks, views)]
         grad_weight = sum_gx if weight is not None and ctx.needs_input_grad[0] else None
         grad_bias = sum_g if ctx.needs_input_grad[1] else None
         return (grad_weight, grad_bias, None, None, *grad_chunks)
@@ -700,12 +701,7 @@ def pointwise_conv_norm_chunks(
     mean, cov = _ChannelMoments.apply(*chunks)
     weight = conv.weight.flatten(1)  # (C_out, C)
     out_mean, out_var = weight @ mean, ((weight @ cov) * weight).sum(1)
-    scale = torch.rsqrt(out_var + norm.eps)
-    shift = -scale * out_mean
-    if norm.weight is not None:
-        scale, shift = scale * norm.weight, shift * norm.weight
-    if norm.bias is not None:
-        shift = shift + norm.bias
+    scale, shift = norm_scale_shift(out_mean, out_var, norm.weight, norm.bias, norm.eps)
     update_running_stats(norm, out_mean, out_var, n)
     fused_t = (weight * scale[:, None]).t()  # (C, C_out)
     drop = getattr(norm, 'drop', None)
