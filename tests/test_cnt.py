@@ -13,7 +13,7 @@ from conftest import autograd_node_names
 
 from timm_hybrid import count_flops
 from timm_hybrid.models import cnt as cnt_module
-from timm_hybrid.models._common import ActRecomputingMlp
+from timm_hybrid.models._common import ActRecomputingMlp, group_prefix, per_group
 from timm_hybrid.models.cnt import (
     CNT, InnerResBlock, batch_norm_pixel_rows, checkpoint_filter_fn, conv3x3_as_matrix, conv3x3_taps)
 
@@ -172,20 +172,23 @@ def test_matmul_inner_block_runs_no_in_place_act_on_a_view_for_backward(dim, bot
     assert all(getattr(block.conv_block, stage[2] or block.out_act).inplace for stage in block.stages)
 
 
-@pytest.mark.parametrize('momentum, affine', [(0.1, True), (None, True), (0.3, False)])
-def test_batch_norm_on_pixel_rows_is_batchnorm2d_on_the_channels_last_view(momentum, affine):
+@pytest.mark.parametrize('momentum, affine, channels', [
+    (0.1, True, 4), (None, True, 4), (0.3, False, 4), (0.1, True, 1)])
+def test_batch_norm_on_pixel_rows_is_batchnorm2d_on_the_channels_last_view(momentum, affine, channels):
     """ Three training steps: outputs, input / weight / bias gradients and running stats (momentum, or the cumulative
-    mean when it is None) equal nn.BatchNorm2d's on the (R, C, h, w) view of the rows. """
+    mean when it is None) equal nn.BatchNorm2d's on the (R, C, h, w) view of the rows; also for one channel (a
+    bottleneck's narrowest in the micro models). """
     torch.manual_seed(0)
-    reference = torch.nn.BatchNorm2d(4, momentum=momentum, affine=affine)
+    reference = torch.nn.BatchNorm2d(channels, momentum=momentum, affine=affine)
     if affine:
         torch.nn.init.uniform_(reference.weight, 0.5, 1.5)
         torch.nn.init.normal_(reference.bias)
     bn = copy.deepcopy(reference)
     for _ in range(3):
-        rows = (torch.randn(10, 16 * 4) * 3 + 1).requires_grad_()
+        rows = (torch.randn(10, 16 * channels) * 3 + 1).requires_grad_()
         rows_ref = rows.detach().clone().requires_grad_()
-        expected = reference(rows_ref.view(10, 4, 4, 4).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(10, 64)
+        expected = reference(rows_ref.view(10, 4, 4, channels).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(
+            10, 16 * channels)
         actual = batch_norm_pixel_rows(rows, bn, 16)
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
         grad = torch.randn_like(actual)
@@ -197,6 +200,19 @@ def test_batch_norm_on_pixel_rows_is_batchnorm2d_on_the_channels_last_view(momen
     if affine:
         torch.testing.assert_close(bn.weight.grad, reference.weight.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(bn.bias.grad, reference.bias.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_per_group_values_are_dense_repeats(channels):
+    """ `per_group` repeats per-channel values once per group, channel-minor, as `Tensor.repeat` does, into dense
+    tensors (aten's BatchNorm kernels read them as such; of one channel a reshape of the expand would be a stride-0
+    view); `group_prefix` cuts them to a smaller input's groups. """
+    values = torch.arange(1., channels + 1)
+    for groups in (1, 4):
+        repeated, absent = per_group(groups, values, None)
+        assert absent is None and torch.equal(repeated, values.repeat(groups)) and repeated.stride() == (1,)
+    small = torch.zeros(2, 2 * channels)  # two groups of an input whose BatchNorm channels are its dim 1
+    assert torch.equal(group_prefix(small, per_group(4, values)[0])[0], values.repeat(2))
 
 
 @pytest.mark.parametrize('offset', [1., 100.])

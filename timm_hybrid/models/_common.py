@@ -267,7 +267,9 @@ def per_group(groups: int, *vectors: Optional[torch.Tensor]) -> List[Optional[to
     (5.6 against 2.5 us for 8 values, scratch); Refiner-S's training step made 7432 repeats, 1.7% of its time. """
     if groups == 1:
         return list(vectors)
-    return [None if v is None else v.expand(groups, v.shape[0]).reshape(-1) for v in vectors]
+    # contiguous, not reshape: of one channel's (groups, 1) expand, reshape makes a stride-0 view, which aten's
+    # BatchNorm kernels read as if it were dense
+    return [None if v is None else v.expand(groups, v.shape[0]).contiguous().view(-1) for v in vectors]
 
 
 def group_prefix(x: torch.Tensor, *repeated: torch.Tensor) -> List[torch.Tensor]:
