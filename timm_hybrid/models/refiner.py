@@ -223,8 +223,14 @@ class _MapAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _aggregate(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self._project(self._attend(attn, v))
+
+    def _attend(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """ The maps applied to the values, heads merged: (B, H, N, N), (B, H, N, d) -> (B, N, C). """
         B, _, N, _ = v.shape
-        x = (attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)  # (B, H, N, d) -> (B, N, C)
+        return (attn @ v).transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_drop(self.proj(x))
 
 
@@ -803,7 +809,8 @@ class RefinerAttention(_MapAttention):
         refined = batch_norm_chunks(conv_dw.bn, refined, then=partial(pointwise_conv_to_nchw, reduce.conv))
         refined = batch_norm_chunks(reduce.bn, refined)
         attn = batch_norm_chunks(self.norm, [m + r for m, r in zip(maps, refined)])
-        return torch.cat([self._aggregate(a, part * self.scale) for a, part in zip(attn, v.split(chunk))])
+        # each chunk's maps on its values, the projection once on the whole batch (one GEMM, not one a chunk)
+        return self._project(torch.cat([self._attend(a, part) for a, part in zip(attn, (v * self.scale).split(chunk))]))
 
     @torch.jit.ignore
     def reparameterize(self) -> None:
