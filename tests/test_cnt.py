@@ -502,15 +502,20 @@ def test_pixel_to_patch_add_keeps_nothing_for_backward(monkeypatch, dist_token):
         torch.testing.assert_close(grads_new[n], grads_old[n], rtol=0, atol=1e-12, msg=n)
 
 
-def test_pixel_to_patch_add_takes_index_add_where_no_backward_runs():
-    """ The Function only where backward will run: without grad, or with no input that needs one, the add stays
-    autograd's index_add (which then keeps nothing either). """
+def test_pixel_to_patch_add_takes_the_function_only_where_backward_runs(monkeypatch):
+    """ The Function only where backward will run; without grad, or with no input that needs one, the plain one-pass
+    add (`add_to_patch_tokens`, the same sum as index_add, to the bit); traced graphs keep index_add. """
     block = _small_cnt().train().blocks[0]
     tokens, pixels = torch.randn(2, 5, 32, requires_grad=True), torch.randn(2, 4, 32)
-    assert block._keeps_nothing_for_the_add(tokens, pixels)
+    assert block._keeps_nothing_for_the_add(tokens, pixels) and not block._adds_without_graph(tokens, pixels)
     assert not block._keeps_nothing_for_the_add(tokens.detach(), pixels)
+    assert block._adds_without_graph(tokens.detach(), pixels)
     with torch.no_grad():
-        assert not block._keeps_nothing_for_the_add(tokens, pixels)
+        assert not block._keeps_nothing_for_the_add(tokens, pixels) and block._adds_without_graph(tokens, pixels)
+        expected = tokens.index_add(1, torch.arange(1, 5), pixels)
+        assert torch.equal(cnt_module.add_to_patch_tokens(tokens, pixels, 1), expected)
+        monkeypatch.setattr(cnt_module, 'traced_or_compiling', lambda: True)  # what fx / jit tracing report
+        assert not block._adds_without_graph(tokens, pixels)
 
 
 @pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])

@@ -87,10 +87,10 @@ def test_compiled_training_step_matches_eager_without_graph_breaks(name):
     assert [n for n in buffers_eager if not _close(buffers_compiled[n], buffers_eager[n])] == []
 
 
-def test_compiled_cnt_adds_the_pixels_by_concatenation_and_eager_by_index_add():
+def test_compiled_cnt_adds_the_pixels_by_concatenation_and_eager_by_one_add():
     """ Inductor writes an index_add as atomic adds and splits the LayerNorm after it into passes (compiled CNT-S ran
     1.04x / 1.07x as fast with the concatenation, README): the graph dynamo hands the backend holds no index_add and
-    a concatenation per block; eager keeps its one-pass index_add. """
+    a concatenation per block; eager adds into a fresh tensor, one add a block (`add_to_patch_tokens`). """
     model, x = _model('cnt_conv')
     model.eval()
     graphs = []
@@ -110,4 +110,5 @@ def test_compiled_cnt_adds_the_pixels_by_concatenation_and_eager_by_index_add():
 
     with torch.profiler.profile() as prof, torch.no_grad():
         model(x)
-    assert sum(e.count for e in prof.key_averages() if e.key == 'aten::index_add') == len(model.blocks)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get('aten::index_add', 0) == 0 and counts['aten::add'] >= len(model.blocks)
