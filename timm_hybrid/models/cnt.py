@@ -551,8 +551,7 @@ class Block(nn.Module):
     @torch.jit.unused
     def _adds_without_graph(self, patch_embed: torch.Tensor, pixel_to_patch: torch.Tensor) -> bool:
         """ Whether the add takes `add_to_patch_tokens` as it is: eager, and autograd records nothing. """
-        return not (traced_or_compiling() or torch.is_grad_enabled() and (
-            patch_embed.requires_grad or pixel_to_patch.requires_grad))
+        return not (traced_or_compiling() or eager_backward_needs(patch_embed, pixel_to_patch))
 
     @torch.jit.unused
     def _add_keeping_nothing(self, patch_embed: torch.Tensor, pixel_to_patch: torch.Tensor) -> torch.Tensor:
