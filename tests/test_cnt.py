@@ -380,9 +380,10 @@ def test_act_recomputing_mlp_is_timm_mlp_keeping_one_hidden_tensor_less(act_laye
         torch.testing.assert_close(grads_r[n], grads_p[n], atol=1e-12, rtol=0, msg=n)
 
 
-def test_act_recomputing_mlp_gelu_backward_uses_one_hidden_buffer():
-    """ With GELU the backward's recomputed activation, the hidden gradient and fc1's output gradient share one
-    (tokens, hidden) buffer: one large allocation instead of three (each a fresh mmap above 32 MiB on CPU). """
+def test_act_recomputing_mlp_gelu_backward_uses_two_hidden_buffers():
+    """ With GELU the backward's recomputed activation and the hidden gradient share one (tokens, hidden) buffer, and
+    fc1's output gradient is a second one (not written over its own input, where aten's kernel runs slower): two
+    large allocations instead of autograd's three (each a fresh mmap above 32 MiB on CPU). """
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class HiddenBuffers(TorchDispatchMode):
@@ -401,7 +402,7 @@ def test_act_recomputing_mlp_gelu_backward_uses_one_hidden_buffer():
     out = mlp(x)
     with HiddenBuffers() as mode:
         out.sin().sum().backward()
-    assert len(mode.storages) == 1 and x.grad is not None
+    assert len(mode.storages) == 2 and x.grad is not None
 
 
 def test_act_recomputing_mlp_recomputes_only_where_it_applies():

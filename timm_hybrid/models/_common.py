@@ -155,15 +155,19 @@ class _ActThenLinear(torch.autograd.Function):
             grad_weight = rows.t() @ hidden.detach().reshape(-1, hidden.shape[-1]) if needs_weight else None
             grad_a = torch.autograd.grad(hidden, a, grad @ weight)[0] if needs_a else None
             return grad_a, None, grad_weight, grad_bias
-        # GELU: one (tokens, hidden) buffer serves the recomputed activation, then the hidden gradient, then a's
-        # gradient (in place), where the generic path makes three. At ViT-S width each is 39 MB, above malloc's mmap
-        # threshold, so every one of them is a fresh mapping faulted in page by page (see CPU_CHUNK_BYTES).
+        # GELU: one (tokens, hidden) buffer serves the recomputed activation, then the hidden gradient; a's gradient
+        # is a second one. The generic path makes three. At ViT-S width each is 39 MB, above malloc's mmap threshold,
+        # so every one of them is a fresh mapping faulted in page by page (see CPU_CHUNK_BYTES). a's gradient is not
+        # written into the buffer it is computed from: aten's CPU gelu_backward ran 1.6x as long with its output on
+        # its gradient input (8.9 against 5.5 ms at CNT-S's (32, 197, 1536), after the GEMM that writes that input;
+        # in one-image chunks through a small scratch tensor 11.4 ms), and CNT-S's training step 1.013x as fast
+        # without it, with glibc's malloc as it is and told to keep its memory (scratch A/Bs, 8 rounds each).
         buffer = F.gelu(a, approximate=approximate)
         grad_weight = rows.t() @ buffer.reshape(-1, buffer.shape[-1]) if needs_weight else None
         if not needs_a:
             return None, None, grad_weight, grad_bias
         grad_hidden = torch.matmul(grad, weight, out=buffer)
-        grad_a = torch.ops.aten.gelu_backward.grad_input(grad_hidden, a, approximate=approximate, grad_input=buffer)
+        grad_a = torch.ops.aten.gelu_backward(grad_hidden, a, approximate=approximate)
         return grad_a, None, grad_weight, grad_bias
 
 
@@ -174,7 +178,7 @@ class ActRecomputingMlp(Mlp):
     gradient): two (tokens, hidden) tensors, the largest a ViT block keeps (hidden = 4x width). Here fc2 keeps fc1's
     output only and backward recomputes the activation from it, one elementwise pass. In a ViT-S block at batch 32
     that is 39 MB less per block (465 MB for 12 blocks), for one GELU (~1% of a CPU training step). With torch's GELU
-    the backward needs one (tokens, hidden) tensor, not autograd's three (`_ActThenLinear.backward`).
+    the backward makes two (tokens, hidden) tensors, not autograd's three (`_ActThenLinear.backward`).
 
     `recompute_act` (RECOMPUTE_SETTINGS): 'cpu' (default) for eager CPU tensors only, where kept activations also
     cost page faults (see CPU_CHUNK_BYTES); True / False everywhere. The plain Mlp runs where the recompute does not
