@@ -342,10 +342,10 @@ class InnerResBlock(nn.Module):
                     # output (CPU: 2.1x faster than on a (B*N*h*w, C, 1, 1) view, which takes the NCHW kernel)
                     out = bn(out.reshape(BN, h, w, conv.out_channels).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             else:
-                scale, shift = bn_scale_shift(bn, conv.bias)
+                scale, shift = per_group(repeats, *bn_scale_shift(bn, conv.bias))
                 if scale is not None:
-                    matrix = matrix * per_group(repeats, scale)[0]
-                out = rows @ matrix if shift is None else torch.addmm(*per_group(repeats, shift), rows, matrix)
+                    matrix = matrix * scale
+                out = rows @ matrix if shift is None else torch.addmm(shift, rows, matrix)
             if act_name:
                 y = self._act_on_rows(getattr(self.conv_block, act_name), out, (BN, P * conv.out_channels))
             else:
