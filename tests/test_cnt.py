@@ -158,6 +158,19 @@ def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottlene
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-5, msg=lambda m: f'{name}: {m}')
     for (name, b_ref), b in zip(reference.named_buffers(), block.buffers()):
         torch.testing.assert_close(b, b_ref, atol=1e-6, rtol=1e-5, msg=lambda m: f'{name}: {m}')
+    if not training:
+        # without autograd the folded forms add the norm's shift or the shortcut and run the ReLU in one pass; an
+        # eval block whose DropPath was set back to training still drops the same samples
+        with torch.no_grad():
+            torch.testing.assert_close(block(tokens), expected.detach(), atol=1e-5, rtol=1e-5)
+            block.conv_block.drop_path.train()
+            torch.manual_seed(2)
+            actual = block(tokens)
+            torch.manual_seed(2)
+            reference.conv_block.drop_path.train()
+            expected = reference.conv_block(tokens.transpose(1, 2).reshape(6, dim, 4, 4)).flatten(2).transpose(1, 2)
+            assert not torch.equal(actual, block.eval()(tokens))  # samples dropped
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('dim, bottleneck', [(8, False), (16, False), (16, True)])
