@@ -130,15 +130,22 @@ def test_conv3x3_matrix_is_the_zero_padded_convolution():
     assert taps[:, :, 0].sum() == 4 and taps[:, :, 4].sum() == 9
 
 
+# timm's norm + act layer, with an act that a ReLU after it does not hide
+_NORM_ACT = partial(timm.layers.BatchNormAct2d, act_layer=torch.nn.SiLU)
+
+
 @pytest.mark.parametrize('impl', ['conv', 'matmul'])
 @pytest.mark.parametrize('bottleneck', [False, True])
 @pytest.mark.parametrize('training', [True, False])
 @pytest.mark.parametrize('dim', [12, 16])  # the GEMM form's CPU training norm: on rows below 16 channels, else aten's
-def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottleneck, training, dim):
+@pytest.mark.parametrize('norm_layer', [torch.nn.BatchNorm2d, _NORM_ACT], ids=['bn', 'bn_act'])
+def test_inner_block_implementations_equal_the_plain_resnet_block(impl, bottleneck, training, dim, norm_layer):
     """ Every implementation == timm's ResNet block on the NCHW map: outputs, input and weight gradients, and the
-    BatchNorm running stats a training step leaves (fp32, < 1e-5). Drop path is on: the same samples drop. """
+    BatchNorm running stats a training step leaves (fp32, < 1e-5). Drop path is on: the same samples drop. With
+    timm's BatchNormAct2d the folded inference forms run the norm's act after its affine. """
     torch.manual_seed(0)
-    reference = _trained_like(InnerResBlock(dim, (4, 4), drop_path=0.3, bottleneck=bottleneck, impl=impl))
+    reference = _trained_like(InnerResBlock(
+        dim, (4, 4), drop_path=0.3, bottleneck=bottleneck, impl=impl, norm_layer=norm_layer))
     reference.init_weights(zero_init_last=False)
     block = copy.deepcopy(reference).train(training)
     reference.train(training)
@@ -533,10 +540,13 @@ def test_pixel_to_patch_add_takes_the_function_only_where_backward_runs(monkeypa
 
 
 @pytest.mark.parametrize('inner_impl', ['conv', 'matmul'])
-def test_reparameterize_model_folds_batchnorm_with_equal_logits(inner_impl):
-    """ timm's reparameterize_model folds each inner BatchNorm into its conv; eval logits stay the same. """
+@pytest.mark.parametrize('conv_norm_layer', [None, _NORM_ACT], ids=['bn', 'bn_act'])
+def test_reparameterize_model_folds_batchnorm_with_equal_logits(inner_impl, conv_norm_layer, monkeypatch):
+    """ timm's reparameterize_model folds each inner BatchNorm into its conv (a BatchNormAct2d leaves its act); eval
+    logits stay those of timm's ResNet blocks as they are, before and after (twice is a no-op). """
     torch.manual_seed(0)
-    model = _small_cnt(inner_block='bottleneck', inner_block_args=dict(impl=inner_impl))
+    model = _small_cnt(
+        inner_block='bottleneck', inner_block_args=dict(impl=inner_impl, conv_norm_layer=conv_norm_layer))
     for m in model.modules():
         if isinstance(m, InnerResBlock):
             _trained_like(m).init_weights(zero_init_last=False)
@@ -546,7 +556,11 @@ def test_reparameterize_model_folds_batchnorm_with_equal_logits(inner_impl):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy by default
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), atol=1e-5, rtol=1e-5)
+        logits, fused_logits, twice_logits = model(x), fused(x), reparameterize_model(fused)(x)
+        monkeypatch.setattr(InnerResBlock, 'forward', InnerResBlock.forward_plain)
+        expected = model(x)
+    for actual in (logits, fused_logits, twice_logits):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('training', [True, False])

@@ -21,7 +21,7 @@ The patch and pixel position encodings are switchable ('learned', 'sincos' or 'n
 import logging
 import math
 from functools import partial
-from typing import Any, Callable, Dict, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -39,9 +39,9 @@ from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, batch_norm_grad_coefficients, bn_scale_shift,
     build_token_model, check_int, check_loaded_share, check_recompute_setting, check_token_model_args,
     checkpoint_keeping_bn_stats, conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, eager_backward_needs,
-    eager_on_cpu, grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad, grouped_norm_stats, out_of_place,
-    per_group, recomputes, resample_token_pos, source_token_grid, summarize_keys, token_model_cfg, traced_or_compiling,
-    unwrap_checkpoint, update_running_stats,
+    eager_on_cpu, grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad, grouped_norm_stats, has_running_stats,
+    norm_act_remainder, out_of_place, per_group, recomputes, resample_token_pos, source_token_grid, summarize_keys,
+    token_model_cfg, traced_or_compiling, unwrap_checkpoint, update_running_stats,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -205,6 +205,7 @@ class InnerResBlock(nn.Module):
     Every implementation is held equal to the plain block by tests (outputs and gradients, train and eval).
     TorchScript runs the plain block.
     """
+    folded_norms: FrozenSet[str] = frozenset()  # the norms `reparameterize` has folded into their convs
 
     def __init__(
             self,
@@ -253,14 +254,29 @@ class InnerResBlock(nn.Module):
 
     @torch.jit.unused
     def norms_fold(self) -> bool:
-        """ Every norm is a BatchNorm with running statistics (or already folded away): inference can fold it into
-        the conv, and the GEMM form applies. Other norms (e.g. GroupNorm) run the plain block. """
+        """ Every norm is a BatchNorm with running statistics (timm's BatchNormAct2d too) or already folded away:
+        inference can fold it into the conv, and the GEMM form applies. Other norms (e.g. GroupNorm) run the plain
+        block. """
         for _, bn_name, _ in self.stages:
             bn = getattr(self.conv_block, bn_name)
-            if not (isinstance(bn, nn.Identity) or
-                    isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None):
+            if not (bn_name in self.folded_norms or isinstance(bn, nn.Identity) or has_running_stats(bn)):
                 return False
         return True
+
+    @torch.jit.unused
+    def _folded_norm(
+            self,
+            bn_name: str,
+            conv: nn.Conv2d,
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], List[nn.Module]]:
+        """ A stage's inference norm as (scale, shift, acts): the per-channel affine that folds into `conv` (scale None
+        where `reparameterize` has folded it already, the conv's bias the shift), then what the norm runs after its
+        affine: the act of timm's norm + act layers (BatchNormAct2d; their dropout is a no-op in eval), or nothing. """
+        bn = getattr(self.conv_block, bn_name)
+        if bn_name in self.folded_norms or isinstance(bn, nn.Identity):
+            return None, conv.bias, [] if isinstance(bn, nn.Identity) else [bn]  # what `reparameterize` left
+        act = norm_act_remainder(bn)
+        return (*bn_scale_shift(bn, conv.bias), [] if isinstance(act, nn.Identity) else [act])
 
     @torch.jit.unused
     def _impl_for(self, x: torch.Tensor) -> str:
@@ -299,11 +315,11 @@ class InnerResBlock(nn.Module):
         shortcut = y = x.reshape(BN, h, w, C).permute(0, 3, 1, 2)
         for conv_name, bn_name, act_name in self.stages:
             conv = getattr(self.conv_block, conv_name)
-            scale, shift = bn_scale_shift(getattr(self.conv_block, bn_name), conv.bias)
+            scale, shift, acts = self._folded_norm(bn_name, conv)
             weight = conv.weight if scale is None else conv.weight * scale.reshape(-1, 1, 1, 1)
             y = F.conv2d(y, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
-            if act_name:
-                y = getattr(self.conv_block, act_name)(y)
+            for act in acts + ([getattr(self.conv_block, act_name)] if act_name else []):
+                y = act(y)
         drop_path = self.conv_block.drop_path
         if drop_path is not None:  # in eval it passes y on
             y = drop_path(y)
@@ -372,34 +388,37 @@ class InnerResBlock(nn.Module):
         for conv_name, bn_name, act_name in self.stages:
             conv = getattr(self.conv_block, conv_name)
             matrix = self._conv_matrix(conv)
-            scale, shift = per_group(matrix.shape[1] // conv.out_channels, *bn_scale_shift(
-                getattr(self.conv_block, bn_name), conv.bias))
+            scale, shift, acts = self._folded_norm(bn_name, conv)
+            scale, shift = per_group(matrix.shape[1] // conv.out_channels, scale, shift)
             if scale is not None:
                 matrix = matrix * scale
             rows = y.reshape(y.numel() // matrix.shape[0], matrix.shape[0])  # sizes, not -1: B = 0 is allowed
             if act_name:
-                y = self._shift_then_act(rows @ matrix, shift, getattr(self.conv_block, act_name))
+                y = self._shift_then_act(rows @ matrix, shift, *acts, getattr(self.conv_block, act_name))
                 continue
-            # the last conv: the shortcut joins first (in eval DropPath passes its input on)
+            # the last conv: the shortcut joins first where nothing comes between (in eval DropPath passes its input on)
             shortcut_rows = shortcut.reshape(rows.shape[0], matrix.shape[1])
-            if drop_path is None or not drop_path.training:
+            if not acts and (drop_path is None or not drop_path.training):
                 y = torch.addmm(shortcut_rows, rows, matrix)
             else:
-                y = drop_path(self._shift_then_act(rows @ matrix, shift, None).reshape(shortcut.shape)) + shortcut
-                shift = None  # in y already
+                y = self._shift_then_act(rows @ matrix, shift, *acts).reshape(shortcut.shape)
+                y, shift = (y if drop_path is None else drop_path(y)) + shortcut, None
         return self._shift_then_act(y, shift, getattr(self.conv_block, self.out_act)).reshape(shortcut.shape)
 
     @staticmethod
-    def _shift_then_act(out: torch.Tensor, shift: Optional[torch.Tensor], act: Optional[nn.Module]) -> torch.Tensor:
-        """ act(out + shift), in place on `out`, a fresh GEMM or conv output; `shift` broadcasts to it. A ReLU and
-        the add take one pass together (aten's `_add_relu_`: CPU, fp32 / fp64, no gradient) where an eager forward
-        records nothing for autograd; tracers record the add and the act, which inductor fuses itself. """
-        if (shift is not None and type(act) is nn.ReLU and eager_on_cpu(out) and not out.requires_grad
-                and out.dtype in (torch.float32, torch.float64)):
+    def _shift_then_act(out: torch.Tensor, shift: Optional[torch.Tensor], *acts: nn.Module) -> torch.Tensor:
+        """ The `acts` of out + shift, in place on `out`, a fresh GEMM or conv output; `shift` broadcasts to it. A
+        ReLU (or ReLUs) and the add take one pass together (aten's `_add_relu_`: CPU, fp32 / fp64, no gradient) where
+        an eager forward records nothing for autograd; tracers record the add and the act, which inductor fuses
+        itself. """
+        if (shift is not None and acts and all(type(act) is nn.ReLU for act in acts) and eager_on_cpu(out)
+                and not out.requires_grad and out.dtype in (torch.float32, torch.float64)):
             return torch.ops.aten._add_relu_(out, shift)
         if shift is not None:
             out = out.add_(shift)
-        return out if act is None else act(out)
+        for act in acts:
+            out = act(out)
+        return out
 
     @staticmethod
     def _act_on_rows(act: nn.Module, out: torch.Tensor, rows_shape: Tuple[int, int]) -> torch.Tensor:
@@ -415,14 +434,16 @@ class InnerResBlock(nn.Module):
 
     @torch.jit.ignore
     def reparameterize(self) -> None:
-        """ Folds each inference-mode BatchNorm into its conv (conv gains a bias, the norm becomes Identity): what
-        timm's `reparameterize_model` calls. Outputs are unchanged in eval mode; the block cannot train BN after. """
+        """ Folds each inference-mode BatchNorm into its conv (conv gains a bias, the norm becomes Identity, or the
+        act of a BatchNormAct2d): what timm's `reparameterize_model` calls. Outputs are unchanged in eval mode; the
+        block cannot train BN after. """
         for conv_name, bn_name, _ in self.stages:
             conv, bn = getattr(self.conv_block, conv_name), getattr(self.conv_block, bn_name)
-            if isinstance(bn, nn.Identity):
+            if bn_name in self.folded_norms or isinstance(bn, nn.Identity):
                 continue
             setattr(self.conv_block, conv_name, conv2d_with(conv, *conv_norm_weights(conv, bn)))
-            setattr(self.conv_block, bn_name, nn.Identity())
+            setattr(self.conv_block, bn_name, norm_act_remainder(bn))
+            self.folded_norms = self.folded_norms | {bn_name}
 
 
 def inner_transformer(
