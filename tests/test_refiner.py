@@ -2,6 +2,7 @@
 import copy
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -633,19 +634,26 @@ def test_block_attention_equals_released_math(train):
                 assert (g_fast - g_released).abs().max() <= 1e-5 * max(1., g_released.abs().max())
 
 
-def test_reparameterize_folds_norms_with_equal_logits():
+@pytest.mark.parametrize('norm_act', [False, True])
+def test_reparameterize_folds_norms_with_equal_logits(norm_act):
+    """ With timm's BatchNormAct2d as conv_norm_layer (an act that changes the maps: SiLU) the refined map's norm
+    leaves its act after the folded affine (it was dropped until 2026-12-06). """
     from timm.utils import reparameterize_model
-    model = _with_trained_norms(_tiny(aux_head=True)).eval()
+    conv_norm_layer = partial(timm.layers.BatchNormAct2d, act_layer=nn.SiLU) if norm_act else None
+    model = _with_trained_norms(_tiny(aux_head=True, conv_norm_layer=conv_norm_layer)).eval()
     folded = reparameterize_model(model)
     refiner = folded.blocks[1].attn
-    assert isinstance(refiner.norm, torch.nn.Identity) and refiner.refine.shortcut_scale is not None
+    assert isinstance(refiner.norm, nn.SiLU if norm_act else nn.Identity)
+    assert refiner.refine.shortcut_scale is not None
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.blocks.modules())
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
         assert (folded(x) - expected).abs().max() < 1e-5
         torch.testing.assert_close(torch.jit.script(folded)(x), expected, atol=1e-5, rtol=1e-5)
-    assert reparameterize_model(folded).state_dict().keys() == folded.state_dict().keys()  # idempotent
+        twice = reparameterize_model(folded)
+        assert (twice(x) - expected).abs().max() < 1e-5
+    assert twice.state_dict().keys() == folded.state_dict().keys()  # idempotent
 
 
 def test_reparameterized_official_weights_keep_official_logits():

@@ -1,6 +1,7 @@
 """ TransCNN / HAT-Net (models/transcnn.py): official parity, any input size, the timm API on small configs. """
 import json
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-from timm.layers import GroupNorm1
+from timm.layers import BatchNormAct2d, GroupNorm1
 from timm.models._features_fx import create_feature_extractor
 from timm.utils import reparameterize_model
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -343,6 +344,29 @@ def test_inference_folds_batchnorms_with_the_same_logits(channels_last, monkeypa
     with torch.no_grad():
         torch.testing.assert_close(deploy(x), expected, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(torch.jit.trace(deploy, x)(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('variant', ['transcnn_tiny', 'hatnet_tiny'])
+def test_reparameterize_keeps_the_act_of_a_norm_act_layer(variant):
+    """ With timm's BatchNormAct2d as norm_layer (SiLU), the norm before each attention's 1x1 qkv / kv conv runs an
+    act after its affine, which the conv cannot absorb: reparameterize_model leaves that norm as it is (until
+    2026-12-06 it folded the affine and dropped the act) and folds the others, with the same logits. """
+    torch.manual_seed(0)
+    model = _small(variant, norm_layer=partial(BatchNormAct2d, act_layer=torch.nn.SiLU)).double().eval()
+    for bn in model.modules():
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.uniform_(0.5, 1.5)
+            bn.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(ODD_SIZE, dtype=torch.float64)
+    deploy = reparameterize_model(model)
+    attn = deploy.stages[0].blocks[0].attn
+    assert isinstance(attn.norm, BatchNormAct2d) and isinstance(attn.norm.act, torch.nn.SiLU)
+    assert sum(isinstance(m, BatchNormAct2d) for m in deploy.modules()) < sum(
+        isinstance(m, BatchNormAct2d) for m in model.modules())  # the others folded
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), model(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize('family, variant', [('transcnn', 'transcnn_tiny'), ('hatnet', 'hatnet_tiny')])

@@ -28,11 +28,11 @@ __all__ = [
     'cpu_chunk_size', 'cpu_untraced', 'describe_layout', 'eager_on_cpu', 'fold_conv_norm', 'folds_into_conv',
     'group_prefix', 'grouped_affine', 'grouped_norm', 'grouped_norm_grad_sums', 'grouped_norm_input_grad',
     'grouped_norm_stats', 'has_running_stats', 'merge_group_stats', 'MIN_LOADED_SHARE', 'norm_act_remainder',
-    'norm_conv1x1_eval', 'norm_conv1x1_weights', 'norm_scale_shift', 'official_weights_cache_file', 'out_of_place',
-    'patch_grid', 'PatchGridEmbed', 'per_group', 'PretrainedWeightsUnavailable',
-    'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes', 'resample_token_pos', 'size_mismatch_message',
-    'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg', 'TokenClassifierMixin',
-    'unwrap_checkpoint', 'update_running_stats', 'weights_source_hint',
+    'norm_conv1x1_eval', 'norm_conv1x1_weights', 'norm_folds_into_conv1x1', 'norm_scale_shift',
+    'official_weights_cache_file', 'out_of_place', 'patch_grid', 'PatchGridEmbed', 'per_group',
+    'PretrainedWeightsUnavailable', 'prune_sequence', 'RECOMPUTE_SETTINGS', 'recomputes', 'resample_token_pos',
+    'size_mismatch_message', 'source_token_grid', 'split_prefix_tokens', 'summarize_keys', 'token_model_cfg',
+    'TokenClassifierMixin', 'unwrap_checkpoint', 'update_running_stats', 'weights_source_hint',
 ]
 
 
@@ -609,9 +609,16 @@ def conv_norm_acts_eval(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor:
     return x
 
 
-def _folds_before_conv1x1(norm: nn.Module, conv: nn.Module) -> bool:
-    return (_folds(norm, conv) and not hasattr(norm, 'act')
+def norm_folds_into_conv1x1(norm: nn.Module, conv: nn.Module) -> bool:
+    """ Whether `norm`, a BatchNorm with running statistics before `conv`, folds into it: nothing runs after the norm's
+    affine (timm's norm + act layers run their act there), and `conv` is torch's 1x1 Conv2d without padding or groups,
+    so every input pixel's affine reaches it as it is. """
+    return (has_running_stats(norm) and not hasattr(norm, 'act') and type(conv) is nn.Conv2d
             and conv.kernel_size == (1, 1) and conv.padding == (0, 0) and conv.groups == 1)
+
+
+def _folds_before_conv1x1(norm: nn.Module, conv: nn.Module) -> bool:
+    return _folds(norm, conv) and norm_folds_into_conv1x1(norm, conv)
 
 
 @torch.jit.unused

@@ -818,15 +818,16 @@ class RefinerAttention(_MapAttention):
         reduce conv and the shortcut: the refinement becomes conv -> ReLU6 -> depthwise conv -> ReLU6 -> conv +
         scale * map, three passes over the expanded maps and one over the refined ones (eager eval: seven, plus
         five over the refined maps). Called by timm's `reparameterize_model`; eval outputs are unchanged, the
-        norms cannot train after. """
-        if isinstance(self.norm, nn.Identity):
+        norms cannot train after. The act of a norm + act layer (timm's BatchNormAct2d as the refined map's norm)
+        stays in the norm's place, after the folded affine. """
+        if isinstance(self.norm, nn.Identity) or self.refine.shortcut_scale is not None:  # nothing to fold, or folded
             return
         norm_scale, norm_shift = bn_scale_shift(self.norm, None)
         _fold_norm_into_conv(self.refine.expand)
         _fold_norm_into_conv(self.refine.conv_dw)
         _fold_norm_into_conv(self.refine.reduce, norm_scale, norm_shift)
         self.refine.shortcut_scale = norm_scale.reshape(-1, 1, 1).detach().clone()
-        self.norm = nn.Identity()
+        self.norm = norm_act_remainder(self.norm)
 
 
 class Block(nn.Module):

@@ -56,7 +56,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from ._common import (
     act_for, build_with_official_weights, check_image_batch, check_int, check_ints, check_loaded_share, check_positive,
     check_rate, checkpoint_keeping_bn_stats, conv2d_with, conv_norm_acts_eval, conv_norm_eval, cpu_chunk_size,
-    describe_layout, fold_conv_norm, has_running_stats, norm_conv1x1_eval, norm_conv1x1_weights, prune_sequence,
+    describe_layout, fold_conv_norm, norm_conv1x1_eval, norm_conv1x1_weights, norm_folds_into_conv1x1, prune_sequence,
     unwrap_checkpoint,
 )
 
@@ -299,10 +299,11 @@ class HierarchicalAttention(nn.Module):
     @torch.jit.ignore
     def reparameterize(self) -> None:
         """ Folds the inference BatchNorms before the 1x1 qkv / kv convs into them (the norms become Identity): what
-        timm's `reparameterize_model` calls. Eval outputs are unchanged; those norms cannot train after. """
+        timm's `reparameterize_model` calls. Eval outputs are unchanged; those norms cannot train after. A norm with
+        an act after its affine (timm's BatchNormAct2d as norm_layer) stays as it is. """
         for norm_name, conv_name in (('norm', 'qkv'), ('pool_norm', 'kv')):
             norm, conv = getattr(self, norm_name), getattr(self, conv_name)
-            if conv is not None and has_running_stats(norm) and type(conv) is nn.Conv2d:
+            if conv is not None and norm_folds_into_conv1x1(norm, conv):
                 setattr(self, conv_name, conv2d_with(conv, *norm_conv1x1_weights(norm, conv)))
                 setattr(self, norm_name, nn.Identity())
 
