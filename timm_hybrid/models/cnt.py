@@ -323,7 +323,11 @@ class InnerResBlock(nn.Module):
         drop_path = self.conv_block.drop_path
         if drop_path is not None:  # in eval it passes y on
             y = drop_path(y)
-        y = self._shift_then_act(y, shortcut, getattr(self.conv_block, self.out_act))  # y: a fresh tensor
+        out_act = getattr(self.conv_block, self.out_act)
+        if self._relu_adds_in_one_pass(y, out_act):
+            y = torch.ops.aten._add_relu_(y, shortcut)  # y: the last conv's fresh output
+        else:
+            y = out_act(y + shortcut)
         return y.permute(0, 2, 3, 1).reshape(BN, P, C)
 
     @staticmethod
@@ -378,12 +382,14 @@ class InnerResBlock(nn.Module):
     @torch.jit.unused
     def _forward_matmul_folded(self, shortcut: torch.Tensor) -> torch.Tensor:
         """ Inference as GEMMs, tokens (B*N, h*w*C) in and out: each BatchNorm's scale folded into its conv's matrix,
-        its shift added to the GEMM's output in place, with the ReLU after it in the same pass (aten's `_add_relu_`);
-        the last GEMM starts from the shortcut (addmm), so the sum needs no pass of its own. Two passes over the
-        pixel stream fewer a basic block than a bias-broadcasting addmm, an add and the ReLUs: CNT-Ti's inner block
-        took 2.09 against 2.29 ms (eval, 6272 patches, 2 threads, medians of 200, scratch; README, "How the inner
-        block runs"). """
+        its shift the GEMM's bias (`addmm`: on GPUs cuBLASLt adds it in the GEMM's epilogue), then the norm's own act
+        (BatchNormAct2d) and the block's. Where aten's `_add_relu_` runs (`_relu_adds_in_one_pass`) the shift and a
+        ReLU take one pass over the GEMM's output instead, and the last GEMM starts from the shortcut, so the
+        residual sum needs no pass of its own: two passes over the pixel stream fewer a basic block. CNT-Ti's inner
+        block took 2.09 against 2.29 ms (eval, 6272 patches, 2 threads, medians of 200, scratch; README, "How the
+        inner block runs"). """
         drop_path = self.conv_block.drop_path
+        out_act = getattr(self.conv_block, self.out_act)
         y = shortcut
         for conv_name, bn_name, act_name in self.stages:
             conv = getattr(self.conv_block, conv_name)
@@ -394,28 +400,36 @@ class InnerResBlock(nn.Module):
                 matrix = matrix * scale
             rows = y.reshape(y.numel() // matrix.shape[0], matrix.shape[0])  # sizes, not -1: B = 0 is allowed
             if act_name:
-                y = self._shift_then_act(rows @ matrix, shift, *acts, getattr(self.conv_block, act_name))
+                y = self._gemm_then_acts(rows, matrix, shift, *acts, getattr(self.conv_block, act_name))
                 continue
-            # the last conv: the shortcut joins first where nothing comes between (in eval DropPath passes its input on)
+            # the last conv, then the shortcut (in eval DropPath passes its input on) and the block's act
             shortcut_rows = shortcut.reshape(rows.shape[0], matrix.shape[1])
-            if not acts and (drop_path is None or not drop_path.training):
-                y = torch.addmm(shortcut_rows, rows, matrix)
-            else:
-                y = self._shift_then_act(rows @ matrix, shift, *acts).reshape(shortcut.shape)
-                y, shift = (y if drop_path is None else drop_path(y)) + shortcut, None
-        return self._shift_then_act(y, shift, getattr(self.conv_block, self.out_act)).reshape(shortcut.shape)
+            if (shift is not None and not acts and (drop_path is None or not drop_path.training)
+                    and self._relu_adds_in_one_pass(rows, out_act)):
+                return torch.ops.aten._add_relu_(torch.addmm(shortcut_rows, rows, matrix), shift).view(shortcut.shape)
+            y = self._gemm_then_acts(rows, matrix, shift, *acts).view(shortcut.shape)
+            y = (y if drop_path is None else drop_path(y)) + shortcut
+        return out_act(y)
 
     @staticmethod
-    def _shift_then_act(out: torch.Tensor, shift: Optional[torch.Tensor], *acts: nn.Module) -> torch.Tensor:
-        """ The `acts` of out + shift, in place on `out`, a fresh GEMM or conv output; `shift` broadcasts to it. A
-        ReLU (or ReLUs) and the add take one pass together (aten's `_add_relu_`: CPU, fp32 / fp64, no gradient) where
-        an eager forward records nothing for autograd; tracers record the add and the act, which inductor fuses
-        itself. """
-        if (shift is not None and acts and all(type(act) is nn.ReLU for act in acts) and eager_on_cpu(out)
-                and not out.requires_grad and out.dtype in (torch.float32, torch.float64)):
-            return torch.ops.aten._add_relu_(out, shift)
-        if shift is not None:
-            out = out.add_(shift)
+    def _relu_adds_in_one_pass(x: torch.Tensor, *acts: nn.Module) -> bool:
+        """ Whether an add and `acts` after it can run as aten's `_add_relu_` on tensors computed from `x`: the acts
+        are ReLUs (a ReLU after a ReLU changes nothing), eager on CPU in fp32 / fp64 without autocast (the op has no
+        CUDA and no bf16 kernel), without autograd (it has no gradient). Tracers record the add and the act, which
+        inductor fuses. """
+        return (bool(acts) and all(type(act) is nn.ReLU for act in acts) and not torch.is_grad_enabled()
+                and eager_on_cpu(x) and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled('cpu'))
+
+    @classmethod
+    def _gemm_then_acts(
+            cls, rows: torch.Tensor, matrix: torch.Tensor, shift: Optional[torch.Tensor], *acts: nn.Module,
+    ) -> torch.Tensor:
+        """ The `acts` of rows @ matrix + shift: the shift as the GEMM's bias, or where `_relu_adds_in_one_pass`
+        holds, added with the ReLU in one pass. The acts run in place where built so: the GEMM's output is fresh. """
+        if shift is not None and cls._relu_adds_in_one_pass(rows, *acts):
+            return torch.ops.aten._add_relu_(rows @ matrix, shift)
+        out = rows @ matrix if shift is None else torch.addmm(shift, rows, matrix)
         for act in acts:
             out = act(out)
         return out
