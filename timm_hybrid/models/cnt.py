@@ -38,10 +38,10 @@ from timm.models.vision_transformer import Block as TransformerBlock
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, batch_norm_grad_coefficients, bn_scale_shift,
     build_token_model, check_int, check_loaded_share, check_recompute_setting, check_token_model_args,
-    checkpoint_keeping_bn_stats, conv2d_with, conv_norm_weights, cpu_untraced, describe_layout, eager_backward_needs,
-    eager_on_cpu, grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad, grouped_norm_stats, has_running_stats,
-    norm_act_remainder, out_of_place, per_group, recomputes, resample_token_pos, source_token_grid, summarize_keys,
-    token_model_cfg, traced_or_compiling, unwrap_checkpoint, update_running_stats,
+    checkpoint_keeping_bn_stats, conv2d_with, conv_norm_eval, conv_norm_weights, cpu_untraced, describe_layout,
+    eager_backward_needs, eager_on_cpu, grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad,
+    grouped_norm_stats, has_running_stats, norm_act_remainder, out_of_place, per_group, recomputes, resample_token_pos,
+    source_token_grid, summarize_keys, token_model_cfg, traced_or_compiling, unwrap_checkpoint, update_running_stats,
 )
 from .baselines import nano_cfg, packaged_weights
 
@@ -309,17 +309,15 @@ class InnerResBlock(nn.Module):
 
     @torch.jit.unused
     def _forward_conv_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """ Inference: each conv with its BatchNorm folded in, on the channels-last view. """
+        """ Inference: each conv with its BatchNorm folded in (`conv_norm_eval`: a norm that `reparameterize` has
+        folded already, or what it left, runs as it is), on the channels-last view. """
         BN, P, C = x.shape
         h, w = self.pixel_grid
         shortcut = y = x.reshape(BN, h, w, C).permute(0, 3, 1, 2)
         for conv_name, bn_name, act_name in self.stages:
-            conv = getattr(self.conv_block, conv_name)
-            scale, shift, acts = self._folded_norm(bn_name, conv)
-            weight = conv.weight if scale is None else conv.weight * scale.reshape(-1, 1, 1, 1)
-            y = F.conv2d(y, weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups)
-            for act in acts + ([getattr(self.conv_block, act_name)] if act_name else []):
-                y = act(y)
+            y = conv_norm_eval(y, getattr(self.conv_block, conv_name), getattr(self.conv_block, bn_name))
+            if act_name:
+                y = getattr(self.conv_block, act_name)(y)
         drop_path = self.conv_block.drop_path
         if drop_path is not None:  # in eval it passes y on
             y = drop_path(y)
