@@ -27,7 +27,7 @@ import torch
 from profile_step import profile_step, write_profile
 from timm_hybrid.compare import (
     MALLOC_SETTINGS, Progress, SpeedSettings, compare_models, device_folder_name, free_cpu_threads, plot_speed_vs_gmacs,
-    reference_short_name, write_results,
+    processor_name, reference_short_name, write_results,
 )
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -103,7 +103,8 @@ def main() -> None:
                                   progress=progress, stem=stem, memory=not args.no_memory):
             # one column for every size: x the DeiT of the model's size
             rows.append({re.sub(rf'_x_{short}$', '_x_deit', k): v for k, v in row.items()} | dict(reference=reference))
-    meta = dict(settings=settings.describe(), ratios='x DeiT of the same size, timed in the same interleaved rounds')
+    meta = dict(settings=settings.describe(), processor=processor_name(settings),
+                ratios='x DeiT of the same size, timed in the same interleaved rounds')
     write_results(rows, out, 'benchmark', meta, title=f'Speed on {device_folder_name(settings)}')
     plot_speed_vs_gmacs(rows, out / 'speed_vs_gmacs.png', settings)
     for spec in args.profile:

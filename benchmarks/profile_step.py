@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from timm_hybrid.compare import AMP_DTYPES, MALLOC_SETTINGS, SpeedSettings, create_model_spec, device_folder_name, \
-    make_step, write_results
+    make_step, processor_name, write_results
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -72,7 +72,7 @@ def profile_step(spec: str, settings: SpeedSettings, train: bool = True, rows: i
              self_ms=round(self_us(e) / 1000, 2 if on_gpu else 1),
              self_share=round(self_us(e) / 1000 / total_ms, 3))
         for e in sorted(events, key=lambda e: -self_us(e))[:rows]]
-    meta = dict(settings=settings.describe() + f', one step after {warmup} warm-up',
+    meta = dict(settings=settings.describe() + f', one step after {warmup} warm-up', processor=processor_name(settings),
                 self_ms='the ops\' own time on the ' + ('GPU (their kernels)' if on_gpu else 'CPU (torch.profiler)'),
                 self_ms_all_ops=round(total_ms, 1))
     return table, meta
@@ -135,7 +135,7 @@ def count_step(spec: str, settings: SpeedSettings, train: bool = True, rows: int
         table.append(dict(op=key[0], input_shapes=key[1], calls=counter.calls[key], self_ms=round(ms, 1),
                           self_share=round(ms / max(total_ms, 1e-9), 3), faults=faults,
                           faults_share=round(faults / max(total_faults, 1), 3)))
-    meta = dict(settings=settings.describe() + f', one step after {warmup} warm-up',
+    meta = dict(settings=settings.describe() + f', one step after {warmup} warm-up', processor=processor_name(settings),
                 self_ms='each op\'s wall time where it is dispatched',
                 faults='minor page faults the op took (getrusage around each aten op)',
                 self_ms_all_ops=round(total_ms, 1), step_ms=round(counted_ms, 1),

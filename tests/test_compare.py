@@ -206,6 +206,24 @@ def test_model_spec_variants_time_side_by_side(tmp_path, monkeypatch):
     assert by_model[variant]['infer_x_cnt_nano_depth_2'] == 1.0
     assert 'infer_x_cnt_nano_depth_2' in by_model['cnt_nano_patch7_28']
     assert {(r['infer_faults_per_step'], r['train_faults_per_step']) for r in rows} == {(5, 5)}
+    # the host is named in every output: ratios move with it
+    meta = json.loads((tmp_path / 'compare.json').read_text())['meta']
+    assert meta['processor'] == compare.processor_name(SpeedSettings()) and not meta['processor'].startswith('unknown')
+    assert f"processor: {meta['processor']}" in (tmp_path / 'compare.md').read_text()
+
+
+def test_processor_name_falls_back_to_platform(tmp_path, monkeypatch):
+    """ The CPU's model name from cpuinfo; without one (not Linux) `platform.processor()`, else 'unknown'; then the
+    vector instructions of aten's kernels. """
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nmodel name\t: Some CPU @ 2.0GHz\nflags\t: avx\n')
+    assert compare.processor_name(SpeedSettings(), str(cpuinfo)) == 'Some CPU @ 2.0GHz (aten: AVX2)'
+    missing = str(tmp_path / 'missing')
+    monkeypatch.setattr(compare.platform, 'processor', lambda: 'arm')
+    assert compare.processor_name(SpeedSettings(), missing) == 'arm (aten: AVX2)'
+    monkeypatch.setattr(compare.platform, 'processor', lambda: '')
+    assert compare.processor_name(SpeedSettings(), missing) == 'unknown (aten: AVX2)'
 
 
 def test_resolution_sweep_counts_tokens_from_the_model(tmp_path):

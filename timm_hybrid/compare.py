@@ -17,6 +17,7 @@ import gc
 import json
 import multiprocessing
 import os
+import platform
 import re
 import statistics
 import sys
@@ -42,7 +43,7 @@ from .flops import count_flops
 __all__ = [
     'REFERENCES', 'QUICK_MODELS', 'FULL_MODELS', 'SWEEP_MODELS', 'DEFAULT_OUTPUT', 'SpeedSettings', 'Timing',
     'Progress', 'ModelSpecError', 'parse_model_spec', 'create_model_spec', 'free_cpu_threads', 'make_step',
-    'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens', 'device_folder_name',
+    'time_interleaved', 'matmul_gmacs_per_s', 'num_patch_tokens', 'processor_name', 'device_folder_name',
     'train_step_peak_memory_mb', 'peak_memory_mb', 'compare_models', 'resolution_sweep', 'markdown_table',
     'write_results', 'plot_speed_ratios', 'plot_resolution', 'plot_speed_vs_gmacs',
 ]
@@ -190,6 +191,22 @@ class SpeedSettings:
     def synchronize(self) -> None:
         if self.on_gpu:
             torch.cuda.synchronize(self.device)
+
+
+def processor_name(settings: SpeedSettings, cpuinfo: str = '/proc/cpuinfo') -> str:
+    """ What ran the steps: the GPU's name, or the CPU's model name as Linux reports it in `cpuinfo`
+    (`platform.processor()` elsewhere, 'unknown' if neither says) with the vector instructions aten's kernels use
+    (e.g. AVX512). Ratios between models move with the host (README, "Measured on this CPU"), so every output names
+    it. """
+    if settings.on_gpu:
+        return torch.cuda.get_device_name(settings.device)
+    name = ''
+    try:
+        with open(cpuinfo) as f:
+            name = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), '')
+    except OSError:
+        pass
+    return f'{name or platform.processor() or "unknown"} (aten: {torch.backends.cpu.get_cpu_capability()})'
 
 
 def device_folder_name(settings: SpeedSettings) -> str:
@@ -567,6 +584,7 @@ def compare_models(
     if not speed:
         return list(rows.values())
 
+    meta['processor'] = processor_name(settings)
     peak = matmul_gmacs_per_s(settings)
     meta['matmul_gmacs_per_s'] = round(peak, 1)
     # first guesses until measured: a step runs at ~1/3 of matmul peak, a training step costs 3 forwards; a memory
