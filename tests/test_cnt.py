@@ -568,12 +568,17 @@ def test_reparameterize_model_folds_batchnorm_with_equal_logits(inner_impl, conv
 
 @pytest.mark.parametrize('training', [True, False])
 def test_inner_block_with_a_norm_that_does_not_fold_runs_the_plain_block(training):
-    """ GroupNorm has no running statistics to fold: every mode runs timm's block as it is. """
+    """ GroupNorm has no running statistics to fold: every mode runs timm's block as it is, and timm's
+    reparameterize_model leaves it so. """
     block = InnerResBlock(8, (4, 4), norm_layer=timm.layers.GroupNorm1).train(training)
     block.init_weights(zero_init_last=False)
     tokens = torch.randn(3, 16, 8)
     with torch.no_grad():
-        torch.testing.assert_close(block(tokens), block.forward_plain(tokens), atol=0, rtol=0)
+        expected = block.forward_plain(tokens)
+        torch.testing.assert_close(block(tokens), expected, atol=0, rtol=0)
+        reparameterize_model(torch.nn.Sequential(block), inplace=True)  # it reparameterizes children only
+        assert isinstance(block.conv_block.bn1, timm.layers.GroupNorm1) and not block.folded_norms
+        torch.testing.assert_close(block(tokens), expected, atol=0, rtol=0)
 
 
 def test_inner_block_is_a_callable_like_vit_block_fn():

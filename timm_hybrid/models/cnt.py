@@ -38,8 +38,8 @@ from timm.models.vision_transformer import Block as TransformerBlock
 from ._common import (
     ActRecomputingMlp, PatchGridEmbed, TokenClassifierMixin, batch_norm_grad_coefficients, bn_scale_shift,
     build_token_model, check_int, check_loaded_share, check_recompute_setting, check_token_model_args,
-    checkpoint_keeping_bn_stats, conv2d_with, conv_norm_eval, conv_norm_weights, cpu_untraced, describe_layout,
-    eager_backward_needs, eager_on_cpu, grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad,
+    checkpoint_keeping_bn_stats, conv_norm_eval, cpu_untraced, describe_layout, eager_backward_needs, eager_on_cpu,
+    fold_conv_norm, grouped_norm, grouped_norm_grad_sums, grouped_norm_input_grad,
     grouped_norm_stats, has_running_stats, norm_act_remainder, out_of_place, per_group, recomputes, resample_token_pos,
     source_token_grid, summarize_keys, token_model_cfg, traced_or_compiling, unwrap_checkpoint, update_running_stats,
 )
@@ -448,13 +448,14 @@ class InnerResBlock(nn.Module):
     def reparameterize(self) -> None:
         """ Folds each inference-mode BatchNorm into its conv (conv gains a bias, the norm becomes Identity, or the
         act of a BatchNormAct2d): what timm's `reparameterize_model` calls. Outputs are unchanged in eval mode; the
-        block cannot train BN after. """
+        block cannot train BN after. A norm without running statistics (GroupNorm) stays as it is. """
         for conv_name, bn_name, _ in self.stages:
-            conv, bn = getattr(self.conv_block, conv_name), getattr(self.conv_block, bn_name)
-            if bn_name in self.folded_norms or isinstance(bn, nn.Identity):
+            conv = getattr(self.conv_block, conv_name)
+            fused, remainder = fold_conv_norm(conv, getattr(self.conv_block, bn_name))
+            if fused is conv:  # folded already (what is left has no running statistics), or a norm that cannot fold
                 continue
-            setattr(self.conv_block, conv_name, conv2d_with(conv, *conv_norm_weights(conv, bn)))
-            setattr(self.conv_block, bn_name, norm_act_remainder(bn))
+            setattr(self.conv_block, conv_name, fused)
+            setattr(self.conv_block, bn_name, remainder)
             self.folded_norms = self.folded_norms | {bn_name}
 
 
