@@ -4,13 +4,16 @@ Tiny configs from tests/test_reliability.py. Per family: `torch._dynamo.explain`
 train mode), the compiled eval forward matches eager within 1e-4, and a compiled training step (forward + backward)
 matches eager's logits, parameter gradients and BatchNorm running stats within 1e-4. Inductor generates C++ for each
 graph, about 20-40 s per family on 2 cores. And CNT's compiled graph adds the pixels by concatenation, not
-index_add (inductor's atomic adds).
+index_add (inductor's atomic adds), and hands inductor its row norms' per-channel vectors as buffers.
 """
 import copy
 
 import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 
+from timm_hybrid.models._common import per_group, repeat_per_group
 from test_reliability import create, image, with_batch_stats
 
 # two stages cover every TransCNN / HAT-Net path (window + pooled attention with the padded-window mask at 40 px,
@@ -112,3 +115,51 @@ def test_compiled_cnt_adds_the_pixels_by_concatenation_and_eager_by_one_add():
         model(x)
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get('aten::index_add', 0) == 0 and counts['aten::add'] >= len(model.blocks)
+
+
+@pytest.mark.skipif(repeat_per_group is None, reason='torch.library.custom_op needs torch 2.4')
+def test_compiled_row_norms_hand_inductor_their_per_channel_vectors_as_buffers():
+    """ Traced, `per_group`'s expand becomes a modulo-index gather inside inductor's row loops, which its C++ code runs
+    as scalar code (CNT-Ti's row BatchNorms, `per_group`). Compiled for the CPU, the CNT matmul form's training step
+    hands inductor the repeated vectors as the outputs of `timm_hybrid::repeat_per_group`, in forward (the norm's scale
+    and shift) and backward (its gradient coefficients); eager runs no such operator. """
+    model, x = _model('cnt_matmul')
+    model.train()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
+    compiled(x).square().mean().backward()
+    op = torch.ops.timm_hybrid.repeat_per_group.default
+    assert len(graphs) == 2  # forward, backward
+    assert [sum(n.target is op for n in g.graph.nodes) >= 2 * len(model.blocks) for g in graphs] == [True, True]
+
+    with torch.profiler.profile() as prof:
+        model(x).square().mean().backward()
+    assert 'timm_hybrid::repeat_per_group' not in {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.skipif(repeat_per_group is None, reason='torch.library.custom_op needs torch 2.4')
+def test_compiled_per_group_gives_eagers_values_and_gradients():
+    """ `repeat_per_group` (what `per_group` runs compiled on CPU) repeats like the eager copy and sums the gradient
+    of every group back into its channel. """
+    torch.manual_seed(0)
+    weights = torch.randn(5, 12)
+
+    def loss(values):
+        repeated, absent = per_group(4, values, None)
+        return (repeated * weights.flatten()[:20]).sum() ** 2, repeated, absent
+
+    values = torch.randn(5, requires_grad=True)
+    expected, expected_repeat, _ = loss(values)
+    (expected_grad,) = torch.autograd.grad(expected, values)
+    torch._dynamo.reset()
+    actual, actual_repeat, absent = torch.compile(loss, backend='inductor', fullgraph=True)(values)
+    (actual_grad,) = torch.autograd.grad(actual, values)
+    assert absent is None and torch.equal(actual_repeat, expected_repeat)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(actual_grad, expected_grad)
