@@ -32,6 +32,8 @@ COMPILED = {
     'hatnet': ('hatnet', _TWO_STAGES, 40),
     'refiner': ('refiner', {}, None),
 }
+# `per_group`'s operator needs torch.library.custom_op (2.4) and torch.compiler.is_exporting (2.5)
+USES_REPEAT_OPERATOR = repeat_per_group is not None and hasattr(torch.compiler, 'is_exporting')
 
 
 def _model(name: str) -> tuple:
@@ -117,7 +119,7 @@ def test_compiled_cnt_adds_the_pixels_by_concatenation_and_eager_by_one_add():
     assert counts.get('aten::index_add', 0) == 0 and counts['aten::add'] >= len(model.blocks)
 
 
-@pytest.mark.skipif(repeat_per_group is None, reason='torch.library.custom_op needs torch 2.4')
+@pytest.mark.skipif(not USES_REPEAT_OPERATOR, reason='per_group runs its operator from torch 2.5')
 def test_compiled_row_norms_hand_inductor_their_per_channel_vectors_as_buffers():
     """ Traced, `per_group`'s expand becomes a modulo-index gather inside inductor's row loops, which its C++ code runs
     as scalar code (CNT-Ti's row BatchNorms, `per_group`). Compiled for the CPU, the CNT matmul form's training step
@@ -143,7 +145,7 @@ def test_compiled_row_norms_hand_inductor_their_per_channel_vectors_as_buffers()
     assert 'timm_hybrid::repeat_per_group' not in {e.key for e in prof.key_averages()}
 
 
-@pytest.mark.skipif(repeat_per_group is None, reason='torch.library.custom_op needs torch 2.4')
+@pytest.mark.skipif(not USES_REPEAT_OPERATOR, reason='per_group runs its operator from torch 2.5')
 def test_compiled_per_group_gives_eagers_values_and_gradients():
     """ `repeat_per_group` (what `per_group` runs compiled on CPU) repeats like the eager copy and sums the gradient
     of every group back into its channel. """

@@ -292,20 +292,27 @@ else:
     repeat_per_group = None
 
 
+def _compiling_not_exporting() -> bool:
+    """ Under torch.compile, not torch.export (nor the ONNX exporter that runs it): an exported program must hold only
+    operators that other runtimes know. """
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.5; before, export cannot be told apart
+    return is_exporting is not None and torch.compiler.is_compiling() and not is_exporting()
+
+
 def per_group(groups: int, *vectors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """ Per-channel (C,) vectors as (groups * C,): each channel's value once in every group, channel-minor. The
     vectors themselves for one group, else an expand and one copy each: `Tensor.repeat` dispatches several ops on CPU
     (5.6 against 2.5 us for 8 values, scratch); Refiner-S's training step made 7432 repeats, 1.7% of its time.
 
-    Compiled for the CPU, the copy is an operator inductor does not trace into (`repeat_per_group`): traced, inductor
-    fuses the expand into the kernel that reads the vectors, as a gather with a modulo index inside its row loop that
-    its C++ code cannot vectorize, so every pass over CNT-Ti's pixel rows (its row BatchNorms) ran as scalar code, 3-6
-    ms a call. As a buffer, the vectors are read like the rows: inductor's own kernels in CNT-Ti's compiled training
-    step took 161-180 against 238-256 ms (with `grouped_norm`'s affine for rows; scratch, three processes each, 2
-    threads, batch 32), and the step went from 0.819x to 0.892x DeiT-Ti's (README, pair runs). """
+    Compiled for the CPU (not exported), the copy is an operator inductor does not trace into (`repeat_per_group`):
+    traced, inductor fuses the expand into the kernel that reads the vectors, as a gather with a modulo index inside its
+    row loop that its C++ code cannot vectorize, so every pass over CNT-Ti's pixel rows (its row BatchNorms) ran as
+    scalar code, 1.0-2.8 ms a call. As a buffer, the vectors are read like the rows: inductor's own kernels in CNT-Ti's
+    compiled training step took 161-180 against 238-256 ms (with `grouped_norm`'s affine for rows; scratch, three
+    processes each, 2 threads, batch 32), and the step went from 0.819x to 0.892x DeiT-Ti's (README, pair runs). """
     if groups == 1:
         return list(vectors)
-    if repeat_per_group is not None and torch.compiler.is_compiling():
+    if repeat_per_group is not None and _compiling_not_exporting():
         return [None if v is None else repeat_per_group(v, groups) if v.device.type == 'cpu'
                 else _repeat_per_group(v, groups) for v in vectors]
     return [None if v is None else _repeat_per_group(v, groups) for v in vectors]
