@@ -274,7 +274,8 @@ def _repeat_per_group(vector: torch.Tensor, groups: int) -> torch.Tensor:
 if hasattr(torch.library, 'custom_op'):  # torch >= 2.4
     @torch.library.custom_op('timm_hybrid::repeat_per_group', mutates_args=())
     def repeat_per_group(vector: torch.Tensor, groups: int) -> torch.Tensor:
-        """ `per_group` of one vector as an operator that torch.compile does not trace into (see `per_group`). """
+        """ `per_group` of one vector for groups > 1 (one group would alias the input), as an operator that
+        torch.compile does not trace into (see `per_group`). """
         return _repeat_per_group(vector, groups)
 
     @repeat_per_group.register_fake
