@@ -4,7 +4,8 @@ Tiny configs from tests/test_reliability.py. Per family: `torch._dynamo.explain`
 train mode), the compiled eval forward matches eager within 1e-4, and a compiled training step (forward + backward)
 matches eager's logits, parameter gradients and BatchNorm running stats within 1e-4. Inductor generates C++ for each
 graph, about 20-40 s per family on 2 cores. And CNT's compiled graph adds the pixels by concatenation, not
-index_add (inductor's atomic adds), and hands inductor its row norms' per-channel vectors as buffers.
+index_add (inductor's atomic adds), hands inductor its row norms' per-channel vectors as buffers, and trains on at a
+second batch size (dynamic shapes).
 """
 import copy
 
@@ -165,3 +166,28 @@ def test_compiled_per_group_gives_eagers_values_and_gradients():
     assert absent is None and torch.equal(actual_repeat, expected_repeat)
     torch.testing.assert_close(actual, expected)
     torch.testing.assert_close(actual_grad, expected_grad)
+
+
+def test_compiled_cnt_trains_at_a_second_batch_size():
+    """ A second batch size makes dynamo recompile with a dynamic batch dim (automatic dynamic shapes). The row norms'
+    statistics then must trace without static shapes: aten's `batch_norm_update_stats` has no fake implementation, and
+    the CNT matmul form's second training step failed with 'Operator does not support running with fake tensors'.
+    Both steps match eager (logits and parameter gradients). """
+    model, x = _model('cnt_matmul')
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend='inductor', fullgraph=True)
+    for batch_size in (2, 3):
+        images = torch.randn(batch_size, *x.shape[1:])
+        out, expected = compiled(images), eager(images)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+        assert (out - expected).abs().max() < 1e-4
+        grads = dict(eager.named_parameters())
+        assert [n for n, p in model.named_parameters() if not _close(p.grad, grads[n].grad)] == []
+        model.zero_grad()
+        eager.zero_grad()

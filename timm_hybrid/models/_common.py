@@ -326,8 +326,13 @@ def group_prefix(x: torch.Tensor, *repeated: torch.Tensor) -> List[torch.Tensor]
 
 def grouped_norm_stats(x: torch.Tensor, groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """ Mean and biased variance of each of x's `groups` * C channels, as (groups, C): aten's BatchNorm statistics
-    kernel, one pass. """
-    mean, var = torch.batch_norm_update_stats(x, None, None, 0.)
+    kernel, one pass. Compiled, `var_mean` over the same dims: aten's kernel has no fake (meta) implementation, so
+    dynamo could trace it only with static shapes, and a compiled CNT-Ti failed at its second batch size (automatic
+    dynamic shapes); inductor makes either one reduction pass. """
+    if torch.compiler.is_compiling():
+        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.ndim)), correction=0)
+    else:
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.)
     return mean.view(groups, -1), var.view(groups, -1)
 
 
