@@ -33,8 +33,6 @@ COMPILED = {
     'hatnet': ('hatnet', _TWO_STAGES, 40),
     'refiner': ('refiner', {}, None),
 }
-# `per_group`'s operator needs torch.library.custom_op (2.4) and torch.compiler.is_exporting (2.5)
-USES_REPEAT_OPERATOR = repeat_per_group is not None and hasattr(torch.compiler, 'is_exporting')
 
 
 def _model(name: str) -> tuple:
@@ -43,6 +41,14 @@ def _model(name: str) -> tuple:
     model = create(family, **kwargs)
     x = image(model, 2) if size is None else torch.randn(2, 3, size, size)
     return with_batch_stats(model, x), x
+
+
+def _default_bn_momentum(model: torch.nn.Module) -> None:
+    """ PyTorch's default momentum for training steps; with_batch_stats' cumulative average (None) reads a host
+    scalar. """
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.1
 
 
 def _assert_no_graph_break(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -71,9 +77,7 @@ def test_compiled_eval_forward_matches_eager_without_graph_breaks(name):
 def test_compiled_training_step_matches_eager_without_graph_breaks(name):
     model, x = _model(name)
     model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.1  # PyTorch's default; with_batch_stats' cumulative average (None) reads a host scalar
+    _default_bn_momentum(model)
     _assert_no_graph_break(copy.deepcopy(model), x)  # explain runs the model: BatchNorm stats of a copy move
     eager, compiled_model = model, copy.deepcopy(model)
     torch._dynamo.reset()
@@ -120,7 +124,7 @@ def test_compiled_cnt_adds_the_pixels_by_concatenation_and_eager_by_one_add():
     assert counts.get('aten::index_add', 0) == 0 and counts['aten::add'] >= len(model.blocks)
 
 
-@pytest.mark.skipif(not USES_REPEAT_OPERATOR, reason='per_group runs its operator from torch 2.5')
+@pytest.mark.skipif(repeat_per_group is None, reason='per_group runs its operator from torch 2.5')
 def test_compiled_row_norms_hand_inductor_their_per_channel_vectors_as_buffers():
     """ Traced, `per_group`'s expand becomes a modulo-index gather inside inductor's row loops, which its C++ code runs
     as scalar code (CNT-Ti's row BatchNorms, `per_group`). Compiled for the CPU, the CNT matmul form's training step
@@ -146,7 +150,7 @@ def test_compiled_row_norms_hand_inductor_their_per_channel_vectors_as_buffers()
     assert 'timm_hybrid::repeat_per_group' not in {e.key for e in prof.key_averages()}
 
 
-@pytest.mark.skipif(not USES_REPEAT_OPERATOR, reason='per_group runs its operator from torch 2.5')
+@pytest.mark.skipif(repeat_per_group is None, reason='per_group runs its operator from torch 2.5')
 def test_compiled_per_group_gives_eagers_values_and_gradients():
     """ `repeat_per_group` (what `per_group` runs compiled on CPU) repeats like the eager copy and sums the gradient
     of every group back into its channel. """
@@ -175,9 +179,7 @@ def test_compiled_cnt_trains_at_a_second_batch_size():
     Both steps match eager (logits and parameter gradients). """
     model, x = _model('cnt_matmul')
     model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.1
+    _default_bn_momentum(model)
     eager = copy.deepcopy(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend='inductor', fullgraph=True)

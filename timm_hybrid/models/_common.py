@@ -271,7 +271,9 @@ def _repeat_per_group(vector: torch.Tensor, groups: int) -> torch.Tensor:
     return vector.expand(groups, vector.shape[0]).contiguous().view(-1)
 
 
-if hasattr(torch.library, 'custom_op'):  # torch >= 2.4
+# torch >= 2.5: custom_op (2.4), and is_exporting to keep the operator out of exported programs (torch.export and the
+# ONNX exporter run under is_compiling too; their programs must hold only operators other runtimes know)
+if hasattr(torch.library, 'custom_op') and hasattr(torch.compiler, 'is_exporting'):
     @torch.library.custom_op('timm_hybrid::repeat_per_group', mutates_args=())
     def repeat_per_group(vector: torch.Tensor, groups: int) -> torch.Tensor:
         """ `per_group` of one vector for groups > 1 (one group would alias the input), as an operator that
@@ -293,13 +295,6 @@ else:
     repeat_per_group = None
 
 
-def _compiling_not_exporting() -> bool:
-    """ Under torch.compile, not torch.export (nor the ONNX exporter that runs it): an exported program must hold only
-    operators that other runtimes know. """
-    is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.5; before, export cannot be told apart
-    return is_exporting is not None and torch.compiler.is_compiling() and not is_exporting()
-
-
 def per_group(groups: int, *vectors: Optional[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """ Per-channel (C,) vectors as (groups * C,): each channel's value once in every group, channel-minor. The
     vectors themselves for one group, else an expand and one copy each: `Tensor.repeat` dispatches several ops on CPU
@@ -313,7 +308,7 @@ def per_group(groups: int, *vectors: Optional[torch.Tensor]) -> List[Optional[to
     processes each, 2 threads, batch 32), and the step went from 0.819x to 0.892x DeiT-Ti's (README, pair runs). """
     if groups == 1:
         return list(vectors)
-    if repeat_per_group is not None and _compiling_not_exporting():
+    if repeat_per_group is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
         return [None if v is None else repeat_per_group(v, groups) if v.device.type == 'cpu'
                 else _repeat_per_group(v, groups) for v in vectors]
     return [None if v is None else _repeat_per_group(v, groups) for v in vectors]
