@@ -3,6 +3,7 @@
     python benchmarks/device_benchmark.py                 # -> benchmarks/results/<device>/
     python benchmarks/device_benchmark.py --sizes s       # one size group
     python benchmarks/device_benchmark.py --sizes s ti b --no-memory   # within a 15-minute GPU lease (~5 min)
+    python benchmarks/device_benchmark.py --sizes s ti b --no-memory --profile   # + PROFILE_TARGETS' profiles
     python benchmarks/device_benchmark.py --sizes s --profile cnt_s_patch16_224 refiner_vit_small_patch16_224
     python benchmarks/device_benchmark.py --models cnt_nano_patch7_28 tnt_nano_patch7_28 \\
         --reference deit_nano_patch7_28 --output /tmp/smoke   # a quick check that it runs
@@ -14,11 +15,16 @@ On a CPU: float32, batch 32, 7 repeats, `free_cpu_threads()` threads. Each size 
 DeiT of its size (the hybrid families with DeiT-S), so every `x DeiT` ratio comes from shared rounds. Writes,
 through `timm_hybrid.compare`:
 `<size>.csv/.md/.json/.png` per group (compare_models), and `benchmark.csv/.md/.json` (all models, ratios to the DeiT
-of their size) with `speed_vs_gmacs.png`; with `--profile`, one profiled training step of each model named
-(`profile_step.py`, the same settings) in `profile/`.
+of their size) with `speed_vs_gmacs.png`, rewritten after each group; with `--profile`, one profiled training step of
+each model named (`profile_step.py`, the same settings) in `profile/`.
+
+A model that fails (out of memory, a kernel or compile error) does not end the run: its row gets timm's `error` column
+and the others go on, as does a failed profile; the exit status is then 1. On a lent GPU machine
+`benchmarks/device_run.sh` runs this in one call and packs the results (README, "Speed on a GPU").
 """
 import argparse
 import re
+import sys
 from pathlib import Path
 from typing import Dict, Sequence, Tuple
 
@@ -45,6 +51,8 @@ SIZE_GROUPS = {
 # recomputed (0.601 against 0.567 training); Refiner's BatchNorm statistics per image first (`refine_image_stats`, by
 # reasoning from the H200 profile, unmeasured) vs aten's. The layouts measured once on the H200 (Refiner's
 # channels-last refinement 2.05x training, HAT-Net's channels-last maps 1.56x / 1.74x) are no longer re-timed.
+# what `--profile` with no names profiles: the models of the GPU targets (CNT-S and Refiner-S against DeiT-S)
+PROFILE_TARGETS = ('cnt_s_patch16_224', 'deit_small_patch16_224', 'refiner_vit_small_patch16_224')
 GPU_VARIANTS = {'s': ('cnt_s_patch16_224:inner_impl=conv', 'cnt_s_patch16_224:recompute_mlp_act=True',
                       'refiner_vit_small_patch16_224:refine_image_stats=False')}
 
@@ -71,7 +79,7 @@ def device_settings(args: argparse.Namespace) -> SpeedSettings:
         **{**defaults, **{k: v for k, v in chosen.items() if v is not None}})
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument('--sizes', nargs='+', choices=list(SIZE_GROUPS), default=list(SIZE_GROUPS))
     parser.add_argument('--models', nargs='+', help='time these instead of the size groups (with --reference)')
@@ -88,14 +96,17 @@ def main() -> None:
     parser.add_argument('--no-memory', action='store_true',
                         help='skip the training peak memory (one spawned process a model: half of a GPU run\'s time)')
     parser.add_argument('--output', type=Path, default=None, help='default: benchmarks/results/<device>')
-    parser.add_argument('--profile', nargs='+', default=(), metavar='MODEL',
-                        help='after the timings, profile one training step of each into <output>/profile')
+    parser.add_argument('--profile', nargs='*', default=None, metavar='MODEL',
+                        help='after the timings, profile one training step of each into <output>/profile (none '
+                             f'named: {", ".join(PROFILE_TARGETS)})')
     args = parser.parse_args()
 
     settings = device_settings(args)
     out = args.output or RESULTS / device_folder_name(settings)
     groups = {'models': (args.models, args.reference)} if args.models else size_groups(args.sizes, settings.on_gpu)
     progress = Progress()
+    meta = dict(settings=settings.describe(), processor=processor_name(settings),
+                ratios='x DeiT of the same size, timed in the same interleaved rounds')
     rows = []
     for stem, (names, reference) in groups.items():
         short = reference_short_name(reference)
@@ -103,15 +114,22 @@ def main() -> None:
                                   progress=progress, stem=stem, memory=not args.no_memory):
             # one column for every size: x the DeiT of the model's size
             rows.append({re.sub(rf'_x_{short}$', '_x_deit', k): v for k, v in row.items()} | dict(reference=reference))
-    meta = dict(settings=settings.describe(), processor=processor_name(settings),
-                ratios='x DeiT of the same size, timed in the same interleaved rounds')
-    write_results(rows, out, 'benchmark', meta, title=f'Speed on {device_folder_name(settings)}')
-    plot_speed_vs_gmacs(rows, out / 'speed_vs_gmacs.png', settings)
-    for spec in args.profile:
-        table, profile_meta = profile_step(spec, settings, train=True, rows=30, warmup=3)
-        print(f'profiled {spec}: {write_profile(spec, True, table, profile_meta, out / "profile")}')
+        # after each group: a run cut by a lease's time limit keeps the combined table of the groups it finished
+        write_results(rows, out, 'benchmark', meta, title=f'Speed on {device_folder_name(settings)}')
+        plot_speed_vs_gmacs(rows, out / 'speed_vs_gmacs.png', settings)
+    failed = [f'{r["model"]} ({r["error"]})' for r in rows if 'error' in r]
+    for spec in PROFILE_TARGETS if args.profile == [] else args.profile or ():
+        try:
+            table, profile_meta = profile_step(spec, settings, train=True, rows=30, warmup=3)
+            print(f'profiled {spec}: {write_profile(spec, True, table, profile_meta, out / "profile")}')
+        except Exception as e:  # the next profile and the timings written above are worth more than this one
+            failed.append(f'profile of {spec} ({type(e).__name__}: {e})'.splitlines()[0])
+            print(f'failed: {failed[-1]}', file=sys.stderr)
     print(f'written to {out.resolve()}')
+    if failed:
+        print('failed: ' + '; '.join(failed), file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -310,3 +310,102 @@ def test_profile_step_faults_counts_each_ops_page_faults(tmp_path, monkeypatch):
         profile_step.faults_step('cnt_nano_patch7_28', SimpleNamespace(on_gpu=True), rows=1)
     with pytest.raises(ValueError, match="rank must be 'self_ms' or 'faults'"):
         profile_step.count_step('cnt_nano_patch7_28', SpeedSettings(batch_size=2), rank='calls')
+
+
+class _FailsOnCall(torch.nn.Linear):
+    """ A model whose `fail_at`-th forward raises what a GPU out of memory raises. """
+
+    def __init__(self, fail_at: int):
+        super().__init__(3, 2)
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 9.00 GiB\nmore lines')
+        return super().forward(x)
+
+
+def test_a_failing_step_leaves_the_rounds_and_the_others_are_timed():
+    """ With `failures`, a model whose step raises mid-way (its third call, in the second round) leaves the rounds
+    with its error's first line recorded, and the other models get every repeat; without it the error propagates. """
+    settings = SpeedSettings(batch_size=2, repeats=3, warmup=1, settle_steps=0)
+    models = {'a': torch.nn.Linear(3, 2), 'b': _FailsOnCall(3), 'c': torch.nn.Linear(3, 2)}
+    failures = {}
+    timings = compare.time_interleaved(models, {n: (3,) for n in models}, settings, train=True, failures=failures)
+    assert set(timings) == {'a', 'c'} and all(len(t.seconds) == 3 for t in timings.values())
+    assert failures == {'b': 'OutOfMemoryError: CUDA out of memory. Tried to allocate 9.00 GiB'}
+    assert all(p.grad is None for p in models['b'].parameters())  # what the failed step left is freed
+    with pytest.raises(torch.OutOfMemoryError):
+        compare.time_interleaved({'b': _FailsOnCall(1)}, {'b': (3,)}, settings)
+
+
+def test_compare_models_records_a_failed_model_and_goes_on(tmp_path, monkeypatch):
+    """ A model whose training step fails keeps its inference columns and gets timm's `error` column, the models
+    after it are timed, a peak-memory measurement that fails is an error beside the timings it leaves, and the
+    tables and the plot are written. """
+    failing, real_create = 'cnt_nano_patch7_28:depth=2', compare.create_model_spec
+
+    def create(spec, **kwargs):
+        model = real_create(spec, **kwargs)
+        if spec == failing:
+            forward = model.forward
+
+            def forward_failing_in_training(x):
+                if model.training:
+                    raise RuntimeError('CUDA error: an illegal memory access was encountered')
+                return forward(x)
+            model.forward = forward_failing_in_training
+        return model
+
+    def peak_memory_mb(name, settings):
+        raise RuntimeError('A process in the process pool was terminated abruptly')
+    monkeypatch.setattr(compare, 'create_model_spec', create)
+    monkeypatch.setattr(compare, 'peak_memory_mb', peak_memory_mb)
+    rows = compare.compare_models(
+        [failing, 'cnt_nano_patch7_28'], output_dir=tmp_path, references=['deit_nano_patch7_28'],
+        settings=SpeedSettings(batch_size=2, repeats=1, warmup=0))
+    by_model = {r['model']: r for r in rows}
+    error = 'train step: RuntimeError: CUDA error: an illegal memory access was encountered'
+    assert by_model[failing]['error'] == error
+    assert 'infer_x_deit_nano' in by_model[failing] and 'train_samples_per_sec' not in by_model[failing]
+    good = by_model['cnt_nano_patch7_28']
+    assert {'infer_x_deit_nano', 'train_x_deit_nano'} <= set(good) and 'train_peak_mem_mb' not in good
+    assert good['error'] == 'memory: RuntimeError: A process in the process pool was terminated abruptly'
+    assert 'illegal memory access' in (tmp_path / 'compare.md').read_text()
+    assert (tmp_path / 'compare.png').is_file()
+
+
+def test_device_benchmark_keeps_each_groups_table_and_goes_on_past_failures(tmp_path, monkeypatch):
+    """ benchmarks/device_benchmark.py as a lent GPU machine's one call runs it: the combined table is rewritten after
+    each size group (a run cut by the lease keeps the groups it finished); `--profile` alone profiles the GPU targets'
+    models, one that fails does not stop the next, and the exit status says something failed. """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    import device_benchmark
+    nano = 'deit_nano_patch7_28'
+    monkeypatch.setattr(device_benchmark, 'SIZE_GROUPS', {
+        's': (('cnt_nano_patch7_28', nano), nano), 'ti': (('tnt_nano_patch7_28', nano), nano)})
+    combined, real_write = [], device_benchmark.write_results
+
+    def write_results(rows, out, stem, *args, **kwargs):
+        if stem == 'benchmark':
+            combined.append([r['model'] for r in rows])
+        return real_write(rows, out, stem, *args, **kwargs)
+
+    profiled = []
+
+    def profile_step(spec, settings, **kwargs):
+        profiled.append(spec)
+        if spec == 'cnt_s_patch16_224':
+            raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+        return [dict(op='aten::mm', input_shapes='[]', calls=1, self_ms=1., self_share=1.)], dict(settings='')
+    monkeypatch.setattr(device_benchmark, 'write_results', write_results)
+    monkeypatch.setattr(device_benchmark, 'profile_step', profile_step)
+    monkeypatch.setattr(device_benchmark, 'write_profile', lambda spec, *args: tmp_path / f'{spec}.md')
+    monkeypatch.setattr(sys, 'argv', ['device_benchmark.py', '--sizes', 's', 'ti', '--batch-size', '2', '--repeats',
+                                      '1', '--no-memory', '--output', str(tmp_path), '--profile'])
+    assert device_benchmark.main() == 1
+    assert combined == [['cnt_nano_patch7_28', nano], ['cnt_nano_patch7_28', nano, 'tnt_nano_patch7_28', nano]]
+    assert profiled == list(device_benchmark.PROFILE_TARGETS)
+    rows = json.loads((tmp_path / 'benchmark.json').read_text())['rows']
+    assert all('infer_x_deit' in r and 'error' not in r for r in rows)

@@ -342,31 +342,55 @@ def time_interleaved(
         settings: SpeedSettings,
         train: bool = False,
         progress: Optional[Progress] = None,
+        failures: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Timing]:
     """ Times one step of each model, `settings.repeats` rounds after the warm-up, the order rotated every round so
     that no model always runs first; each timed step follows `settings.settle_steps` untimed ones of the same model.
-    Models are prepared (device, channels-last, compile) by the caller. """
+    Models are prepared (device, channels-last, compile) by the caller.
+
+    `failures`: where given, a model whose step raises (out of memory, a compile or kernel error) leaves the rounds,
+    its error is recorded there as 'ExceptionType: message' and the others go on, as timm's benchmark.py records a
+    model's `error` and goes on; the timings returned are those of the models that ran. Without it the error
+    propagates. """
     torch.set_num_threads(settings.threads)
     settings.apply_malloc()
     steps = {n: make_step(m, input_sizes[n], settings, train) for n, m in models.items()}
-    names = list(models)
-    for _ in range(settings.warmup):
-        for n in names:
-            steps[n]()
-    timings = {n: Timing() for n in names}
     kind = 'train step' if train else 'inference'
+
+    def run(n: str) -> bool:
+        try:
+            steps[n]()
+            return True
+        except Exception as e:
+            if failures is None:
+                raise
+            failures[n] = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+        # outside the handler, so that the exception's frames (and the step's tensors they hold) are gone first
+        del steps[n]
+        models[n].zero_grad(set_to_none=True)  # a step that failed mid-way may have left gradients
+        if settings.on_gpu:
+            torch.cuda.empty_cache()
+        if progress is not None:
+            progress.line(f'  {kind} {n} failed and leaves the rounds: {failures[n]}')
+        return False
+
+    for _ in range(settings.warmup):
+        for n in list(steps):
+            run(n)
+    timings = {n: Timing() for n in steps}
     for r in range(settings.repeats):
-        for n in names[r % len(names):] + names[:r % len(names)]:
-            for _ in range(settings.settle_steps):
-                steps[n]()
+        names = list(steps)
+        for n in names[r % max(len(names), 1):] + names[:r % max(len(names), 1)]:
+            if not all(run(n) for _ in range(settings.settle_steps)):
+                continue
             faults = minor_faults()
             start = time.perf_counter()
-            steps[n]()
-            timings[n].seconds.append(time.perf_counter() - start)
-            timings[n].faults.append(minor_faults() - faults)
-        if progress is not None:
-            progress.heartbeat(f'  {kind} round {r + 1}/{settings.repeats} of {", ".join(names)}')
-    return timings
+            if run(n):
+                timings[n].seconds.append(time.perf_counter() - start)
+                timings[n].faults.append(minor_faults() - faults)
+        if progress is not None and steps:
+            progress.heartbeat(f'  {kind} round {r + 1}/{settings.repeats} of {", ".join(steps)}')
+    return {n: t for n, t in timings.items() if n in steps}
 
 
 def minor_faults() -> int:
@@ -534,12 +558,15 @@ def _speed_columns(
     fault in different amounts, their ratio holds the allocator's work as well as theirs (`--malloc keep`). """
     columns = {}
     for prefix, timings in (('infer', infer), ('train', train)):
-        t = timings[name]
+        t = timings.get(name)
+        if t is None:  # the model failed (time_interleaved's failures)
+            continue
         columns[f'{prefix}_samples_per_sec'] = round(settings.batch_size / t.median, 2)
         columns[f'{prefix}_step_time'] = round(1000 * t.median, 3)
         columns[f'{prefix}_spread'] = round(t.spread, 3)
         for ref in references:
-            columns[f'{prefix}_x_{reference_short_name(ref)}'] = round(timings[ref].median / t.median, 3)
+            if ref in timings:
+                columns[f'{prefix}_x_{reference_short_name(ref)}'] = round(timings[ref].median / t.median, 3)
         if not settings.on_gpu and t.faults:
             columns[f'{prefix}_faults_per_step'] = t.median_faults
     return columns
@@ -605,19 +632,26 @@ def compare_models(
                 model = create_model_spec(m)
                 sizes[m] = _input_size(model)
                 built[m] = prepare_model(model, settings)
-        timings = {}
+        timings, failures = {}, {}
         for kind, train, units in (('inference', False, work[i]), ('train step', True, 3 * work[i])):
             start = time.perf_counter()
-            timings[kind] = time_interleaved({m: built[m] for m in group}, sizes, settings, train, progress)
+            failures[kind] = {}
+            timings[kind] = time_interleaved(
+                {m: built[m] for m in group}, sizes, settings, train, progress, failures=failures[kind])
             progress.finished(kind, units, time.perf_counter() - start, f'{kind}, group {i + 1}/{len(groups)} done')
             for m, t in timings[kind].items():
                 faults = '' if settings.on_gpu else f', {t.median_faults} page faults/step'
                 progress.line(f'  {kind} {m}: {settings.batch_size / t.median:.1f} samples/s ±{t.spread:.0%}, '
                               f'{t.median * 1000:.0f} ms/step{faults}')
-        new = [m for m in group if m in rows and 'infer_samples_per_sec' not in rows[m]]
+        new = [m for m in group if m in rows and 'infer_samples_per_sec' not in rows[m] and 'error' not in rows[m]]
         for m in new:
             rows[m].update(_speed_columns(m, timings['inference'], timings['train step'], references, settings))
-            rows[m]['frac_matmul_peak'] = round(gmacs[m] * rows[m]['infer_samples_per_sec'] / peak, 3)
+            if 'infer_samples_per_sec' in rows[m]:
+                rows[m]['frac_matmul_peak'] = round(gmacs[m] * rows[m]['infer_samples_per_sec'] / peak, 3)
+            # timm's benchmark.py column for a model that failed; a reference's failure leaves its ratios out
+            errors = [f'{kind}: {failures[kind][m]}' for kind in failures if m in failures[kind]]
+            if errors:
+                rows[m]['error'] = '; '.join(errors)
         save()
         for m in group:  # keep the references for the next groups, free the rest
             if m not in references:
@@ -627,10 +661,16 @@ def compare_models(
         # holds what its timed steps left (malloc keeps freed chunk-sized blocks); together they overran 24 GB
         release_freed_memory()
         for m in new if memory else ():
+            if 'train_samples_per_sec' not in rows[m]:  # its training step failed in this process already
+                continue
             start = time.perf_counter()
-            rows[m]['train_peak_mem_mb'] = round(peak_memory_mb(m, settings), 0)
-            progress.finished('memory', 1, time.perf_counter() - start,
-                              f'{m}: train step peak memory {rows[m]["train_peak_mem_mb"]:.0f} MB')
+            try:
+                rows[m]['train_peak_mem_mb'] = round(peak_memory_mb(m, settings), 0)
+                done = f'{m}: train step peak memory {rows[m]["train_peak_mem_mb"]:.0f} MB'
+            except Exception as e:  # the spawned process's error (out of memory, say): the timings stand
+                rows[m]['error'] = f'memory: {type(e).__name__}: {e}'.splitlines()[0][:300]
+                done = f'{m}: train step peak memory failed: {rows[m]["error"]}'
+            progress.finished('memory', 1, time.perf_counter() - start, done)
             save()
 
     plot_speed_ratios(list(rows.values()), out / f'{stem}.png', references[0], settings)
@@ -750,8 +790,10 @@ def plot_speed_ratios(rows: Sequence[Mapping[str, object]], path: Path, referenc
     axes[0].invert_yaxis()
     if timed:
         y = range(len(timed))
+        # a ratio that is missing (the training step failed) draws no bar
         axes[1].barh([i - .2 for i in y], [r[f'infer_x_{short}'] for r in timed], height=.4, label='inference')
-        axes[1].barh([i + .2 for i in y], [r[f'train_x_{short}'] for r in timed], height=.4, label='train step')
+        axes[1].barh([i + .2 for i in y], [r.get(f'train_x_{short}', float('nan')) for r in timed], height=.4,
+                     label='train step')
         axes[1].set_yticks(list(y), [r['model'] for r in timed])
         axes[1].axvline(1, color='k', lw=.8)
         axes[1].set_xlabel(f'speed x {reference} (same rounds)')
