@@ -5,13 +5,15 @@
 #
 # 1. installs the carried wheels into /tmp/site (the image's torch stays) and prints what it runs on;
 # 2. the tests of the CUDA-only code paths (`-k cuda`: against the CPU and aten, they skip without a GPU);
-# 3. benchmarks/device_benchmark.py, by default `--sizes s ti b --no-memory --profile` (arguments given to this
-#    script replace those), under `timeout` so that it ends inside DEVICE_BUDGET_S (default 540 s, under the call's
-#    600 s), interrupted there like Ctrl-C, which keeps every table already written;
-# 4. packs what step 3 wrote under DEVICE_RESULTS (default benchmarks/results/<device>) into $OUT/results.tgz, paths
-#    relative to the repository: `tar xzf results.tgz` in the checkout puts them in place.
+# 3. benchmarks/device_benchmark.py in stages, each under `timeout` so that all end inside DEVICE_BUDGET_S (default
+#    540 s, under the call's 600 s), interrupted there like Ctrl-C, which keeps every table already written: the S
+#    group with `--profile` (at most 330 s), the GPU targets' models compiled (compiled/), the Ti and B trios
+#    (ti_b/), the later ones only while time is left. Arguments given to this script make one stage of their own;
+#    after each stage, what the benchmark wrote under DEVICE_RESULTS (default benchmarks/results/<device>) is
+#    packed into $OUT/results.tgz, paths relative to the repository: `tar xzf results.tgz` in the checkout puts them
+#    in place.
 # $OUT (the device tool's folder; a temporary one elsewhere) also gets env.txt, tests.log and benchmark.log. Exits
-# with the first failing step's status, after packing. DEVICE_WHEELS, PYTHON: the wheels' folder, the interpreter.
+# with the first failing step's status. DEVICE_WHEELS, PYTHON: the wheels' folder, the interpreter.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -54,12 +56,27 @@ from timm_hybrid.compare import SpeedSettings, device_folder_name
 device = "cuda" if torch.cuda.is_available() else "cpu"
 print("benchmarks/results/" + device_folder_name(SpeedSettings(device=device)))')}
 stamp=$(mktemp)
-[ $# -gt 0 ] || set -- --sizes s ti b --no-memory --profile
-timeout -s INT -k 20 "$(left)" "$PY" benchmarks/device_benchmark.py "$@" --output "$RESULTS" 2>&1 \
-  | tee "$OUT/benchmark.log"
-note $?
+# one benchmark stage: at most $1 seconds of what is left, output folder $2, then device_benchmark.py's arguments;
+# interrupted at its limit like Ctrl-C (the tables written so far stay), and everything so far packed after it
+stage() {
+  local limit=$1 folder=$2
+  shift 2
+  timeout -s INT -k 20 "$(left "$limit")" "$PY" benchmarks/device_benchmark.py "$@" --output "$folder" 2>&1 \
+    | tee -a "$OUT/benchmark.log"
+  note $?
+  find "$RESULTS" -type f -newer "$stamp" -print0 | tar czf "$OUT/results.tgz" --null -T -
+  echo "packed: $(tar tzf "$OUT/results.tgz" | wc -l) files of $RESULTS into $OUT/results.tgz"
+}
 
-find "$RESULTS" -type f -newer "$stamp" -print0 | tar czf "$OUT/results.tgz" --null -T -
-note $?
-echo "packed: $(tar tzf "$OUT/results.tgz" | wc -l) files of $RESULTS into $OUT/results.tgz"
+if [ $# -gt 0 ]; then
+  stage "$BUDGET_S" "$RESULTS" "$@"
+else
+  # the targets' group first (CNT-S, Refiner-S against DeiT-S, with the GPU choices' alternatives and profiles); then
+  # the same targets compiled, which fuses the passes over memory that eager mode makes one kernel each; then the
+  # Ti and B trios with what is left
+  stage 330 "$RESULTS" --sizes s --no-memory --profile
+  [ "$(left)" -lt 90 ] || stage "$BUDGET_S" "$RESULTS/compiled" --compile --no-memory \
+    --models cnt_s_patch16_224 refiner_vit_small_patch16_224 deit_small_patch16_224 --reference deit_small_patch16_224
+  [ "$(left)" -lt 60 ] || stage "$BUDGET_S" "$RESULTS/ti_b" --sizes ti b --no-memory
+fi
 exit "$status"

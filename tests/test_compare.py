@@ -1,6 +1,7 @@
 """ timm_hybrid.compare: settings, threads, spread, token counts, the one result writer, AMP / channels-last steps. """
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -409,3 +410,27 @@ def test_device_benchmark_keeps_each_groups_table_and_goes_on_past_failures(tmp_
     assert profiled == list(device_benchmark.PROFILE_TARGETS)
     rows = json.loads((tmp_path / 'benchmark.json').read_text())['rows']
     assert all('infer_x_deit' in r and 'error' not in r for r in rows)
+
+
+def test_device_run_script_packs_what_the_benchmark_wrote(tmp_path):
+    """ benchmarks/device_run.sh, the one call on a lent GPU machine, here on the CPU with a nano model as the stage
+    its arguments make: $OUT gets the environment line, the test and benchmark logs and one archive of the tables
+    and profile the benchmark wrote (the device tool returns at most 8 files), and the script exits 0. """
+    import subprocess
+    import tarfile
+    repo = Path(__file__).resolve().parents[1]
+    out, results = tmp_path / 'out', tmp_path / 'results'
+    out.mkdir()
+    env = dict(os.environ, OUT=str(out), DEVICE_RESULTS=str(results), DEVICE_WHEELS=str(tmp_path / 'no-wheels'),
+               PYTHON=sys.executable)
+    run = subprocess.run(
+        ['bash', str(repo / 'benchmarks' / 'device_run.sh'), '--models', 'cnt_nano_patch7_28', '--reference',
+         'deit_nano_patch7_28', '--batch-size', '2', '--repeats', '1', '--no-memory', '--profile',
+         'cnt_nano_patch7_28'], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert {p.name for p in out.iterdir()} == {'env.txt', 'tests.log', 'benchmark.log', 'results.tgz'}
+    assert (out / 'env.txt').read_text().startswith(f'torch {torch.__version__}, timm {timm.__version__}')
+    assert 'skipped' in (out / 'tests.log').read_text()  # the CUDA tests, without a GPU
+    with tarfile.open(out / 'results.tgz') as tar:
+        packed = {Path(name).relative_to(str(results).lstrip('/')).as_posix() for name in tar.getnames()}
+    assert {'models.csv', 'benchmark.md', 'speed_vs_gmacs.png', 'profile/cnt_nano_patch7_28-train.md'} <= packed
