@@ -434,3 +434,55 @@ def test_device_run_script_packs_what_the_benchmark_wrote(tmp_path):
     with tarfile.open(out / 'results.tgz') as tar:
         packed = {Path(name).relative_to(str(results).lstrip('/')).as_posix() for name in tar.getnames()}
     assert {'models.csv', 'benchmark.md', 'speed_vs_gmacs.png', 'profile/cnt_nano_patch7_28-train.md'} <= packed
+
+
+def _memory_traffic():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+    import memory_traffic
+    return memory_traffic
+
+
+def test_memory_traffic_counts_each_ops_bytes_and_flops():
+    """ benchmarks/memory_traffic.py's counter: a matmul reads both operands and writes its output (and does
+    2 * m * k * n FLOPs), a broadcast operand is read once per element it holds, views move nothing. """
+    mt = _memory_traffic()
+    a, b, bias = torch.randn(4, 8), torch.randn(8, 16), torch.randn(16)
+    with mt.TrafficCounter() as counter:
+        y = a @ b
+        y.t().reshape(64)  # the transposed view is free; flattening it copies (a clone, then a free view)
+        y + bias  # bias broadcast over 4 rows: its 16 values read once
+    assert counter.calls == {'mm': 1, 'clone': 1, 'add': 1}
+    assert counter.bytes['mm'] == (32 + 128 + 64) * 4 and counter.flops['mm'] == 2 * 4 * 8 * 16
+    assert counter.bytes['clone'] == 2 * 64 * 4
+    assert counter.bytes['add'] == (64 + 16 + 64) * 4 and counter.flops['add'] == 0
+
+
+def test_memory_traffic_runs_cuda_autocasts_float32_ops_in_float32_and_takes_the_gpu_paths():
+    mt = _memory_traffic()
+    x = torch.randn(2, 8, dtype=torch.bfloat16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert x.softmax(-1).dtype == torch.bfloat16  # the CPU's autocast
+        with mt.CudaAutocastFp32():
+            assert x.softmax(-1).dtype == torch.float32 and torch.nn.functional.layer_norm(x, (8,)).dtype == \
+                torch.float32
+            assert (x @ x.t()).dtype == torch.bfloat16
+    assert mt.gpu_spec('deit_small_patch16_224') == 'deit_small_patch16_224'
+    assert mt.gpu_spec('cnt_s_patch16_224:inner_impl=conv') == (
+        'cnt_s_patch16_224:inner_impl=conv,recompute_mlp_act=False')
+    assert mt.gpu_spec('refiner_vit_small_patch16_224') == (
+        'refiner_vit_small_patch16_224:refine_channels_last=True,refine_image_stats=True,cpu_chunk=0')
+
+
+def test_memory_traffic_flops_match_fvcores_multiply_adds():
+    """ A DeiT's inference forward does 2 FLOPs per fvcore multiply-add (within its head and norms' share), a training
+    step three times that (forward, and backward's two GEMMs a layer, none for the input image). """
+    mt = _memory_traffic()
+    from timm_hybrid.flops import count_flops
+    model = timm.create_model('deit_nano_patch7_28')
+    flops = 2e9 * count_flops(model, input_size=model.pretrained_cfg['input_size']).gmacs * 4
+    infer, train = (sum(mt.count_step('deit_nano_patch7_28', 4, amp=False, train=t).flops.values())
+                    for t in (False, True))
+    assert 0.97 < infer / flops < 1.01 and 2.9 < train / flops < 3.0
+    rows = mt.traffic_table(['deit_nano_patch7_28'], 'deit_nano_patch7_28', batch_size=8)
+    assert rows[0]['train_x_deit_nano'] == rows[0]['infer_x_deit_nano'] == 1.0
+    assert rows[0]['train_roofline_ms'] > rows[0]['infer_roofline_ms'] > 0

@@ -1,0 +1,244 @@
+""" How many bytes one eager training step moves through memory, and what that bounds on a GPU, measured without one.
+
+    python benchmarks/memory_traffic.py                    # the GPU targets' models -> benchmarks/results/traffic/
+    python benchmarks/memory_traffic.py --models cnt_s_patch16_224 --reference deit_small_patch16_224
+
+A GPU step of these models at batch 256 is bound by memory as much as by arithmetic: every eager op that is not a
+GEMM reads its inputs and writes its outputs once, a kernel of its own. This counts, under a TorchDispatchMode on the
+CPU, each aten op's bytes (the tensors it reads and writes, broadcast dimensions once, views and metadata ops free)
+and FLOPs (torch.utils.flop_counter's formulas; the CPU's fused attention as the GPU's), for one training step
+(forward, cross-entropy, backward, AdamW) on the code paths a CUDA step takes (`GPU_PATHS`: the settings the models
+pick on CUDA, forced here). Bytes grow with the batch: two small batches give the per-image and fixed parts, and the
+table gives them at `--batch-size` (256, as timm's benchmark.py on a GPU).
+
+Dtypes follow CUDA's bf16 autocast: matmuls and convolutions in bf16; softmax, log-softmax, layer norm, group norm
+and cross-entropy in float32, as CUDA's autocast runs them (the CPU's autocast keeps those in bf16, so a
+TorchFunctionMode casts their inputs first); the rest in whatever dtype their inputs come in. `--fp32` counts without
+autocast.
+
+`roofline_ms`: the sum over ops of max(bytes / bandwidth, FLOPs / matmul peak), at the H100 that the device tool
+lends (3.0 TB/s device-to-device copy, 790 TFLOP/s bf16 matmul, read there; `--bandwidth`, `--peak`). It is a floor
+for eager mode, where each op is a kernel that moves its own bytes: cache reuse between ops is not counted (an L2
+of 50 MB holds little of a batch-256 step's tensors), nor launch latency. `x_<reference>` divides the reference's
+floor by the model's: the eager ratio it could reach if both ran at the floor.
+"""
+import argparse
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+
+from timm_hybrid.compare import create_model_spec, reference_short_name, write_results
+
+RESULTS = Path(__file__).resolve().parent / 'results' / 'traffic'
+# what a CUDA training step runs, forced on the CPU: CNT's inner block as GEMMs and its outer MLP keeping its
+# activations ('auto' and 'cpu' pick these on CUDA); Refiner's refinement channels-last with per-image BatchNorm
+# statistics and without the CPU's chunks; TransCNN / HAT-Net already run channels-last everywhere
+GPU_PATHS = {
+    'cnt': dict(inner_impl='matmul', recompute_mlp_act=False),
+    'refiner_vit': dict(refine_channels_last=True, refine_image_stats=True, cpu_chunk=0),
+}
+DEFAULT_MODELS = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'refiner_vit_small_patch16_224', 'deit_small_patch16_224')
+# ops that move no data (views, metadata) or only a scalar to the host
+FREE_OPS = {
+    'view', '_unsafe_view', 'reshape', 'permute', 'transpose', 't', 'expand', 'as_strided', 'unsqueeze', 'squeeze',
+    'slice', 'select', 'detach', 'alias', 'split', 'split_with_sizes', 'unbind', 'chunk', 'narrow', 'view_as',
+    'unflatten', 'flatten', 'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided', 'lift_fresh',
+    '_local_scalar_dense', 'is_same_size', 'sym_size', 'sym_stride', 'sym_numel', 'result_type',
+}
+# CUDA's autocast runs these in float32 (its fp32 list); the CPU's keeps them in the low precision
+CUDA_FP32_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.log_softmax,
+                       torch.Tensor.log_softmax, F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm,
+                       F.cross_entropy}
+
+
+def touched_bytes(t: torch.Tensor) -> int:
+    """ Bytes an op reads or writes of `t`: its elements, a broadcast (stride-0) dimension once. """
+    elements = math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0)
+    return elements * t.element_size()
+
+
+def _shape(x):
+    return x.shape if isinstance(x, torch.Tensor) else x
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    packet = func.overloadpacket
+    name = packet.__name__
+    if name == '_scaled_dot_product_flash_attention_for_cpu':  # the GPU's fused attention does the same work
+        return sdpa_flop_count(*(a.shape for a in args[:3]))
+    if name == '_scaled_dot_product_flash_attention_for_cpu_backward':
+        return sdpa_backward_flop_count(*(a.shape for a in args[:4]))
+    if packet in flop_registry:
+        return flop_registry[packet](*args, **kwargs, out_val=out)
+    return 0
+
+
+class TrafficCounter(TorchDispatchMode):
+    """ Per aten op (by name): calls, bytes read + written, FLOPs. """
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.bytes, self.flops = Counter(), Counter(), Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name.rstrip('_') in FREE_OPS or name in FREE_OPS:
+            return out
+        tensors = {id(t): t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        written = {id(t): t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)}
+        self.calls[name] += 1
+        self.bytes[name] += sum(touched_bytes(t) for t in tensors.values())
+        self.bytes[name] += sum(touched_bytes(t) for t in written.values())
+        self.flops[name] += op_flops(func, args, kwargs, out)
+        return out
+
+
+class CudaAutocastFp32(TorchFunctionMode):
+    """ Under the CPU's autocast, runs CUDA autocast's float32 functions in float32 as CUDA would. """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in CUDA_FP32_FUNCTIONS and torch.is_autocast_enabled('cpu'):
+            def up(x):
+                return x.float() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            with torch.autocast('cpu', enabled=False):
+                return func(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+        return func(*args, **kwargs)
+
+
+def gpu_spec(spec: str) -> str:
+    """ `spec` with the settings a CUDA step takes (GPU_PATHS) for its family, unless the spec sets them. """
+    name, _, given = spec.partition(':')
+    family = next((f for f in GPU_PATHS if name.startswith(f + '_')), None)
+    if family is None:
+        return spec
+    given_keys = {item.split('=')[0] for item in given.split(',') if item}
+    extra = [f'{k}={v}' for k, v in GPU_PATHS[family].items() if k not in given_keys]
+    return name + ':' + ','.join(filter(None, [given, *extra]))
+
+
+def count_step(spec: str, batch_size: int, amp: bool = True, train: bool = True) -> TrafficCounter:
+    """ One training step of `spec` (GPU paths, see gpu_spec) at `batch_size`, or one inference forward, its ops
+    counted. A step runs first uncounted (AdamW creates its state in its first step). """
+    torch.manual_seed(0)
+    model = create_model_spec(gpu_spec(spec)).train(train)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch_size, *model.pretrained_cfg['input_size'])
+    target = torch.zeros(batch_size, dtype=torch.long)
+
+    def step():
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp), CudaAutocastFp32():
+            if not train:
+                with torch.no_grad():  # inference_mode would hand the counter undecomposed ops (linear, to)
+                    return model(x)
+            out = model(x)
+            loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()
+    counter = TrafficCounter()
+    with counter:
+        step()
+    return counter
+
+
+def traffic_columns(spec: str, train: bool, batch_size: int, small: Tuple[int, int], amp: bool, bandwidth: float,
+                    peak: float) -> Dict[str, object]:
+    """ Ops, GB, GFLOPs and the roofline floor of one step (or inference forward) at `batch_size`, each op's bytes and
+    FLOPs extrapolated from the two `small` batches (a + b * batch: a the weights' and optimizer's, b the images'). """
+    lo, hi = (count_step(spec, b, amp, train) for b in small)
+
+    def at(counter_lo: Counter, counter_hi: Counter, op: str) -> float:
+        per_image = (counter_hi[op] - counter_lo[op]) / (small[1] - small[0])
+        return counter_lo[op] + per_image * (batch_size - small[0])
+    ops = set(hi.calls)
+    moved = {op: at(lo.bytes, hi.bytes, op) for op in ops}
+    flops = {op: at(lo.flops, hi.flops, op) for op in ops}
+    floor_s = sum(max(moved[op] / bandwidth, flops[op] / peak) for op in ops)
+    prefix = 'train' if train else 'infer'
+    columns = {f'{prefix}_ops': sum(hi.calls.values()), f'{prefix}_gb': round(sum(moved.values()) / 1e9, 1),
+               f'{prefix}_gflops': round(sum(flops.values()) / 1e9),
+               f'{prefix}_roofline_ms': float(f'{floor_s * 1e3:.4g}')}
+    if train:
+        top = sorted(ops, key=lambda op: -moved[op])[:5]
+        columns['train_most_bytes'] = ', '.join(f'{op} {moved[op] / 1e9:.1f} GB' for op in top)
+    return columns
+
+
+def traffic_row(spec: str, batch_size: int, small: Tuple[int, int], amp: bool, bandwidth: float,
+                peak: float) -> Dict[str, object]:
+    row = dict(model=spec, batch_size=batch_size)
+    for train in (False, True):
+        row.update(traffic_columns(spec, train, batch_size, small, amp, bandwidth, peak))
+    return row
+
+
+def traffic_table(specs: Sequence[str], reference: str, batch_size: int = 256, small: Tuple[int, int] = (2, 4),
+                  amp: bool = True, bandwidth: float = 3.0e12, peak: float = 7.9e14) -> List[Dict[str, object]]:
+    rows = {s: traffic_row(s, batch_size, small, amp, bandwidth, peak) for s in dict.fromkeys([*specs, reference])}
+    short = reference_short_name(reference)
+    for row in rows.values():
+        for prefix in ('infer', 'train'):
+            key = f'{prefix}_roofline_ms'
+            row[f'{prefix}_x_{short}'] = round(rows[reference][key] / row[key], 3)
+    return [rows[s] for s in specs]
+
+
+def plot_traffic(rows: Sequence[Dict[str, object]], reference: str, path: Path) -> None:
+    """ GB a step moves (inference, training), and the floor ratio to the reference, one bar pair per model. """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    short = reference_short_name(reference)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2))
+    y = range(len(rows))
+    for ax, (key, label) in zip(axes, (('gb', 'GB moved a step'), (f'x_{short}', f'roofline floor x {reference}'))):
+        ax.barh([i - .2 for i in y], [r[f'infer_{key}'] for r in rows], height=.4, label='inference')
+        ax.barh([i + .2 for i in y], [r[f'train_{key}'] for r in rows], height=.4, label='train step')
+        ax.set_yticks(list(y), [r['model'] for r in rows])
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        ax.legend()
+    fig.suptitle(f'eager, CUDA paths, batch {rows[0]["batch_size"]}; floor: each op at max(bytes / bandwidth, '
+                 f'FLOPs / matmul peak)', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS))
+    parser.add_argument('--reference', default='deit_small_patch16_224')
+    parser.add_argument('--batch-size', type=int, default=256)
+    parser.add_argument('--fp32', action='store_true', help='count without autocast (float32 throughout)')
+    parser.add_argument('--bandwidth', type=float, default=3.0e12, help='bytes/s (default: the H100 here)')
+    parser.add_argument('--peak', type=float, default=7.9e14, help='matmul FLOP/s (default: the H100 here, bf16)')
+    parser.add_argument('--output', type=Path, default=RESULTS)
+    args = parser.parse_args()
+    rows = traffic_table(args.models, args.reference, args.batch_size, amp=not args.fp32, bandwidth=args.bandwidth,
+                         peak=args.peak)
+    precision = 'float32' if args.fp32 else "bf16 autocast, CUDA's float32 ops in float32"
+    meta = dict(settings=f'one eager inference forward and training step (AdamW), CUDA code paths forced on the CPU, '
+                         f'batch {args.batch_size} (extrapolated from 2 and 4), {precision}, bandwidth '
+                         f'{args.bandwidth / 1e12:g} TB/s, matmul peak {args.peak / 1e12:g} TFLOP/s')
+    stem = 'fp32' if args.fp32 else 'bf16'
+    title = 'Memory traffic of an eager step, and its floor on a GPU'
+    written = write_results(rows, args.output, stem, meta, title=title)
+    plot_traffic(rows, args.reference, written.with_suffix('.png'))
+    print(f'written: {written}.md, .csv, .json, .png')
+
+
+if __name__ == '__main__':
+    main()
