@@ -32,8 +32,8 @@ import torch
 
 from profile_step import profile_step, write_profile
 from timm_hybrid.compare import (
-    MALLOC_SETTINGS, Progress, SpeedSettings, compare_models, device_folder_name, free_cpu_threads, plot_speed_vs_gmacs,
-    processor_name, reference_short_name, write_results,
+    MALLOC_SETTINGS, Progress, SpeedSettings, compare_models, device_folder_name, error_line, free_cpu_threads,
+    plot_speed_vs_gmacs, processor_name, reference_short_name, write_results,
 )
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -123,7 +123,7 @@ def main() -> int:
             table, profile_meta = profile_step(spec, settings, train=True, rows=30, warmup=3)
             print(f'profiled {spec}: {write_profile(spec, True, table, profile_meta, out / "profile")}')
         except Exception as e:  # the next profile and the timings written above are worth more than this one
-            failed.append(f'profile of {spec} ({type(e).__name__}: {e})'.splitlines()[0])
+            failed.append(f'profile of {spec} ({error_line(e)})')
             print(f'failed: {failed[-1]}', file=sys.stderr)
     print(f'written to {out.resolve()}')
     if failed:

@@ -6,9 +6,9 @@
 # 1. installs the carried wheels into /tmp/site (the image's torch stays) and prints what it runs on;
 # 2. the tests of the CUDA-only code paths (`-k cuda`: against the CPU and aten, they skip without a GPU);
 # 3. benchmarks/device_benchmark.py in stages, each under `timeout` so that all end inside DEVICE_BUDGET_S (default
-#    540 s, under the call's 600 s), interrupted there like Ctrl-C, which keeps every table already written: the S
-#    group with `--profile` (at most 330 s), the GPU targets' models compiled (compiled/), the Ti and B trios
-#    (ti_b/), the later ones only while time is left. Arguments given to this script make one stage of their own;
+#    540 s, under the call's 600 s), interrupted there like Ctrl-C, which keeps every table already written: the GPU
+#    targets' models eager with profiles (targets/, at most 200 s), the same compiled (compiled/, at most 260 s),
+#    the S, Ti and B groups, the later ones only while time is left. Arguments given to this script make one stage;
 #    after each stage, what the benchmark wrote under DEVICE_RESULTS (default benchmarks/results/<device>) is
 #    packed into $OUT/results.tgz, paths relative to the repository: `tar xzf results.tgz` in the checkout puts them
 #    in place.
@@ -71,12 +71,14 @@ stage() {
 if [ $# -gt 0 ]; then
   stage "$BUDGET_S" "$RESULTS" "$@"
 else
-  # the targets' group first (CNT-S, Refiner-S against DeiT-S, with the GPU choices' alternatives and profiles); then
-  # the same targets compiled, which fuses the passes over memory that eager mode makes one kernel each; then the
-  # Ti and B trios with what is left
-  stage 330 "$RESULTS" --sizes s --no-memory --profile
-  [ "$(left)" -lt 90 ] || stage "$BUDGET_S" "$RESULTS/compiled" --compile --no-memory \
-    --models cnt_s_patch16_224 refiner_vit_small_patch16_224 deit_small_patch16_224 --reference deit_small_patch16_224
-  [ "$(left)" -lt 60 ] || stage "$BUDGET_S" "$RESULTS/ti_b" --sizes ti b --no-memory
+  # by what the next session needs most: the targets eager (CNT-S and Refiner-S against DeiT-S, with the
+  # alternatives of their GPU choices, and profiles), then the same models compiled (inductor fuses the passes over
+  # memory that bound eager mode: benchmarks/memory_traffic.py), then the full size groups with what is left
+  targets=(cnt_s_patch16_224 refiner_vit_small_patch16_224 deit_small_patch16_224)
+  stage 200 "$RESULTS/targets" --no-memory --profile --reference deit_small_patch16_224 --models "${targets[@]}" \
+    tnt_s_patch16_224 cnt_s_patch16_224:inner_impl=conv refiner_vit_small_patch16_224:refine_image_stats=False
+  [ "$(left)" -lt 90 ] || stage 260 "$RESULTS/compiled" --compile --no-memory --reference deit_small_patch16_224 \
+    --models "${targets[@]}"
+  [ "$(left)" -lt 60 ] || stage "$BUDGET_S" "$RESULTS" --sizes s ti b --no-memory
 fi
 exit "$status"

@@ -336,6 +336,11 @@ def make_step(
     return train_step
 
 
+def error_line(e: BaseException) -> str:
+    """ 'ExceptionType: first line of its message' (at most 300 characters): what a table's `error` column holds. """
+    return f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+
+
 def time_interleaved(
         models: Mapping[str, nn.Module],
         input_sizes: Mapping[str, Tuple[int, ...]],
@@ -364,7 +369,7 @@ def time_interleaved(
         except Exception as e:
             if failures is None:
                 raise
-            failures[n] = f'{type(e).__name__}: {e}'.splitlines()[0][:300]
+            failures[n] = error_line(e)
         # outside the handler, so that the exception's frames (and the step's tensors they hold) are gone first
         del steps[n]
         models[n].zero_grad(set_to_none=True)  # a step that failed mid-way may have left gradients
@@ -668,8 +673,9 @@ def compare_models(
                 rows[m]['train_peak_mem_mb'] = round(peak_memory_mb(m, settings), 0)
                 done = f'{m}: train step peak memory {rows[m]["train_peak_mem_mb"]:.0f} MB'
             except Exception as e:  # the spawned process's error (out of memory, say): the timings stand
-                rows[m]['error'] = f'memory: {type(e).__name__}: {e}'.splitlines()[0][:300]
-                done = f'{m}: train step peak memory failed: {rows[m]["error"]}'
+                error = f'memory: {error_line(e)}'
+                rows[m]['error'] = '; '.join(filter(None, [rows[m].get('error'), error]))
+                done = f'{m}: train step peak memory failed: {error}'
             progress.finished('memory', 1, time.perf_counter() - start, done)
             save()
 
