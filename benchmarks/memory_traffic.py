@@ -33,19 +33,22 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import conv_flop_count, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from timm_hybrid.compare import create_model_spec, reference_short_name, write_results
 
 RESULTS = Path(__file__).resolve().parent / 'results' / 'traffic'
 # what a CUDA training step runs, forced on the CPU: CNT's inner block as GEMMs and its outer MLP keeping its
 # activations ('auto' and 'cpu' pick these on CUDA); Refiner's refinement channels-last with per-image BatchNorm
-# statistics and without the CPU's chunks; TransCNN / HAT-Net already run channels-last everywhere
+# statistics, and no family's CPU chunks (TransCNN / HAT-Net run channels-last everywhere)
 GPU_PATHS = {
     'cnt': dict(inner_impl='matmul', recompute_mlp_act=False),
     'refiner_vit': dict(refine_channels_last=True, refine_image_stats=True, cpu_chunk=0),
+    'transcnn': dict(cpu_chunk=0),
+    'hatnet': dict(cpu_chunk=0),
 }
-DEFAULT_MODELS = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'refiner_vit_small_patch16_224', 'deit_small_patch16_224')
+DEFAULT_MODELS = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'refiner_vit_small_patch16_224', 'hatnet_small',
+                  'transcnn_small', 'deit_small_patch16_224')
 # ops that move no data (views, metadata) or only a scalar to the host
 FREE_OPS = {
     'view', '_unsafe_view', 'reshape', 'permute', 'transpose', 't', 'expand', 'as_strided', 'unsqueeze', 'squeeze',
@@ -76,6 +79,11 @@ def op_flops(func, args, kwargs, out) -> int:
         return sdpa_flop_count(*(a.shape for a in args[:3]))
     if name == '_scaled_dot_product_flash_attention_for_cpu_backward':
         return sdpa_backward_flop_count(*(a.shape for a in args[:4]))
+    if name == 'convolution_backward':
+        # the input gradient and the weight gradient each cost the forward's FLOPs; flop_counter's own formula
+        # ignores groups in the weight gradient (a depthwise conv's counted C times over)
+        grad_out, x, weight, *_, transposed, _, _, output_mask = args
+        return conv_flop_count(x.shape, weight.shape, grad_out.shape, transposed) * sum(map(bool, output_mask[:2]))
     if packet in flop_registry:
         return flop_registry[packet](*args, **kwargs, out_val=out)
     return 0

@@ -455,6 +455,13 @@ def test_memory_traffic_counts_each_ops_bytes_and_flops():
     assert counter.bytes['mm'] == (32 + 128 + 64) * 4 and counter.flops['mm'] == 2 * 4 * 8 * 16
     assert counter.bytes['clone'] == 2 * 64 * 4
     assert counter.bytes['add'] == (64 + 16 + 64) * 4 and counter.flops['add'] == 0
+    # a depthwise conv's backward (input and weight gradients) costs twice its forward, groups counted
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    with mt.TrafficCounter() as counter:
+        conv(x).sum().backward()
+    assert counter.flops['convolution'] == 2 * 2 * 8 * 16 * 16 * 9
+    assert counter.flops['convolution_backward'] == 2 * counter.flops['convolution']
 
 
 def test_memory_traffic_runs_cuda_autocasts_float32_ops_in_float32_and_takes_the_gpu_paths():
