@@ -23,6 +23,7 @@ of 50 MB holds little of a batch-256 step's tensors), nor launch latency. `x_<re
 floor by the model's: the eager ratio it could reach if both ran at the floor.
 """
 import argparse
+import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -203,6 +204,19 @@ def traffic_table(specs: Sequence[str], reference: str, batch_size: int = 256, s
     return [rows[s] for s in specs]
 
 
+def add_measured(rows: Sequence[Dict[str, object]], benchmark_json: Path) -> None:
+    """ Each row's measured step times from a device_benchmark.py `benchmark.json` (`<prefix>_step_time`, ms) and the
+    fraction of the floor they reach, `<prefix>_floor_fraction` = roofline / measured: how close the eager kernels came
+    to moving their bytes at full bandwidth. Models it did not time are left as they are. """
+    measured = {r['model']: r for r in json.loads(Path(benchmark_json).read_text())['rows']}
+    for row in rows:
+        timed = measured.get(row['model'], {})
+        for prefix in ('infer', 'train'):
+            if f'{prefix}_step_time' in timed:
+                row[f'{prefix}_step_time'] = timed[f'{prefix}_step_time']
+                row[f'{prefix}_floor_fraction'] = round(row[f'{prefix}_roofline_ms'] / timed[f'{prefix}_step_time'], 3)
+
+
 def plot_traffic(rows: Sequence[Dict[str, object]], reference: str, path: Path) -> None:
     """ GB a step moves (inference, training), and the floor ratio to the reference, one bar pair per model. """
     import matplotlib
@@ -233,6 +247,10 @@ def main() -> None:
     parser.add_argument('--fp32', action='store_true', help='count without autocast (float32 throughout)')
     parser.add_argument('--bandwidth', type=float, default=3.0e12, help='bytes/s (default: the H100 here)')
     parser.add_argument('--peak', type=float, default=7.9e14, help='matmul FLOP/s (default: the H100 here, bf16)')
+    parser.add_argument('--measured', type=Path, default=None,
+                        help="a device_benchmark.py benchmark.json of the same models: adds each step's measured time "
+                             'and the fraction of its floor it reached (floor / measured)')
+    parser.add_argument('--stem', default=None, help="the tables' file name (default: bf16, or fp32)")
     parser.add_argument('--output', type=Path, default=RESULTS)
     args = parser.parse_args()
     rows = traffic_table(args.models, args.reference, args.batch_size, amp=not args.fp32, bandwidth=args.bandwidth,
@@ -241,7 +259,10 @@ def main() -> None:
     meta = dict(settings=f'one eager inference forward and training step (AdamW), CUDA code paths forced on the CPU, '
                          f'batch {args.batch_size} (extrapolated from 2 and 4), {precision}, bandwidth '
                          f'{args.bandwidth / 1e12:g} TB/s, matmul peak {args.peak / 1e12:g} TFLOP/s')
-    stem = 'fp32' if args.fp32 else 'bf16'
+    if args.measured is not None:
+        add_measured(rows, args.measured)
+        meta['measured'] = str(args.measured)
+    stem = args.stem or ('fp32' if args.fp32 else 'bf16')
     title = 'Memory traffic of an eager step, and its floor on a GPU'
     written = write_results(rows, args.output, stem, meta, title=title)
     plot_traffic(rows, args.reference, written.with_suffix('.png'))

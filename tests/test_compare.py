@@ -493,3 +493,16 @@ def test_memory_traffic_flops_match_fvcores_multiply_adds():
     rows = mt.traffic_table(['deit_nano_patch7_28'], 'deit_nano_patch7_28', batch_size=8)
     assert rows[0]['train_x_deit_nano'] == rows[0]['infer_x_deit_nano'] == 1.0
     assert rows[0]['train_roofline_ms'] > rows[0]['infer_roofline_ms'] > 0
+
+
+def test_memory_traffic_adds_the_measured_steps_and_the_fraction_of_the_floor(tmp_path):
+    """ `--measured`: a device_benchmark.py benchmark.json gives each model's step times and floor / measured; a model
+    it did not time keeps its row as it was. """
+    mt = _memory_traffic()
+    measured = tmp_path / 'benchmark.json'
+    measured.write_text(json.dumps(dict(meta={}, rows=[dict(model='a', infer_step_time=20., train_step_time=80.)])))
+    rows = [dict(model='a', infer_roofline_ms=10., train_roofline_ms=20.), dict(model='b', infer_roofline_ms=1.)]
+    mt.add_measured(rows, measured)
+    assert rows[0] == dict(model='a', infer_roofline_ms=10., train_roofline_ms=20., infer_step_time=20.,
+                           infer_floor_fraction=0.5, train_step_time=80., train_floor_fraction=0.25)
+    assert rows[1] == dict(model='b', infer_roofline_ms=1.)
