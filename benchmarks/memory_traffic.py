@@ -1,15 +1,17 @@
-""" How many bytes one eager training step moves through memory, and what that bounds on a GPU, measured without one.
+""" How many bytes an eager step moves through memory, and what that bounds on a GPU, counted without one.
 
-    python benchmarks/memory_traffic.py                    # the GPU targets' models -> benchmarks/results/traffic/
+    python benchmarks/memory_traffic.py     # the S models against DeiT-S -> benchmarks/results/traffic/bf16.*
+    python benchmarks/memory_traffic.py --bandwidth 4.3e12 --stem bf16_h200 \
+        --measured benchmarks/results/nvidia-h200/benchmark.json   # at the H200's bandwidth, its measured steps beside
     python benchmarks/memory_traffic.py --models cnt_s_patch16_224 --reference deit_small_patch16_224
 
 A GPU step of these models at batch 256 is bound by memory as much as by arithmetic: every eager op that is not a
-GEMM reads its inputs and writes its outputs once, a kernel of its own. This counts, under a TorchDispatchMode on the
-CPU, each aten op's bytes (the tensors it reads and writes, broadcast dimensions once, views and metadata ops free)
-and FLOPs (torch.utils.flop_counter's formulas; the CPU's fused attention as the GPU's), for one training step
-(forward, cross-entropy, backward, AdamW) on the code paths a CUDA step takes (`GPU_PATHS`: the settings the models
-pick on CUDA, forced here). Bytes grow with the batch: two small batches give the per-image and fixed parts, and the
-table gives them at `--batch-size` (256, as timm's benchmark.py on a GPU).
+GEMM reads its inputs and writes its outputs once, a kernel of its own. This counts, under a TorchDispatchMode on
+the CPU, each aten op's bytes (the tensors it reads and writes, broadcast dimensions once, views and metadata ops
+free) and FLOPs (torch.utils.flop_counter's formulas; the CPU's fused attention as the GPU's), for one inference
+forward and one training step (forward, cross-entropy, backward, AdamW) on the code paths a CUDA step takes
+(`GPU_PATHS`: the settings the models pick on CUDA, forced here). Bytes grow with the batch: two small batches give
+the per-image and fixed parts, and the table gives them at `--batch-size` (256, as timm's benchmark.py on a GPU).
 
 Dtypes follow CUDA's bf16 autocast: matmuls and convolutions in bf16; softmax, log-softmax, layer norm, group norm
 and cross-entropy in float32, as CUDA's autocast runs them (the CPU's autocast keeps those in bf16, so a
@@ -19,8 +21,9 @@ autocast.
 `roofline_ms`: the sum over ops of max(bytes / bandwidth, FLOPs / matmul peak), at the H100 that the device tool
 lends (3.0 TB/s device-to-device copy, 790 TFLOP/s bf16 matmul, read there; `--bandwidth`, `--peak`). It is a floor
 for eager mode, where each op is a kernel that moves its own bytes: cache reuse between ops is not counted (an L2
-of 50 MB holds little of a batch-256 step's tensors), nor launch latency. `x_<reference>` divides the reference's
-floor by the model's: the eager ratio it could reach if both ran at the floor.
+of 50 MB holds little of a batch-256 step's tensors), nor launch latency. `<infer|train>_x_<reference>` divides the
+reference's floor by the model's: the ratio if both ran at their floors (or at the same fraction of them);
+`--measured` adds each step's measured time and the fraction of its floor it reached.
 """
 import argparse
 import json
@@ -67,10 +70,6 @@ def touched_bytes(t: torch.Tensor) -> int:
     """ Bytes an op reads or writes of `t`: its elements, a broadcast (stride-0) dimension once. """
     elements = math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0)
     return elements * t.element_size()
-
-
-def _shape(x):
-    return x.shape if isinstance(x, torch.Tensor) else x
 
 
 def op_flops(func, args, kwargs, out) -> int:
