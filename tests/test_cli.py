@@ -299,3 +299,16 @@ def test_user_error_is_one_line_on_stderr_and_exit_2(case, checkpoint, tmp_path,
     assert code == 2 and len(lines) == 1 and lines[0].startswith('error: '), err
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / 'out').exists()
+
+
+def test_compare_exits_1_naming_a_model_that_failed(recorded_compare, monkeypatch, capsys):
+    """ A model whose step failed (compare's `error` column) leaves the others' tables written, and the exit status
+    and stderr say what failed. """
+    import timm_hybrid.compare as compare
+
+    def compare_models(names, **kw):
+        return [dict(model=n, error='train step: OutOfMemoryError: CUDA out of memory') if n == 'cnt_s_patch16_224'
+                else dict(model=n) for n in names]
+    monkeypatch.setattr(compare, 'compare_models', compare_models)
+    assert main(['compare']) == 1
+    assert 'failed: cnt_s_patch16_224 (train step: OutOfMemoryError: CUDA out of memory)' in capsys.readouterr().err

@@ -111,6 +111,11 @@ def _compare(args: argparse.Namespace) -> int:
     if not args.full and not args.models:
         print('Quick run: the matched S trio, small batch, few repeats. Full tables (CNT / TNT / DeiT Ti, S, B, '
               'TransCNN, HAT-Net, Refiner; batch 32, 7 repeats; 224-448 px sweep): timm-hybrid compare --full')
+    # the others were timed on; the `error` column says what failed, and the exit status that something did
+    failed = [f'{r["model"]} ({r["error"]})' for r in rows if 'error' in r]
+    if failed:
+        print('failed: ' + '; '.join(failed), file=sys.stderr)
+        return 1
     return 0
 
 
