@@ -76,7 +76,7 @@ else
   # memory that bound eager mode: benchmarks/memory_traffic.py), then the full size groups with what is left
   targets=(cnt_s_patch16_224 refiner_vit_small_patch16_224 deit_small_patch16_224)
   stage 200 "$RESULTS/targets" --no-memory --profile --reference deit_small_patch16_224 --models "${targets[@]}" \
-    tnt_s_patch16_224 cnt_s_patch16_224:inner_impl=conv refiner_vit_small_patch16_224:refine_image_stats=False
+    cnt_s_patch16_224:inner_impl=conv refiner_vit_small_patch16_224:refine_image_stats=False
   [ "$(left)" -lt 90 ] || stage 260 "$RESULTS/compiled" --compile --no-memory --reference deit_small_patch16_224 \
     --models "${targets[@]}"
   [ "$(left)" -lt 60 ] || stage "$BUDGET_S" "$RESULTS" --sizes s ti b --no-memory
