@@ -339,6 +339,9 @@ def test_a_failing_step_leaves_the_rounds_and_the_others_are_timed():
     assert all(p.grad is None for p in models['b'].parameters())  # what the failed step left is freed
     with pytest.raises(torch.OutOfMemoryError):
         compare.time_interleaved({'b': _FailsOnCall(1)}, {'b': (3,)}, settings)
+    failures = {}  # every model failing: no timings, each error recorded
+    assert compare.time_interleaved({'b': _FailsOnCall(1)}, {'b': (3,)}, settings, failures=failures) == {}
+    assert list(failures) == ['b']
 
 
 def test_compare_models_records_a_failed_model_and_goes_on(tmp_path, monkeypatch):

@@ -35,12 +35,17 @@ COMPILED = {
 }
 
 
-def _model(name: str) -> tuple:
-    family, kwargs, size = COMPILED[name]
+def tiny_model(family: str, kwargs: dict, size=None) -> tuple:
+    """ The family's tiny config with `kwargs` (seeded), and a batch of 2 at `size` (None: the config's size); the
+    BatchNorm running stats are that batch's (with_batch_stats), away from their (0, 1) start. """
     torch.manual_seed(0)
     model = create(family, **kwargs)
     x = image(model, 2) if size is None else torch.randn(2, 3, size, size)
     return with_batch_stats(model, x), x
+
+
+def _model(name: str) -> tuple:
+    return tiny_model(*COMPILED[name])
 
 
 def _default_bn_momentum(model: torch.nn.Module) -> None:

@@ -385,7 +385,9 @@ def time_interleaved(
     timings = {n: Timing() for n in steps}
     for r in range(settings.repeats):
         names = list(steps)
-        for n in names[r % max(len(names), 1):] + names[:r % max(len(names), 1)]:
+        if not names:  # every model failed
+            break
+        for n in names[r % len(names):] + names[:r % len(names)]:
             if not all(run(n) for _ in range(settings.settle_steps)):
                 continue
             faults = minor_faults()
@@ -393,7 +395,7 @@ def time_interleaved(
             if run(n):
                 timings[n].seconds.append(time.perf_counter() - start)
                 timings[n].faults.append(minor_faults() - faults)
-        if progress is not None and steps:
+        if progress is not None:
             progress.heartbeat(f'  {kind} round {r + 1}/{settings.repeats} of {", ".join(steps)}')
     return {n: t for n, t in timings.items() if n in steps}
 
