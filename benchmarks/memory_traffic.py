@@ -137,7 +137,9 @@ def gpu_spec(spec: str) -> str:
 
 def count_step(spec: str, batch_size: int, amp: bool = True, train: bool = True) -> TrafficCounter:
     """ One training step of `spec` (GPU paths, see gpu_spec) at `batch_size`, or one inference forward, its ops
-    counted. A step runs first uncounted (AdamW creates its state in its first step). """
+    counted. A step runs first uncounted (AdamW creates its state in its first step). The step is compare.make_step's,
+    written here because that one infers under inference_mode, where the counter would see composite ops whole (a
+    `to` that copies nothing, `linear` instead of the GEMM). """
     torch.manual_seed(0)
     model = create_model_spec(gpu_spec(spec)).train(train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
