@@ -24,13 +24,23 @@ for eager mode, where each op is a kernel that moves its own bytes: cache reuse 
 of 50 MB holds little of a batch-256 step's tensors), nor launch latency. `<infer|train>_x_<reference>` divides the
 reference's floor by the model's: the ratio if both ran at their floors (or at the same fraction of them);
 `--measured` adds each step's measured time and the fraction of its floor it reached.
+
+`--compiled` adds the same step with the model under torch.compile, as inductor would run it on a GPU: the forward
+and backward graphs are lowered and their kernels scheduled (fused) as for Triton, inductor's GPU backend
+(`cpu_backend='triton'`, so no GPU is needed); each kernel's bytes are those inductor itself accounts it
+(`get_read_write_buffers_sizes`: every buffer it reads or writes once), each extern kernel's (GEMMs, convolutions,
+attention) FLOPs as above; no kernel code is generated, the graphs run eagerly. The optimizer step stays eager
+(timm's benchmark.py compiles the model, not the optimizer) and is counted as above. The floor then sums kernels, not
+ops.
 """
 import argparse
+import contextlib
 import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +61,9 @@ GPU_PATHS = {
     'transcnn': dict(cpu_chunk=0),
     'hatnet': dict(cpu_chunk=0),
 }
+# the same under torch.compile, where Refiner's per-image BatchNorm statistics are off by default (inductor writes its
+# own BatchNorm kernels) and its chunks off anyway (`refine_image_stats` None: off while compiling)
+COMPILED_GPU_PATHS = {**GPU_PATHS, 'refiner_vit': dict(refine_channels_last=True, cpu_chunk=0)}
 DEFAULT_MODELS = ('cnt_s_patch16_224', 'tnt_s_patch16_224', 'refiner_vit_small_patch16_224', 'hatnet_small',
                   'transcnn_small', 'deit_small_patch16_224')
 # ops that move no data (views, metadata) or only a scalar to the host
@@ -124,15 +137,117 @@ class CudaAutocastFp32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def gpu_spec(spec: str) -> str:
-    """ `spec` with the settings a CUDA step takes (GPU_PATHS) for its family, unless the spec sets them. """
+def gpu_spec(spec: str, compiled: bool = False) -> str:
+    """ `spec` with the settings a CUDA step takes (GPU_PATHS, or COMPILED_GPU_PATHS under torch.compile) for its
+    family, unless the spec sets them. """
+    paths = COMPILED_GPU_PATHS if compiled else GPU_PATHS
     name, _, given = spec.partition(':')
-    family = next((f for f in GPU_PATHS if name.startswith(f + '_')), None)
+    family = next((f for f in paths if name.startswith(f + '_')), None)
     if family is None:
         return spec
     given_keys = {item.split('=')[0] for item in given.split(',') if item}
-    extra = [f'{k}={v}' for k, v in GPU_PATHS[family].items() if k not in given_keys]
+    extra = [f'{k}={v}' for k, v in paths[family].items() if k not in given_keys]
     return name + ':' + ','.join(filter(None, [given, *extra]))
+
+
+class _Scheduled(Exception):
+    """ Raised once a graph's kernels are scheduled and counted: inductor generates no code for them. """
+
+
+def _extern_kernel_flops(node) -> int:
+    """ The FLOPs of an extern kernel (GEMM, convolution, attention) by `op_flops`, from the aten op it was made of
+    (inductor's own `estimate_flops` counts no CPU attention, and a depthwise conv's weight gradient C times over). """
+    from torch._inductor.fx_utils import get_fake_args_kwargs
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    if node.node is None:
+        return 0
+    # a fallback kernel (attention, a convolution's backward) names no origin node of its own: the one of its op
+    fx_node = node.node.get_origin_node() or next(
+        (o for o in node.node.origins if o.target == getattr(node.node, 'op_overload', None)), None)
+    if fx_node is None or not isinstance(fx_node.target, torch._ops.OpOverload):
+        return 0
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        found, args, kwargs = get_fake_args_kwargs(fx_node)
+        return op_flops(fx_node.target, args, kwargs, fx_node.meta.get('val')) if found else 0
+
+
+class KernelCounter:
+    """ The kernels inductor makes of the graphs that `backend` compiles, scheduled as for Triton (a GPU's backend)
+    on the CPU: per kernel (in order) the bytes inductor accounts it and, for an extern kernel, its FLOPs (`op_flops`
+    of the aten op it runs). `backend` is a torch.compile backend: it lowers and schedules each forward / backward
+    graph as torch.compile's inductor would, records its kernels, and returns the graph to run eagerly. Compile and
+    run backward under `settings()`. """
+
+    def __init__(self):
+        self.kernels: List[Tuple[int, int, bool]] = []  # (bytes, flops, an extern kernel)
+        self.graphs = 0
+
+    @staticmethod
+    @contextlib.contextmanager
+    def settings() -> Iterator[None]:
+        """ What the compiled step runs under, backward included: kernels for Triton on CPU tensors, and no cache (a
+        graph found in inductor's or AOTAutograd's cache would not be scheduled again, so not counted). """
+        import torch._functorch.config as functorch_config
+        import torch._inductor.config as inductor_config
+        with inductor_config.patch(cpu_backend='triton', fx_graph_cache=False, fx_graph_remote_cache=False), \
+                functorch_config.patch(enable_autograd_cache=False):
+            yield
+
+    def backend(self, gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs, inner_compile=self._schedule)
+
+    def _record(self, scheduler) -> None:
+        from torch._inductor.scheduler import ExternKernelSchedulerNode, NopKernelSchedulerNode
+        for node in scheduler.nodes:
+            if isinstance(node, NopKernelSchedulerNode):
+                continue
+            extern = isinstance(node, ExternKernelSchedulerNode)
+            self.kernels.append((node.get_read_write_buffers_sizes(), _extern_kernel_flops(node) if extern else 0,
+                                 extern))
+        self.graphs += 1
+        raise _Scheduled()
+
+    def _schedule(self, gm: torch.fx.GraphModule, example_inputs, **kwargs):
+        from functorch.compile import make_boxed_func
+        from torch._inductor.compile_fx import compile_fx_inner
+        from torch._inductor.scheduler import Scheduler
+        graphs = self.graphs
+        with mock.patch.object(Scheduler, 'codegen', lambda scheduler: self._record(scheduler)):
+            try:
+                compile_fx_inner(gm, example_inputs, **kwargs)
+            except Exception:  # inductor wraps what codegen raises; a graph counted is all that was asked
+                if self.graphs == graphs:
+                    raise
+        return make_boxed_func(gm.forward)
+
+
+def compiled_count_step(spec: str, batch_size: int, amp: bool = True,
+                        train: bool = True) -> Tuple[KernelCounter, Optional[TrafficCounter]]:
+    """ `count_step` with the model under torch.compile (COMPILED_GPU_PATHS): its kernels as inductor schedules them
+    for a GPU (`KernelCounter`), and for a training step the eager optimizer step's ops (TrafficCounter). """
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = create_model_spec(gpu_spec(spec, compiled=True)).train(train)
+    kernels = KernelCounter()
+    compiled = torch.compile(model, backend=kernels.backend, dynamic=False)
+    x = torch.randn(batch_size, *model.pretrained_cfg['input_size'])
+    with kernels.settings():
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp), CudaAutocastFp32():
+            if not train:
+                with torch.no_grad():
+                    compiled(x)
+                return kernels, None
+            out = compiled(x)
+            loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out,
+                                   torch.zeros(batch_size, dtype=torch.long))
+        loss.backward()  # compiles (and counts) the backward graph
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer.step()  # creates its state
+    optimizer_ops = TrafficCounter()
+    with optimizer_ops:
+        optimizer.step()
+    return kernels, optimizer_ops
 
 
 def count_step(spec: str, batch_size: int, amp: bool = True, train: bool = True) -> TrafficCounter:
@@ -186,22 +301,56 @@ def traffic_columns(spec: str, train: bool, batch_size: int, small: Tuple[int, i
     return columns
 
 
+def compiled_traffic_columns(spec: str, train: bool, batch_size: int, small: Tuple[int, int], amp: bool,
+                             bandwidth: float, peak: float) -> Dict[str, object]:
+    """ `traffic_columns` of the compiled step (`compiled_count_step`), suffixed `_compiled`: kernels (at the larger
+    small batch), GB and floor at `batch_size`, extrapolated from the two `small` batches: each extern kernel's bytes
+    and FLOPs (the same GEMMs at both batches: they pair up in order), the generated kernels' bytes in all (inductor
+    may fuse or split their reductions differently at another batch; their floor is their bytes / bandwidth
+    either way), plus the eager optimizer step's ops. """
+    (lo, lo_optimizer), (hi, hi_optimizer) = (compiled_count_step(spec, b, amp, train) for b in small)
+    extern_lo, extern_hi = ([(b, f) for b, f, extern in c.kernels if extern] for c in (lo, hi))
+    if len(extern_lo) != len(extern_hi):
+        raise RuntimeError(f'{spec}: inductor made {len(extern_lo)} extern kernels at batch {small[0]} and '
+                           f'{len(extern_hi)} at batch {small[1]}; they cannot be paired.')
+
+    def at(value_lo: float, value_hi: float) -> float:
+        return value_lo + (value_hi - value_lo) / (small[1] - small[0]) * (batch_size - small[0])
+    kernels = [(at(b_lo, b_hi), at(f_lo, f_hi)) for (b_lo, f_lo), (b_hi, f_hi) in zip(extern_lo, extern_hi)]
+    generated_lo, generated_hi = (sum(b for b, _, extern in c.kernels if not extern) for c in (lo, hi))
+    kernels.append((at(generated_lo, generated_hi), 0))
+    if train:
+        kernels += [(at(lo_optimizer.bytes[op], hi_optimizer.bytes[op]), at(lo_optimizer.flops[op],
+                                                                            hi_optimizer.flops[op]))
+                    for op in hi_optimizer.calls]
+    floor_s = sum(max(moved / bandwidth, flops / peak) for moved, flops in kernels)
+    prefix = 'train' if train else 'infer'
+    return {f'{prefix}_kernels_compiled': len(hi.kernels),
+            f'{prefix}_gb_compiled': round(sum(moved for moved, _ in kernels) / 1e9, 1),
+            f'{prefix}_roofline_ms_compiled': float(f'{floor_s * 1e3:.4g}')}
+
+
 def traffic_row(spec: str, batch_size: int, small: Tuple[int, int], amp: bool, bandwidth: float,
-                peak: float) -> Dict[str, object]:
+                peak: float, compiled: bool = False) -> Dict[str, object]:
     row = dict(model=spec, batch_size=batch_size)
     for train in (False, True):
         row.update(traffic_columns(spec, train, batch_size, small, amp, bandwidth, peak))
+        if compiled:
+            row.update(compiled_traffic_columns(spec, train, batch_size, small, amp, bandwidth, peak))
     return row
 
 
 def traffic_table(specs: Sequence[str], reference: str, batch_size: int = 256, small: Tuple[int, int] = (2, 4),
-                  amp: bool = True, bandwidth: float = 3.0e12, peak: float = 7.9e14) -> List[Dict[str, object]]:
-    rows = {s: traffic_row(s, batch_size, small, amp, bandwidth, peak) for s in dict.fromkeys([*specs, reference])}
+                  amp: bool = True, bandwidth: float = 3.0e12, peak: float = 7.9e14,
+                  compiled: bool = False) -> List[Dict[str, object]]:
+    rows = {s: traffic_row(s, batch_size, small, amp, bandwidth, peak, compiled)
+            for s in dict.fromkeys([*specs, reference])}
     short = reference_short_name(reference)
     for row in rows.values():
         for prefix in ('infer', 'train'):
-            key = f'{prefix}_roofline_ms'
-            row[f'{prefix}_x_{short}'] = round(rows[reference][key] / row[key], 3)
+            for suffix in ('', '_compiled') if compiled else ('',):
+                key = f'{prefix}_roofline_ms{suffix}'
+                row[f'{prefix}_x_{short}{suffix}'] = round(rows[reference][key] / row[key], 3)
     return [rows[s] for s in specs]
 
 
@@ -219,22 +368,29 @@ def add_measured(rows: Sequence[Dict[str, object]], benchmark_json: Path) -> Non
 
 
 def plot_traffic(rows: Sequence[Dict[str, object]], reference: str, path: Path) -> None:
-    """ GB a step moves (inference, training), and the floor ratio to the reference, one bar pair per model. """
+    """ GB a step moves (inference, training), and the floor ratio to the reference, a bar per model and step (and
+    per compiled step, where the rows have them). """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     short = reference_short_name(reference)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2))
+    series = [('infer', '', 'inference'), ('train', '', 'train step')]
+    if 'train_gb_compiled' in rows[0]:
+        series = [('infer', '', 'inference'), ('infer', '_compiled', 'inference, compiled'),
+                  ('train', '', 'train step'), ('train', '_compiled', 'train step, compiled')]
+    height = 0.8 / len(series)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.3 * len(series) * len(rows) + 2))
     y = range(len(rows))
     for ax, (key, label) in zip(axes, (('gb', 'GB moved a step'), (f'x_{short}', f'roofline floor x {reference}'))):
-        ax.barh([i - .2 for i in y], [r[f'infer_{key}'] for r in rows], height=.4, label='inference')
-        ax.barh([i + .2 for i in y], [r[f'train_{key}'] for r in rows], height=.4, label='train step')
+        for i, (prefix, suffix, name) in enumerate(series):
+            offset = (i - (len(series) - 1) / 2) * height
+            ax.barh([j + offset for j in y], [r[f'{prefix}_{key}{suffix}'] for r in rows], height=height, label=name)
         ax.set_yticks(list(y), [r['model'] for r in rows])
         ax.invert_yaxis()
         ax.set_xlabel(label)
         ax.legend()
-    fig.suptitle(f'eager, CUDA paths, batch {rows[0]["batch_size"]}; floor: each op at max(bytes / bandwidth, '
-                 f'FLOPs / matmul peak)', fontsize=9)
+    fig.suptitle(f'CUDA paths, batch {rows[0]["batch_size"]}; floor: each op (compiled: each kernel) at '
+                 f'max(bytes / bandwidth, FLOPs / matmul peak)', fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -251,15 +407,21 @@ def main() -> None:
     parser.add_argument('--measured', type=Path, default=None,
                         help="a device_benchmark.py benchmark.json of the same models: adds each step's measured time "
                              'and the fraction of its floor it reached (floor / measured)')
+    parser.add_argument('--compiled', action='store_true',
+                        help='add the step under torch.compile, its kernels as inductor schedules them for a GPU '
+                             '(`<prefix>_gb_compiled`, `_roofline_ms_compiled`, `_x_<reference>_compiled`)')
     parser.add_argument('--stem', default=None, help="the tables' file name (default: bf16, or fp32)")
     parser.add_argument('--output', type=Path, default=RESULTS)
     args = parser.parse_args()
     rows = traffic_table(args.models, args.reference, args.batch_size, amp=not args.fp32, bandwidth=args.bandwidth,
-                         peak=args.peak)
+                         peak=args.peak, compiled=args.compiled)
     precision = 'float32' if args.fp32 else "bf16 autocast, CUDA's float32 ops in float32"
     meta = dict(settings=f'one eager inference forward and training step (AdamW), CUDA code paths forced on the CPU, '
                          f'batch {args.batch_size} (extrapolated from 2 and 4), {precision}, bandwidth '
                          f'{args.bandwidth / 1e12:g} TB/s, matmul peak {args.peak / 1e12:g} TFLOP/s')
+    if args.compiled:
+        meta['compiled'] = ('the same step with the model under torch.compile (inductor, default mode): its forward '
+                            'and backward kernels as inductor schedules them for Triton, the optimizer step eager')
     if args.measured is not None:
         add_measured(rows, args.measured)
         meta['measured'] = str(args.measured)

@@ -498,6 +498,47 @@ def test_memory_traffic_flops_match_fvcores_multiply_adds():
     assert rows[0]['train_roofline_ms'] > rows[0]['infer_roofline_ms'] > 0
 
 
+def test_memory_traffic_counts_the_kernels_inductor_schedules_for_a_gpu():
+    """ `--compiled`'s counter: a GEMM stays an extern kernel (its operands and output, its FLOPs) and the elementwise
+    ops after it fuse into one kernel that reads the GEMM's output once and writes once, where eager runs two ops
+    that each read and write it. """
+    mt = _memory_traffic()
+    weight = torch.randn(16, 32)
+
+    def f(x):
+        return torch.nn.functional.gelu(x @ weight) + 1
+    counter = mt.KernelCounter()
+    torch._dynamo.reset()
+    with counter.settings():
+        out = torch.compile(f, backend=counter.backend, dynamic=False)(x := torch.randn(8, 16))
+    torch.testing.assert_close(out, f(x))  # the graph ran (eagerly)
+    assert counter.graphs == 1
+    assert counter.kernels == [((8 * 16 + 16 * 32 + 8 * 32) * 4, 2 * 8 * 16 * 32, True), (2 * 8 * 32 * 4, 0, False)]
+    with mt.TrafficCounter() as eager:
+        f(x)
+    assert eager.bytes['gelu'] + eager.bytes['add'] == 2 * counter.kernels[1][0]
+
+
+def test_memory_traffic_compiled_step_counts_forward_backward_and_the_eager_optimizer():
+    """ A compiled training step: inductor's forward and backward graphs (the same GEMMs as the eager step, so the
+    same FLOPs within the attention's and head's share) and the eager AdamW step; the table adds `_compiled` columns
+    and the ratios to the reference. Under torch.compile Refiner keeps aten's BatchNorm (no per-image statistics). """
+    mt = _memory_traffic()
+    kernels, optimizer = mt.compiled_count_step('deit_nano_patch7_28', 4, amp=False, train=True)
+    assert kernels.graphs == 2 and optimizer.calls['addcdiv_'] > 0
+    eager = mt.count_step('deit_nano_patch7_28', 4, amp=False, train=True)
+    compiled_flops = sum(f for _, f, _ in kernels.kernels) + sum(optimizer.flops.values())
+    assert 0.97 < compiled_flops / sum(eager.flops.values()) < 1.03
+    inference, none = mt.compiled_count_step('deit_nano_patch7_28', 4, amp=False, train=False)
+    assert inference.graphs == 1 and none is None
+    assert mt.gpu_spec('refiner_vit_small_patch16_224', compiled=True) == (
+        'refiner_vit_small_patch16_224:refine_channels_last=True,cpu_chunk=0')
+    row = mt.traffic_table(['deit_nano_patch7_28'], 'deit_nano_patch7_28', batch_size=8, compiled=True)[0]
+    assert row['train_x_deit_nano_compiled'] == row['infer_x_deit_nano_compiled'] == 1.0
+    assert row['train_roofline_ms_compiled'] > row['infer_roofline_ms_compiled'] > 0
+    assert row['train_kernels_compiled'] > row['infer_kernels_compiled'] > 0
+
+
 def test_memory_traffic_adds_the_measured_steps_and_the_fraction_of_the_floor(tmp_path):
     """ `--measured`: a device_benchmark.py benchmark.json gives each model's step times and floor / measured; a model
     it did not time keeps its row as it was. """
