@@ -4,6 +4,7 @@
     python benchmarks/memory_traffic.py --bandwidth 4.3e12 --stem bf16_h200 \
         --measured benchmarks/results/nvidia-h200/benchmark.json   # at the H200's bandwidth, its measured steps beside
     python benchmarks/memory_traffic.py --models cnt_s_patch16_224 --reference deit_small_patch16_224
+    python benchmarks/memory_traffic.py --compiled   # adds the step under torch.compile (below); about 15 minutes
 
 A GPU step of these models at batch 256 is bound by memory as much as by arithmetic: every eager op that is not a
 GEMM reads its inputs and writes its outputs once, a kernel of its own. This counts, under a TorchDispatchMode on
