@@ -32,7 +32,9 @@ and backward graphs are lowered and their kernels scheduled (fused) as for Trito
 (`get_read_write_buffers_sizes`: every buffer it reads or writes once), each extern kernel's (GEMMs, convolutions,
 attention) FLOPs as above; no kernel code is generated, the graphs run eagerly. The optimizer step stays eager
 (timm's benchmark.py compiles the model, not the optimizer) and is counted as above. The floor then sums kernels, not
-ops.
+ops. Where this differs from a CUDA compile: the graphs are traced with CPU tensors, so a layout inductor fixes to the
+strides an op had when traced (a convolution's backward) is the CPU's, and inductor copies into it where CUDA's may
+need no copy (Refiner-S: 135 of 2045 MB an image; CNT-S and DeiT-S: under 1 MB).
 """
 import argparse
 import contextlib
