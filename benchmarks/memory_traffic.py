@@ -42,7 +42,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 from unittest import mock
 
 import torch
@@ -225,25 +225,41 @@ class KernelCounter:
         return make_boxed_func(gm.forward)
 
 
+def _model_and_batch(spec: str, batch_size: int, train: bool,
+                     compiled: bool = False) -> Tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """ `spec` on its CUDA paths (gpu_spec), seeded, in train or eval mode, with a random batch and its targets. """
+    torch.manual_seed(0)
+    model = create_model_spec(gpu_spec(spec, compiled)).train(train)
+    x = torch.randn(batch_size, *model.pretrained_cfg['input_size'])
+    return model, x, torch.zeros(batch_size, dtype=torch.long)
+
+
+def _forward_loss(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, amp: bool,
+                  train: bool) -> Optional[torch.Tensor]:
+    """ The step's forward under CUDA's bf16 autocast (`amp`, float32 ops in float32): the cross-entropy loss of a
+    training step, None for an inference forward (under no_grad: inference_mode would hand the counters
+    undecomposed ops, `linear` for the GEMM, a `to` that copies nothing). """
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp), CudaAutocastFp32():
+        if not train:
+            with torch.no_grad():
+                model(x)
+            return None
+        out = model(x)  # distilled models in training return (cls, dist) logits
+        return F.cross_entropy(out[0] if isinstance(out, tuple) else out, target)
+
+
 def compiled_count_step(spec: str, batch_size: int, amp: bool = True,
                         train: bool = True) -> Tuple[KernelCounter, Optional[TrafficCounter]]:
     """ `count_step` with the model under torch.compile (COMPILED_GPU_PATHS): its kernels as inductor schedules them
     for a GPU (`KernelCounter`), and for a training step the eager optimizer step's ops (TrafficCounter). """
-    torch.manual_seed(0)
     torch._dynamo.reset()
-    model = create_model_spec(gpu_spec(spec, compiled=True)).train(train)
+    model, x, target = _model_and_batch(spec, batch_size, train, compiled=True)
     kernels = KernelCounter()
     compiled = torch.compile(model, backend=kernels.backend, dynamic=False)
-    x = torch.randn(batch_size, *model.pretrained_cfg['input_size'])
     with kernels.settings():
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp), CudaAutocastFp32():
-            if not train:
-                with torch.no_grad():
-                    compiled(x)
-                return kernels, None
-            out = compiled(x)
-            loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out,
-                                   torch.zeros(batch_size, dtype=torch.long))
+        loss = _forward_loss(compiled, x, target, amp, train)
+        if loss is None:
+            return kernels, None
         loss.backward()  # compiles (and counts) the backward graph
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     optimizer.step()  # creates its state
@@ -256,21 +272,14 @@ def compiled_count_step(spec: str, batch_size: int, amp: bool = True,
 def count_step(spec: str, batch_size: int, amp: bool = True, train: bool = True) -> TrafficCounter:
     """ One training step of `spec` (GPU paths, see gpu_spec) at `batch_size`, or one inference forward, its ops
     counted. A step runs first uncounted (AdamW creates its state in its first step). The step is compare.make_step's,
-    written here because that one infers under inference_mode, where the counter would see composite ops whole (a
-    `to` that copies nothing, `linear` instead of the GEMM). """
-    torch.manual_seed(0)
-    model = create_model_spec(gpu_spec(spec)).train(train)
+    written here because that one infers under inference_mode (see `_forward_loss`). """
+    model, x, target = _model_and_batch(spec, batch_size, train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch_size, *model.pretrained_cfg['input_size'])
-    target = torch.zeros(batch_size, dtype=torch.long)
 
     def step():
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp), CudaAutocastFp32():
-            if not train:
-                with torch.no_grad():  # inference_mode would hand the counter undecomposed ops (linear, to)
-                    return model(x)
-            out = model(x)
-            loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, target)
+        loss = _forward_loss(model, x, target, amp, train)
+        if loss is None:
+            return
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -281,26 +290,40 @@ def count_step(spec: str, batch_size: int, amp: bool = True, train: bool = True)
     return counter
 
 
+def extrapolate(value_lo: float, value_hi: float, small: Tuple[int, int], batch_size: int) -> float:
+    """ A count taken at the two `small` batches, at `batch_size`: a + b * batch (a the weights' and optimizer's part,
+    b the images'). """
+    return value_lo + (value_hi - value_lo) / (small[1] - small[0]) * (batch_size - small[0])
+
+
+def extrapolated_ops(lo: TrafficCounter, hi: TrafficCounter, small: Tuple[int, int],
+                     batch_size: int) -> Dict[str, Tuple[float, float]]:
+    """ Each op's (bytes, FLOPs) at `batch_size`, from its counts at the two `small` batches. """
+    return {op: (extrapolate(lo.bytes[op], hi.bytes[op], small, batch_size),
+                 extrapolate(lo.flops[op], hi.flops[op], small, batch_size)) for op in hi.calls}
+
+
+def floor_seconds(costs: Iterable[Tuple[float, float]], bandwidth: float, peak: float) -> float:
+    """ The roofline floor of kernels (or eager ops) given as (bytes, FLOPs): each bound by its memory traffic or
+    its arithmetic, whichever takes longer. """
+    return sum(max(moved / bandwidth, flops / peak) for moved, flops in costs)
+
+
 def traffic_columns(spec: str, train: bool, batch_size: int, small: Tuple[int, int], amp: bool, bandwidth: float,
                     peak: float) -> Dict[str, object]:
     """ Ops, GB, GFLOPs and the roofline floor of one step (or inference forward) at `batch_size`, each op's bytes and
     FLOPs extrapolated from the two `small` batches (a + b * batch: a the weights' and optimizer's, b the images'). """
     lo, hi = (count_step(spec, b, amp, train) for b in small)
-
-    def at(counter_lo: Counter, counter_hi: Counter, op: str) -> float:
-        per_image = (counter_hi[op] - counter_lo[op]) / (small[1] - small[0])
-        return counter_lo[op] + per_image * (batch_size - small[0])
-    ops = set(hi.calls)
-    moved = {op: at(lo.bytes, hi.bytes, op) for op in ops}
-    flops = {op: at(lo.flops, hi.flops, op) for op in ops}
-    floor_s = sum(max(moved[op] / bandwidth, flops[op] / peak) for op in ops)
+    ops = extrapolated_ops(lo, hi, small, batch_size)
+    floor_s = floor_seconds(ops.values(), bandwidth, peak)
     prefix = 'train' if train else 'infer'
-    columns = {f'{prefix}_ops': sum(hi.calls.values()), f'{prefix}_gb': round(sum(moved.values()) / 1e9, 1),
-               f'{prefix}_gflops': round(sum(flops.values()) / 1e9),
+    columns = {f'{prefix}_ops': sum(hi.calls.values()),
+               f'{prefix}_gb': round(sum(moved for moved, _ in ops.values()) / 1e9, 1),
+               f'{prefix}_gflops': round(sum(flops for _, flops in ops.values()) / 1e9),
                f'{prefix}_roofline_ms': float(f'{floor_s * 1e3:.4g}')}
     if train:
-        top = sorted(ops, key=lambda op: -moved[op])[:5]
-        columns['train_most_bytes'] = ', '.join(f'{op} {moved[op] / 1e9:.1f} GB' for op in top)
+        top = sorted(ops, key=lambda op: -ops[op][0])[:5]
+        columns['train_most_bytes'] = ', '.join(f'{op} {ops[op][0] / 1e9:.1f} GB' for op in top)
     return columns
 
 
@@ -316,17 +339,13 @@ def compiled_traffic_columns(spec: str, train: bool, batch_size: int, small: Tup
     if len(extern_lo) != len(extern_hi):
         raise RuntimeError(f'{spec}: inductor made {len(extern_lo)} extern kernels at batch {small[0]} and '
                            f'{len(extern_hi)} at batch {small[1]}; they cannot be paired.')
-
-    def at(value_lo: float, value_hi: float) -> float:
-        return value_lo + (value_hi - value_lo) / (small[1] - small[0]) * (batch_size - small[0])
-    kernels = [(at(b_lo, b_hi), at(f_lo, f_hi)) for (b_lo, f_lo), (b_hi, f_hi) in zip(extern_lo, extern_hi)]
+    kernels = [(extrapolate(b_lo, b_hi, small, batch_size), extrapolate(f_lo, f_hi, small, batch_size))
+               for (b_lo, f_lo), (b_hi, f_hi) in zip(extern_lo, extern_hi)]
     generated_lo, generated_hi = (sum(b for b, _, extern in c.kernels if not extern) for c in (lo, hi))
-    kernels.append((at(generated_lo, generated_hi), 0))
+    kernels.append((extrapolate(generated_lo, generated_hi, small, batch_size), 0))
     if train:
-        kernels += [(at(lo_optimizer.bytes[op], hi_optimizer.bytes[op]), at(lo_optimizer.flops[op],
-                                                                            hi_optimizer.flops[op]))
-                    for op in hi_optimizer.calls]
-    floor_s = sum(max(moved / bandwidth, flops / peak) for moved, flops in kernels)
+        kernels += extrapolated_ops(lo_optimizer, hi_optimizer, small, batch_size).values()
+    floor_s = floor_seconds(kernels, bandwidth, peak)
     prefix = 'train' if train else 'infer'
     return {f'{prefix}_kernels_compiled': len(hi.kernels),
             f'{prefix}_gb_compiled': round(sum(moved for moved, _ in kernels) / 1e9, 1),
